@@ -1,0 +1,214 @@
+"""``compile_pipeline``: attach DeepCache-as-two-graphs to a diffusers pipeline, and the handle that owns it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .dispatch import StepDispatcher
+from .graphs import FeatureBuffers, Paths, build_paths, timed_first_call
+from .partition import UNetPartition, check_unet, downsampling_factor
+from .schedule import Schedule, make_schedule
+
+logger = logging.getLogger(__name__)
+
+HOOK_NAME = "fastcache"
+
+# UNet arguments the two paths do not implement; a call that uses one runs the original forward instead.
+UNSUPPORTED_ARGUMENTS = (
+    "attention_mask",
+    "cross_attention_kwargs",
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+    "encoder_attention_mask",
+)
+
+
+@dataclass
+class Counters:
+    """What the runtime did, for tests and logs: UNet evaluations by path, shapes seen, eager fallbacks."""
+
+    full: int = 0
+    shallow: int = 0
+    shapes: int = 0
+    fallbacks: int = 0
+
+
+@dataclass
+class FastCacheHandle:
+    """Everything fastcache added to one pipeline: partition, schedule, compiled paths, buffers and state.
+
+    ``disable()`` removes the hook and leaves the pipeline exactly as it was; ``enable()`` puts it back
+    (compiled graphs and buffers are kept, so re-enabling costs nothing).
+    """
+
+    pipe: Any
+    partition: UNetPartition
+    schedule: Schedule
+    paths: Paths
+    dispatcher: StepDispatcher
+    buffers: FeatureBuffers
+    counters: Counters = field(default_factory=Counters)
+    enabled: bool = False
+    _warned: set = field(default_factory=set)  # fallback reasons already logged
+    _warm: set = field(default_factory=set)  # (shape key, is_full) pairs already compiled
+
+    @property
+    def unet(self):
+        return self.partition.unet
+
+    def enable(self) -> FastCacheHandle:
+        if self.enabled:
+            return self
+        if HookRegistry.check_if_exists_or_initialize(self.unet).get_hook(HOOK_NAME) is not None:
+            raise ValueError("fastcache is already enabled on this UNet by another handle; disable that one first.")
+        self.dispatcher.reset()
+        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_Hook(self), HOOK_NAME)
+        self.enabled = True
+        return self
+
+    def disable(self) -> FastCacheHandle:
+        if self.enabled:
+            HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(HOOK_NAME, recurse=False)
+            self.dispatcher.reset()
+            self.enabled = False
+        return self
+
+    def forward(self, unet, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
+                attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict=True):
+        """Replacement for ``unet.forward`` (same signature) while the handle is enabled."""
+        args = locals()
+        unsupported = [name for name in UNSUPPORTED_ARGUMENTS if args[name] not in (None, {})]
+        if unsupported or self._freeu_enabled():
+            return self._fallback(unsupported or ["FreeU"], args)
+        self._check_size(sample)
+        if not torch.is_tensor(timestep) or timestep.device != sample.device:
+            timestep = torch.as_tensor(timestep, device=sample.device)
+
+        key = (tuple(sample.shape), sample.dtype, sample.device, tuple(encoder_hidden_states.shape))
+        cache = self.buffers.get(key, sample)
+        self.counters.shapes = len(self.buffers)
+        full = self.dispatcher.next_is_full(self.pipe.scheduler, key)
+        path = self.paths.full if full else self.paths.shallow
+        inputs = dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, cache=cache,
+                      added_cond_kwargs=added_cond_kwargs, timestep_cond=timestep_cond, class_labels=class_labels)
+        if not self.paths.compiled:
+            out = path(**inputs)
+        else:
+            # NOTE: every UNet evaluation starts a new cudagraph-tree step, which may reuse the previous
+            # evaluation's output memory; schedulers keep some outputs (PNDM), so we hand out a clone.
+            torch.compiler.cudagraph_mark_step_begin()
+            if (key, full) in self._warm:
+                out = path(**inputs)
+            else:
+                out = timed_first_call(path, f"{'full' if full else 'shallow'} path at {key[0]}", **inputs)
+                self._warm.add((key, full))
+            out = out.clone()
+        if full:
+            self.counters.full += 1
+        else:
+            self.counters.shallow += 1
+        return _unet_output(out, return_dict)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _check_size(self, sample: torch.Tensor) -> None:
+        factor = downsampling_factor(self.unet)
+        height, width = sample.shape[-2:]
+        if height % factor or width % factor:
+            scale = _vae_scale(self.pipe)
+            raise ValueError(
+                f"fastcache needs height and width that are multiples of {factor * scale} pixels "
+                f"(latents multiples of {factor}); got latents {height}x{width}, i.e. {height * scale}x{width * scale} "
+                "pixels. Pick a valid size, or call handle.disable() to run this size uncached."
+            )
+
+    def _freeu_enabled(self) -> bool:
+        return any(getattr(up, "b1", None) for up in self.unet.up_blocks)
+
+    def _fallback(self, reasons: list[str], args: dict) -> Any:
+        """Run the UNet's original forward (correct, uncached) for a call fastcache cannot split."""
+        self.counters.fallbacks += 1
+        if tuple(reasons) not in self._warned:
+            self._warned.add(tuple(reasons))
+            logger.warning("fastcache: %s not supported; running the original UNet forward for these calls.",
+                           ", ".join(reasons))
+        hook = HookRegistry.check_if_exists_or_initialize(self.unet).get_hook(HOOK_NAME)
+        del args["self"], args["unet"]
+        return hook.fn_ref.original_forward(**args)
+
+
+class _Hook(ModelHook):
+    """The diffusers hook that routes ``unet.forward`` to the handle; it holds no state of its own."""
+
+    def __init__(self, handle: FastCacheHandle):
+        super().__init__()
+        self.handle = handle
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.handle.forward(module, *args, **kwargs)
+
+
+def _unet_output(sample: torch.Tensor, return_dict: bool):
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+
+def _vae_scale(pipe: Any) -> int:
+    return int(getattr(pipe, "vae_scale_factor", 1) or 1)
+
+
+def compile_pipeline(
+    pipe: Any,
+    interval: int = 3,
+    branch: int = 0,
+    *,
+    schedule: str | Sequence[int] = "uniform",
+    center: int = 15,
+    pow: float = 1.4,
+    compile: bool = True,
+    mode: str = "reduce-overhead",
+) -> FastCacheHandle:
+    """Make ``pipe`` run DeepCache with its full and shallow UNet paths compiled as two graphs.
+
+    Args:
+        pipe: a diffusers pipeline with a ``UNet2DConditionModel`` as ``pipe.unet`` (SD 1.x/2.x, SDXL, ...).
+        interval: full UNet every ``interval`` steps (1 = no caching, same output as the plain pipeline).
+        branch: DeepCache branch id; 0 (shallowest, fastest) to ``3 * len(unet.down_blocks) - 1`` for the
+            usual two layers per block.
+        schedule: ``"uniform"``, ``"quad-center"`` (the paper's non-uniform schedule, with ``center`` and
+            ``pow``) or an explicit list of full-step indices (must contain 0).
+        compile: compile both paths with ``torch.compile`` (CUDA graphs on CUDA with the default ``mode``);
+            ``False`` runs the same runtime eagerly.
+        mode: a ``torch.compile`` mode, one of ``graphs.COMPILE_MODES``.
+
+    Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing on the pipeline changes if an
+    argument is invalid: every check runs before the hook is attached.
+    """
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(getattr(pipe, "scheduler", None), "timesteps"):
+        raise ValueError(
+            f"compile_pipeline needs a diffusers pipeline with a `unet` and a `scheduler`; got {type(pipe).__name__}."
+        )
+    for component in ("controlnet", "adapter"):
+        if getattr(pipe, component, None) is not None:
+            raise ValueError(f"fastcache does not support pipelines with a {component} yet.")
+    check_unet(unet)
+    partition = UNetPartition(unet, branch)
+    plan = make_schedule(schedule, interval, center, pow)
+    paths = build_paths(partition, compile, mode)
+    handle = FastCacheHandle(pipe, partition, plan, paths, StepDispatcher(plan),
+                             FeatureBuffers(partition))
+    handle.enable()
+    logger.info("fastcache: enabled on %s (interval=%d, branch=%d, schedule=%s, compile=%s)",
+                type(pipe).__name__, interval, branch, plan.kind, paths.mode if compile else False)
+    return handle

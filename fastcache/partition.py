@@ -1,0 +1,212 @@
+"""Split a diffusers ``UNet2DConditionModel`` into a full path and a shallow (DeepCache skip-step) path.
+
+Both paths are built from the UNet's own submodules; neither patches them. The full path runs the whole
+network and copies the hidden state that enters the first recomputed up layer into a static buffer; the
+shallow path recomputes only the layers above the cache branch and reads that buffer instead of going deep.
+That one tensor is all a skip step needs, so the result equals ``DeepCacheSDHelper``'s, which caches every
+module's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where the cached feature sits, in the UNet's own indices.
+
+    ``block`` / ``layer`` follow the DeepCache helper: ``layer`` counts the down block's resnet(+attention)
+    layers from 0 and gives the downsampler the index after them. On a skip step the down block ``block``
+    runs its first ``layer`` layers, and its mirror ``up_blocks[up_index]`` runs ``resnets[first_up_resnet:]``.
+    """
+
+    branch: int
+    block: int
+    layer: int
+    up_index: int
+    first_up_resnet: int
+
+
+def branch_positions(unet: UNet2DConditionModel) -> list[tuple[int, int]]:
+    """All ``(block, layer)`` positions, in branch order: ``layers_per_block + 1`` per down block.
+
+    With the usual ``layers_per_block=2`` this is the helper's numbering ``block = branch // 3``,
+    ``layer = branch % 3``; other depths generalise it so every branch is one position.
+    """
+    return [(b, layer) for b, block in enumerate(unet.down_blocks) for layer in range(len(block.resnets) + 1)]
+
+
+def check_unet(unet: Any) -> None:
+    """Raise ``ValueError`` naming what is supported if ``unet`` is not a standard down/mid/up UNet."""
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"fastcache supports UNet2DConditionModel; got {type(unet).__name__}.")
+    names = {
+        "down": ([type(b).__name__ for b in unet.down_blocks], SUPPORTED_DOWN_BLOCKS),
+        "up": ([type(b).__name__ for b in unet.up_blocks], SUPPORTED_UP_BLOCKS),
+        "mid": ([type(unet.mid_block).__name__] if unet.mid_block is not None else [], SUPPORTED_MID_BLOCKS),
+    }
+    for kind, (found, valid) in names.items():
+        bad = [n for n in found if n not in valid]
+        if bad:
+            raise ValueError(f"fastcache supports {kind} blocks {valid}; this UNet has {bad}.")
+    if unet.config.addition_embed_type == "image_hint":
+        raise ValueError("fastcache does not support addition_embed_type='image_hint' (it changes the input).")
+    n = len(unet.down_blocks)
+    for b, down in enumerate(unet.down_blocks):
+        up = unet.up_blocks[n - 1 - b]
+        if len(up.resnets) != len(down.resnets) + 1:
+            raise ValueError(
+                f"fastcache needs up block {n - 1 - b} to have one resnet more than down block {b}; "
+                f"found {len(up.resnets)} and {len(down.resnets)}."
+            )
+        if (down.downsamplers is None) != (b == n - 1):
+            raise ValueError("fastcache needs a downsampler in every down block but the last.")
+
+
+def resolve_branch(unet: UNet2DConditionModel, branch: int) -> Boundary:
+    """Map a DeepCache branch id to the layers a skip step recomputes; ``ValueError`` if out of range."""
+    positions = branch_positions(unet)
+    if not isinstance(branch, int) or isinstance(branch, bool) or not 0 <= branch < len(positions):
+        raise ValueError(f"branch must be an int in [0, {len(positions) - 1}] for this UNet; got {branch!r}.")
+    block, layer = positions[branch]
+    n_layers = len(unet.down_blocks[block].resnets)
+    return Boundary(branch, block, layer, len(unet.down_blocks) - 1 - block, n_layers - layer)
+
+
+def downsampling_factor(unet: UNet2DConditionModel) -> int:
+    """Latent height and width must be multiples of this (2 ** number of downsamplers)."""
+    return 2 ** (len(unet.down_blocks) - 1)
+
+
+def feature_shape(unet: UNet2DConditionModel, boundary: Boundary, sample_shape: torch.Size) -> tuple[int, ...]:
+    """Shape of the cached hidden state for a UNet input of ``sample_shape`` (B, C, H, W)."""
+    up = unet.up_blocks[boundary.up_index]
+    if boundary.first_up_resnet > 0:
+        channels = up.resnets[boundary.first_up_resnet - 1].out_channels
+    elif boundary.up_index > 0:
+        channels = unet.up_blocks[boundary.up_index - 1].resnets[-1].out_channels
+    elif unet.mid_block is not None:
+        channels = unet.mid_block.resnets[-1].out_channels
+    else:
+        channels = unet.down_blocks[-1].resnets[-1].out_channels
+    batch, _, height, width = sample_shape
+    return (batch, channels, height >> boundary.block, width >> boundary.block)
+
+
+class UNetPartition:
+    """The full and shallow forward passes of one UNet at one cache branch.
+
+    ``full`` and ``shallow`` take the UNet's own call arguments plus the cache buffer, and return the noise
+    prediction. They hold no state of their own, which is what lets them be compiled as two graphs.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, branch: int):
+        check_unet(unet)
+        self.unet = unet
+        self.boundary = resolve_branch(unet, branch)
+
+    def full(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
+             class_labels=None):
+        """Whole UNet; writes the feature at the boundary into ``cache``."""
+        unet, bnd = self.unet, self.boundary
+        emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
+                                     class_labels)
+        skips = [h]  # conv_in output, then every down layer's output, consumed from the end by the up path
+        for down in unet.down_blocks:
+            h, res = self._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context)
+            skips.extend(res)
+        if unet.mid_block is not None:
+            h = self._call_block(unet.mid_block, h, emb, encoder_hidden_states=context)
+        for up in unet.up_blocks[: bnd.up_index]:
+            h = self._call_up_block(up, h, skips, emb, context)
+        h = self._up_layers(h, skips, emb, context, start=0, cache=cache)
+        return self._head(h, skips, emb, context)
+
+    def shallow(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
+                class_labels=None):
+        """Only the layers above the branch; everything deeper comes from ``cache``."""
+        unet, bnd = self.unet, self.boundary
+        emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
+                                     class_labels)
+        skips = [h]
+        for down in unet.down_blocks[: bnd.block]:
+            h, res = self._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context)
+            skips.extend(res)
+        down = unet.down_blocks[bnd.block]
+        for i in range(bnd.layer):
+            h = self._layer(down, i, h, emb, context)
+            skips.append(h)
+        h = self._up_layers(cache, skips, emb, context, start=bnd.first_up_resnet, cache=None)
+        return self._head(h, skips, emb, context)
+
+    # -- pieces shared by both paths -------------------------------------------------------------------
+
+    def _stem(self, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond, class_labels):
+        """Time/class/added embeddings and ``conv_in``, through the UNet's own helper methods."""
+        unet = self.unet
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+        class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                     added_cond_kwargs=added_cond_kwargs)
+        if aug_emb is not None:
+            emb = emb + aug_emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        context = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                     added_cond_kwargs=added_cond_kwargs)
+        return emb, context, unet.conv_in(sample)
+
+    def _up_layers(self, h, skips, emb, context, start, cache):
+        """Up block ``boundary.up_index`` from resnet ``start``; on the full path, saves the boundary feature."""
+        up = self.unet.up_blocks[self.boundary.up_index]
+        for i in range(start, len(up.resnets)):
+            if cache is not None and i == self.boundary.first_up_resnet:
+                cache.copy_(h)
+            h = self._layer(up, i, torch.cat([h, skips.pop()], dim=1), emb, context)
+        if up.upsamplers is not None:
+            for upsampler in up.upsamplers:
+                h = upsampler(h)
+        return h
+
+    def _head(self, h, skips, emb, context):
+        """Up blocks above the boundary, then the output convolution."""
+        unet = self.unet
+        for up in unet.up_blocks[self.boundary.up_index + 1:]:
+            h = self._call_up_block(up, h, skips, emb, context)
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        return unet.conv_out(h)
+
+    def _call_up_block(self, up, h, skips, emb, context):
+        res = tuple(skips[-len(up.resnets):])
+        del skips[-len(up.resnets):]
+        return self._call_block(up, hidden_states=h, res_hidden_states_tuple=res, temb=emb,
+                                encoder_hidden_states=context)
+
+    @staticmethod
+    def _call_block(block, *args, encoder_hidden_states, **kwargs):
+        """A whole diffusers block, passing the text context only to blocks that attend to it."""
+        if getattr(block, "has_cross_attention", False):
+            kwargs["encoder_hidden_states"] = encoder_hidden_states
+        return block(*args, **kwargs)
+
+    @staticmethod
+    def _layer(block, i, h, emb, context):
+        """Layer ``i`` of a block: its resnet, then its transformer if it has one."""
+        h = block.resnets[i](h, emb)
+        if getattr(block, "attentions", None) is not None:
+            h = block.attentions[i](h, encoder_hidden_states=context, return_dict=False)[0]
+        return h

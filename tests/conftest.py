@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny SD-like and SDXL-like pipelines built from config with random weights (CPU, fp32)."""
+
+import pytest
+import torch
+
+from fastcache.models import build_pipeline, random_prompt_embeds
+
+TINY_PRESETS = ("tiny-sd", "tiny-sdxl")
+STEPS = 10
+SIZE = 32  # pixels; latents 16x16 with the tiny VAE
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class Runner:
+    """A tiny pipeline plus a call that returns latents for a fixed seed."""
+
+    def __init__(self, preset: str):
+        self.preset = preset
+        self.pipe = build_pipeline(preset)
+        self.embeds = random_prompt_embeds(self.pipe)
+
+    def __call__(self, steps: int = STEPS, seed: int = 0, embeds=None, size: int = SIZE, **kwargs) -> torch.Tensor:
+        return self.pipe(num_inference_steps=steps, height=size, width=size, output_type="latent",
+                         generator=torch.Generator().manual_seed(seed), **(embeds or self.embeds), **kwargs).images
+
+
+@pytest.fixture(params=TINY_PRESETS)
+def runner(request) -> Runner:
+    return Runner(request.param)
+
+
+@pytest.fixture
+def sd_runner() -> Runner:
+    return Runner("tiny-sd")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled tests must not see each other's dynamo caches or stance."""
+    yield
+    torch._dynamo.reset()

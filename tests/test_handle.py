@@ -1,0 +1,123 @@
+"""compile_pipeline in eager mode (compile=False) against the original DeepCache helper and the plain pipeline."""
+
+import pytest
+import torch
+from conftest import Runner, rel_l2
+from DeepCache import DeepCacheSDHelper
+
+from fastcache import compile_pipeline
+from fastcache.models import random_prompt_embeds
+
+
+def helper_run(runner: Runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
+    helper = DeepCacheSDHelper(pipe=runner.pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        return runner(**kwargs)
+    finally:
+        helper.disable()
+
+
+def fastcache_run(runner: Runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
+    handle = compile_pipeline(runner.pipe, interval, branch, compile=False)
+    try:
+        return runner(**kwargs)
+    finally:
+        handle.disable()
+
+
+@pytest.mark.parametrize("interval", [1, 2, 3, 5])
+def test_equals_deepcache_helper_for_every_branch(runner, interval):
+    for branch in range(3 * len(runner.pipe.unet.down_blocks)):
+        expected = helper_run(runner, interval, branch)
+        assert rel_l2(fastcache_run(runner, interval, branch), expected) < 1e-5, branch
+
+
+def test_equals_deepcache_helper_without_guidance(sd_runner):
+    expected = helper_run(sd_runner, 3, 1, guidance_scale=1.0)
+    assert rel_l2(fastcache_run(sd_runner, 3, 1, guidance_scale=1.0), expected) < 1e-5
+
+
+def test_interval_one_equals_the_plain_pipeline(runner):
+    assert torch.equal(fastcache_run(runner, 1, 0), runner())
+
+
+def test_disable_restores_the_exact_baseline_and_enable_resumes(runner):
+    baseline = runner()
+    handle = compile_pipeline(runner.pipe, 3, 0, compile=False)
+    cached = runner()
+    assert rel_l2(cached, baseline) > 1e-4, "caching should change the output a little"
+    handle.disable()
+    assert torch.equal(runner(), baseline)
+    assert "forward" not in vars(runner.pipe.unet) or not handle.enabled
+    handle.enable()
+    assert torch.equal(runner(), cached)
+
+
+def test_no_feature_leaks_between_calls_prompts_or_shapes(sd_runner):
+    other = random_prompt_embeds(sd_runner.pipe, seed=1)
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    first, second, bigger, again = sd_runner(), sd_runner(embeds=other), sd_runner(size=64), sd_runner()
+    handle.disable()
+    assert torch.equal(first, again)
+    assert torch.equal(second, fastcache_run(sd_runner, 3, 0, embeds=other))
+    assert torch.equal(bigger, fastcache_run(sd_runner, 3, 0, size=64))
+    assert handle.counters.shapes == 2
+
+
+def test_counters_follow_the_schedule(sd_runner):
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    sd_runner()
+    assert (handle.counters.full, handle.counters.shallow) == (4, 6)
+    handle.disable()
+    handle = compile_pipeline(sd_runner.pipe, 5, 0, schedule=[0, 1, 7], compile=False)
+    sd_runner()
+    assert (handle.counters.full, handle.counters.shallow) == (3, 7)
+
+
+def test_quad_center_schedule_runs(sd_runner):
+    handle = compile_pipeline(sd_runner.pipe, 5, 0, schedule="quad-center", compile=False)
+    sd_runner(steps=50)
+    assert handle.counters.full == 10
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(interval=0), "interval must be an int >= 1"),
+    (dict(branch=9), r"branch must be an int in \[0, 8\]"),
+    (dict(schedule="sometimes"), "schedule must be one of"),
+    (dict(mode="fastest"), "mode must be one of"),
+])
+def test_bad_arguments_raise_and_leave_the_pipeline_untouched(sd_runner, kwargs, message):
+    baseline = sd_runner()
+    forward = sd_runner.pipe.unet.forward
+    with pytest.raises(ValueError, match=message):
+        compile_pipeline(sd_runner.pipe, **kwargs)
+    assert sd_runner.pipe.unet.forward == forward
+    assert torch.equal(sd_runner(), baseline)
+
+
+def test_unsupported_pipelines_are_rejected():
+    with pytest.raises(ValueError, match="needs a diffusers pipeline with a `unet`"):
+        compile_pipeline(object())
+
+
+def test_enabling_twice_on_one_unet_is_refused(sd_runner):
+    compile_pipeline(sd_runner.pipe, compile=False)
+    with pytest.raises(ValueError, match="already enabled"):
+        compile_pipeline(sd_runner.pipe, compile=False)
+
+
+def test_sizes_not_divisible_by_the_downsampling_factor_are_rejected(sd_runner):
+    compile_pipeline(sd_runner.pipe, compile=False)
+    unet = sd_runner.pipe.unet
+    with pytest.raises(ValueError, match="multiples of 8 pixels"):
+        unet(torch.randn(1, 4, 18, 16), torch.tensor(1), torch.randn(1, 77, 32))
+
+
+def test_unsupported_arguments_fall_back_to_the_original_forward(sd_runner):
+    baseline = sd_runner()
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    # attention processors ignore unknown keys, so the uncached result must equal the plain pipeline's
+    assert torch.equal(sd_runner(cross_attention_kwargs={"unused": 1}), baseline)
+    assert handle.counters.fallbacks == 10 and handle.counters.full == 0

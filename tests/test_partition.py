@@ -1,0 +1,92 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from fastcache.models import PRESETS
+from fastcache.partition import UNetPartition, branch_positions, check_unet, feature_shape, resolve_branch
+
+
+def unet_inputs(unet, batch=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(sample=torch.randn(batch, 4, size, size, generator=g), timestep=torch.tensor(501),
+                  encoder_hidden_states=torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g))
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
+                                           time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch))
+    return inputs
+
+
+@pytest.fixture(params=["tiny-sd", "tiny-sdxl"])
+def unet(request):
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**PRESETS[request.param]["unet"]).eval()
+
+
+@torch.no_grad()
+def test_full_path_equals_the_unet_forward_bit_for_bit(unet):
+    inputs = unet_inputs(unet)
+    expected = unet(**inputs).sample
+    for branch in range(len(branch_positions(unet))):
+        part = UNetPartition(unet, branch)
+        cache = torch.zeros(feature_shape(unet, part.boundary, inputs["sample"].shape))
+        assert torch.equal(part.full(cache=cache, **inputs), expected), branch
+        assert cache.abs().sum() > 0, "the full path must write the feature"
+
+
+@torch.no_grad()
+def test_shallow_path_on_the_same_inputs_reproduces_the_full_step(unet):
+    """With a feature cached from identical inputs, skipping the deep layers must change nothing."""
+    inputs = unet_inputs(unet)
+    for branch in range(len(branch_positions(unet))):
+        part = UNetPartition(unet, branch)
+        cache = torch.zeros(feature_shape(unet, part.boundary, inputs["sample"].shape))
+        full = part.full(cache=cache, **inputs)
+        assert torch.equal(part.shallow(cache=cache, **inputs), full), branch
+
+
+@torch.no_grad()
+def test_shallow_path_uses_the_cache(unet):
+    inputs = unet_inputs(unet)
+    part = UNetPartition(unet, 0)
+    cache = torch.zeros(feature_shape(unet, part.boundary, inputs["sample"].shape))
+    full = part.full(cache=cache, **inputs)
+    cache.mul_(0.5)
+    assert not torch.allclose(part.shallow(cache=cache, **inputs), full)
+
+
+def test_branch_numbering_is_the_helpers(unet):
+    n = len(unet.down_blocks)
+    assert len(branch_positions(unet)) == 3 * n
+    for branch in range(3 * n):
+        b = resolve_branch(unet, branch)
+        assert (b.block, b.layer) == (branch // 3, branch % 3)
+        assert b.up_index == n - 1 - branch // 3 and b.first_up_resnet == 2 - branch % 3
+
+
+def test_branch_numbering_generalises_to_other_depths():
+    unet = UNet2DConditionModel(**dict(PRESETS["tiny-sd"]["unet"], layers_per_block=1))
+    assert branch_positions(unet) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert resolve_branch(unet, 3).first_up_resnet == 0
+
+
+@pytest.mark.parametrize("branch", [-1, 9, 1.0, True, "0"])
+def test_out_of_range_branch_names_the_range(unet, branch):
+    with pytest.raises(ValueError, match=r"branch must be an int in \[0, 8\]"):
+        resolve_branch(unet, branch)
+
+
+def test_feature_shapes_per_branch(unet):
+    shapes = [feature_shape(unet, resolve_branch(unet, b), (2, 4, 16, 16)) for b in range(9)]
+    assert shapes[0] == (2, 32, 16, 16)  # output of the last up block's second layer
+    assert shapes[8] == (2, 64, 4, 4)  # mid block output
+
+
+def test_unsupported_unets_are_rejected_with_the_supported_list():
+    with pytest.raises(ValueError, match="supports UNet2DConditionModel"):
+        check_unet(UNet2DModel(block_out_channels=(32, 64), norm_num_groups=8, down_block_types=("DownBlock2D",) * 2,
+                               up_block_types=("UpBlock2D",) * 2))
+    odd = UNet2DConditionModel(**dict(PRESETS["tiny-sd"]["unet"], down_block_types=(
+        "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")))
+    with pytest.raises(ValueError, match="supports down blocks"):
+        check_unet(odd)
