@@ -83,3 +83,25 @@ def timed_first_call(fn: Callable[..., torch.Tensor], label: str, *args, **kwarg
         torch.cuda.synchronize(out.device)
     logger.info("fastcache: %s ready in %.1f s", label, time.perf_counter() - start)
     return out
+
+
+def cudagraph_recordings() -> int:
+    """CUDA graphs recorded so far by cudagraph trees on all devices (0 without CUDA).
+
+    Reads inductor's tree managers (internal API, read only): a count that grows after warm-up means re-recording.
+    """
+    if not torch.cuda.is_available():
+        return 0
+    from torch._inductor import cudagraph_trees
+
+    total = 0
+    for device in range(torch.cuda.device_count()):
+        manager = cudagraph_trees.get_manager(device, create_if_none_exists=False)
+        if manager is None:
+            continue
+        stack = [node for nodes in manager.roots.values() for node in nodes]
+        while stack:
+            node = stack.pop()
+            total += 1
+            stack.extend(child for children in node.children.values() for child in children)
+    return total

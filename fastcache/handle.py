@@ -12,7 +12,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .dispatch import StepDispatcher
 from .graphs import FeatureBuffers, Paths, build_paths, timed_first_call
-from .partition import UNetPartition, check_unet, downsampling_factor
+from .partition import UNetPartition, downsampling_factor
 from .schedule import Schedule, make_schedule
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,6 @@ def compile_pipeline(
     for component in ("controlnet", "adapter"):
         if getattr(pipe, component, None) is not None:
             raise ValueError(f"fastcache does not support pipelines with a {component} yet.")
-    check_unet(unet)
     partition = UNetPartition(unet, branch)
     plan = make_schedule(schedule, interval, center, pow)
     paths = build_paths(partition, compile, mode)

@@ -1,0 +1,297 @@
+"""Side-by-side benchmark: diffusers eager, the DeepCache helper, torch.compile alone, and fastcache.
+
+All peers run in one process on one card, on pipelines built from the real configs with random weights (speed is
+the real models'; images are noise). For each configuration it prints and writes:
+time per pipeline call (VAE decode included), speed-ups as ratios, fidelity of each cached run against the
+uncached output of the same seed (relative L2 of the final latents, PSNR of the decoded images), cold
+compile/warm-up seconds, peak GPU memory, and for fastcache the dynamo graph and CUDA-graph recording counts
+after warm-up (both must stay flat). Output: ``results.jsonl``, ``results.md`` and ``results.png`` under --out.
+
+    python bench/compare.py --subset gpu-check        # SD2.1 512 b1 I=3 B=0: the core runtime's GPU check
+    python bench/compare.py --subset table            # the DeepCache docs table, extended
+    python bench/compare.py --smoke                   # tiny configs on CPU (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch._dynamo.utils import counters as dynamo_counters
+
+from fastcache import compile_pipeline
+from fastcache.graphs import cudagraph_recordings
+from fastcache.models import build_pipeline, random_prompt_embeds
+
+logger = logging.getLogger("bench")
+
+PEERS = ("eager", "deepcache", "compile", "fastcache")
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str
+    size: int
+    batch: int
+    interval: int
+    branch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset} {self.size} b{self.batch} I{self.interval}B{self.branch}"
+
+
+def _grid(preset, sizes, batches, cache):
+    return [Config(preset, s, b, i, br) for s in sizes for b in batches for i, br in cache]
+
+
+SUBSETS: dict[str, list[Config]] = {
+    "gpu-check": [Config("sd21", 512, 1, 3, 0)],
+    "targets": [Config("sd21", 512, 1, 3, 0), Config("sdxl", 1024, 1, 3, 0)],
+    "table": (_grid("sd21", (512, 768, 1024), (1, 4, 8), ((3, 0), (5, 0), (5, 1)))
+              + _grid("sd15", (512,), (1,), ((3, 0), (5, 0))) + _grid("sdxl", (1024,), (1,), ((3, 0), (5, 0)))),
+    "smoke": [Config("tiny-sd", 32, 1, 3, 1)],
+}
+
+
+@dataclass
+class Result:
+    config: str
+    peer: str
+    seconds: float  # median time per pipeline call
+    warmup_s: float  # first call, compilation and capture included
+    rel_l2_latents: float | None = None  # vs the uncached (eager) run of the same seed
+    psnr_db: float | None = None
+    peak_mem_gib: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def environment(device: str) -> dict:
+    import diffusers
+
+    env = dict(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
+               device=device, weights="random, models built from config")
+    if device.startswith("cuda"):
+        env["card"] = torch.cuda.get_device_name()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception as error:  # nvidia-ml-py missing or NVML unavailable: say so, keep going
+            env["driver"] = f"unknown ({type(error).__name__})"
+    else:
+        env["card"] = platform.processor() or platform.machine()
+    return env
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+class Runner:
+    """Times one pipeline at one configuration; keeps the final latents and images of the last call."""
+
+    def __init__(self, pipe, config: Config, steps: int, repeat: int):
+        self.pipe, self.config, self.steps, self.repeat = pipe, config, steps, repeat
+        self.embeds = random_prompt_embeds(pipe, config.batch)
+
+    def call(self):
+        latents = {}
+
+        def keep_latents(pipe, step, timestep, kwargs):
+            latents["final"] = kwargs["latents"]
+            return kwargs
+
+        sync()
+        start = time.perf_counter()
+        out = self.pipe(num_inference_steps=self.steps, height=self.config.size, width=self.config.size,
+                        guidance_scale=7.5, output_type="np", generator=torch.Generator("cpu").manual_seed(0),
+                        callback_on_step_end=keep_latents, **self.embeds)
+        sync()
+        return time.perf_counter() - start, latents["final"].float().cpu(), out.images
+
+    def measure(self, peer: str) -> tuple[Result, torch.Tensor, np.ndarray]:
+        reset_peak_memory()
+        warmup, latents, images = self.call()
+        graphs, recordings = dynamo_counters["stats"]["unique_graphs"], cudagraph_recordings()
+        times = []
+        for _ in range(self.repeat):
+            seconds, latents, images = self.call()
+            times.append(seconds)
+        result = Result(self.config.name, peer, statistics.median(times), warmup, peak_mem_gib=peak_memory())
+        # anything compiled or recorded after the warm-up call is a recompile or a re-record
+        result.extra.update(graphs_after_warmup=dynamo_counters["stats"]["unique_graphs"] - graphs,
+                            recordings_after_warmup=cudagraph_recordings() - recordings)
+        return result, latents, images
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def fresh_compile_cache(peer: str) -> None:
+    """Give each compiled peer its own inductor/triton cache so neither's cold start borrows the other's kernels."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{peer}-")
+    os.environ.pop("TRITON_CACHE_DIR", None)
+    torch._dynamo.reset()
+
+
+def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) -> list[Result]:
+    from DeepCache import DeepCacheSDHelper
+
+    runner = Runner(pipe, config, steps, repeat)
+    base, base_latents, base_images = runner.measure("eager")
+    results = [base] if "eager" in peers else []
+    outputs = {}
+
+    def finish(result, latents, images):
+        result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
+        result.psnr_db = psnr(images, base_images)
+        outputs[result.peer] = latents
+        results.append(result)
+
+    if "deepcache" in peers:
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=config.interval, cache_branch_id=config.branch)
+        helper.enable()
+        try:
+            finish(*runner.measure("deepcache"))
+        finally:
+            helper.disable()
+    if "compile" in peers:
+        fresh_compile_cache("compile")
+        unet = pipe.unet
+        pipe.unet = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
+        try:
+            finish(*runner.measure("compile"))
+        finally:
+            pipe.unet = unet
+    if "fastcache" in peers:
+        fresh_compile_cache("fastcache")
+        handle = compile_pipeline(pipe, config.interval, config.branch)
+        try:
+            result, latents, images = runner.measure("fastcache")
+            result.extra.update(counters=asdict(handle.counters))
+            finish(result, latents, images)
+        finally:
+            handle.disable()
+    if "fastcache" in outputs and "deepcache" in outputs:
+        ref = outputs["deepcache"]
+        fast = next(r for r in results if r.peer == "fastcache")
+        fast.extra["rel_l2_vs_deepcache"] = float((outputs["fastcache"] - ref).norm() / ref.norm())
+    for r in results:
+        r.extra["speedup_vs_eager"] = base.seconds / r.seconds
+    return results
+
+
+def markdown(results: list[Result], env: dict) -> str:
+    lines = [f"{env['card']} | torch {env['torch']} | diffusers {env['diffusers']} | weights: {env['weights']}", "",
+             "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB | warm-up s | "
+             "peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by_config: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_config.setdefault(r.config, {})[r.peer] = r
+    for config, peers in by_config.items():
+        for peer, r in peers.items():
+            ratio = {p: (peers[p].seconds / r.seconds if p in peers else None) for p in PEERS}
+
+            def fmt(value, spec):
+                return "—" if value is None else format(value, spec)
+
+            lines.append(f"| {config} | {peer} | {r.seconds:.3f} | {fmt(ratio['eager'], '.2f')}x | "
+                         f"{fmt(ratio['deepcache'], '.2f')}x | {fmt(ratio['compile'], '.2f')}x | "
+                         f"{fmt(r.rel_l2_latents, '.2e')} | {fmt(r.psnr_db, '.1f')} | {r.warmup_s:.1f} | "
+                         f"{fmt(r.peak_mem_gib, '.2f')} |")
+    return "\n".join(lines)
+
+
+def chart(results: list[Result], path: Path, env: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r.config for r in results))
+    peers = [p for p in PEERS if any(r.peer == p for r in results)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs)), 4))
+    width = 0.8 / len(peers)
+    for i, peer in enumerate(peers):
+        seconds = [next((r.seconds for r in results if r.config == c and r.peer == peer), 0) for c in configs]
+        ax.bar(np.arange(len(configs)) + i * width, seconds, width, label=peer)
+    ax.set_xticks(np.arange(len(configs)) + width * (len(peers) - 1) / 2, configs, rotation=20, ha="right")
+    ax.set_ylabel("seconds per pipeline call")
+    ax.set_title(f"{env['card']}, torch {env['torch']}, random weights")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> list[Result]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subset", default="gpu-check", choices=sorted(SUBSETS))
+    p.add_argument("--smoke", action="store_true", help="tiny configs, few steps, on CPU: what CI runs")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default="out/bench")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    peers = args.peers.split(",")
+    if unknown := set(peers) - set(PEERS):
+        p.error(f"unknown peers {sorted(unknown)}; valid: {PEERS}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.subset, args.steps, args.repeat = "smoke", min(args.steps, 6), 1
+    elif device == "cpu":
+        p.error("the full benchmark needs a CUDA device; use --smoke on CPU")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    env = environment(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("environment: %s", env)
+
+    results: list[Result] = []
+    pipes = {}
+    with open(out / "results.jsonl", "w") as jsonl:
+        for config in SUBSETS[args.subset]:
+            if config.preset not in pipes:
+                pipes.clear()  # one model resident at a time
+                pipes[config.preset] = build_pipeline(config.preset, dtype=dtype, device=device)
+            logger.info("== %s", config.name)
+            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat):
+                results.append(r)
+                jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
+                jsonl.flush()
+                logger.info("   %-10s %.3f s/call (warm-up %.1f s) %s", r.peer, r.seconds, r.warmup_s, r.extra)
+    table = markdown(results, env)
+    (out / "results.md").write_text(table + "\n")
+    chart(results, out / "results.png", env)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The benchmark's CPU smoke mode: every peer runs, the table and chart are written, the numbers are sane."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
+    results = compare.main(["--smoke", "--out", str(tmp_path)])
+    assert {r.peer for r in results} == set(compare.PEERS)
+    by_peer = {r.peer: r for r in results}
+    assert by_peer["eager"].rel_l2_latents is None
+    assert by_peer["compile"].rel_l2_latents < 1e-4  # compiling alone does not change the result
+    assert 0 < by_peer["deepcache"].rel_l2_latents < 0.5
+    assert by_peer["fastcache"].extra["rel_l2_vs_deepcache"] < 1e-4
+    assert by_peer["fastcache"].extra["graphs_after_warmup"] == 0
+    assert by_peer["compile"].extra["graphs_after_warmup"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(row["weights"].startswith("random") for row in rows)
+    assert "| fastcache |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_the_full_benchmark_refuses_to_run_on_cpu(compare, tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--subset", "gpu-check", "--out", str(tmp_path)])
