@@ -208,8 +208,8 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
 
 def markdown(results: list[Result], env: dict) -> str:
     lines = [f"{env['card']} | torch {env['torch']} | diffusers {env['diffusers']} | weights: {env['weights']}", "",
-             "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB | warm-up s | "
-             "peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
+             "| warm-up s | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_config: dict[str, dict[str, Result]] = {}
     for r in results:
         by_config.setdefault(r.config, {})[r.peer] = r

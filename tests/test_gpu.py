@@ -1,0 +1,63 @@
+"""GPU-only checks of the CUDA-graph path (skipped without CUDA): fp16, reduce-overhead, two graphs, no re-records."""
+
+import pytest
+import torch
+from conftest import Runner, rel_l2
+
+from fastcache import compile_pipeline
+from fastcache.graphs import cudagraph_recordings
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_runner() -> Runner:
+    runner = Runner("tiny-sd")
+    runner.pipe.to("cuda", torch.float16)
+    runner.embeds = {k: v.to("cuda", torch.float16) for k, v in runner.embeds.items()}
+    return runner
+
+
+def test_cuda_graphs_record_once_per_path_and_shape_and_match_eager():
+    runner = cuda_runner()
+    eager = compile_pipeline(runner.pipe, 3, 0, compile=False)
+    expected = runner()
+    eager.disable()
+
+    handle = compile_pipeline(runner.pipe, 3, 0)
+    recordings = cudagraph_recordings()
+    first = runner()
+    assert cudagraph_recordings() - recordings == 2, "one CUDA graph per path"
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(3):
+            again = runner()
+    assert cudagraph_recordings() - recordings == 2, "no re-record in steady state"
+    assert torch.equal(again, first)
+    assert rel_l2(first, expected) < 5e-3
+    handle.disable()
+
+
+def test_a_second_shape_records_its_own_pair_without_disturbing_the_first():
+    runner = cuda_runner()
+    handle = compile_pipeline(runner.pipe, 3, 0)
+    small = runner()
+    recordings = cudagraph_recordings()
+    runner(size=64)
+    assert cudagraph_recordings() - recordings == 2
+    assert torch.equal(runner(), small)
+    handle.disable()
+
+
+def test_steady_state_unet_calls_never_sync_with_the_host():
+    runner = cuda_runner()
+    handle = compile_pipeline(runner.pipe, 3, 0)
+    runner()  # warm both paths at batch 2 (CFG)
+    unet, embeds = runner.pipe.unet, runner.embeds["prompt_embeds"].repeat(2, 1, 1)
+    sample = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+    runner.pipe.scheduler.set_timesteps(6, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in runner.pipe.scheduler.timesteps:
+            unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert handle.counters.shallow >= 4
