@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .dispatch import StepDispatcher
 from .graphs import FeatureBuffers, Paths, build_paths, timed_first_call
@@ -48,16 +49,17 @@ class FastCacheHandle:
     (compiled graphs and buffers are kept, so re-enabling costs nothing).
     """
 
-    pipe: Any
-    partition: UNetPartition
+    pipe: Any = field(repr=False)
+    partition: UNetPartition = field(repr=False)
     schedule: Schedule
-    paths: Paths
-    dispatcher: StepDispatcher
-    buffers: FeatureBuffers
+    paths: Paths = field(repr=False)
+    dispatcher: StepDispatcher = field(repr=False)
+    buffers: FeatureBuffers = field(repr=False)
     counters: Counters = field(default_factory=Counters)
     enabled: bool = False
-    _warned: set = field(default_factory=set)  # fallback reasons already logged
-    _warm: set = field(default_factory=set)  # (shape key, is_full) pairs already compiled
+    _warned: set = field(default_factory=set, repr=False)  # fallback reasons already logged
+    _warm: set = field(default_factory=set, repr=False)  # (shape key, is_full) pairs already compiled
+    _added: list = field(default_factory=list, repr=False)  # UNet attributes that enable() created
 
     @property
     def unet(self):
@@ -66,8 +68,10 @@ class FastCacheHandle:
     def enable(self) -> FastCacheHandle:
         if self.enabled:
             return self
-        if HookRegistry.check_if_exists_or_initialize(self.unet).get_hook(HOOK_NAME) is not None:
+        registry = getattr(self.unet, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
             raise ValueError("fastcache is already enabled on this UNet by another handle; disable that one first.")
+        self._added = [name for name in ("_diffusers_hook", "forward") if name not in vars(self.unet)]
         self.dispatcher.reset()
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_Hook(self), HOOK_NAME)
         self.enabled = True
@@ -75,7 +79,11 @@ class FastCacheHandle:
 
     def disable(self) -> FastCacheHandle:
         if self.enabled:
-            HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(HOOK_NAME, recurse=False)
+            registry = self.unet._diffusers_hook
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if not registry.hooks:  # nothing else hooked: drop what enable() created, leaving the UNet as it was
+                for name in self._added:
+                    delattr(self.unet, name)
             self.dispatcher.reset()
             self.enabled = False
         return self
@@ -158,8 +166,6 @@ class _Hook(ModelHook):
 
 
 def _unet_output(sample: torch.Tensor, return_dict: bool):
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
     return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
 
 

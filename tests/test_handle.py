@@ -45,12 +45,13 @@ def test_interval_one_equals_the_plain_pipeline(runner):
 
 def test_disable_restores_the_exact_baseline_and_enable_resumes(runner):
     baseline = runner()
+    attributes = dict(vars(runner.pipe.unet))
     handle = compile_pipeline(runner.pipe, 3, 0, compile=False)
     cached = runner()
     assert rel_l2(cached, baseline) > 1e-4, "caching should change the output a little"
     handle.disable()
     assert torch.equal(runner(), baseline)
-    assert "forward" not in vars(runner.pipe.unet) or not handle.enabled
+    assert vars(runner.pipe.unet) == attributes, "disable() must leave the UNet object as it was"
     handle.enable()
     assert torch.equal(runner(), cached)
 
@@ -90,10 +91,10 @@ def test_quad_center_schedule_runs(sd_runner):
 ])
 def test_bad_arguments_raise_and_leave_the_pipeline_untouched(sd_runner, kwargs, message):
     baseline = sd_runner()
-    forward = sd_runner.pipe.unet.forward
+    attributes = dict(vars(sd_runner.pipe.unet))
     with pytest.raises(ValueError, match=message):
         compile_pipeline(sd_runner.pipe, **kwargs)
-    assert sd_runner.pipe.unet.forward == forward
+    assert vars(sd_runner.pipe.unet) == attributes
     assert torch.equal(sd_runner(), baseline)
 
 
@@ -121,3 +122,19 @@ def test_unsupported_arguments_fall_back_to_the_original_forward(sd_runner):
     # attention processors ignore unknown keys, so the uncached result must equal the plain pipeline's
     assert torch.equal(sd_runner(cross_attention_kwargs={"unused": 1}), baseline)
     assert handle.counters.fallbacks == 10 and handle.counters.full == 0
+
+
+def test_img2img_counts_steps_from_its_first_denoising_step(sd_runner):
+    """img2img starts mid-schedule (strength < 1): step 0 of the call is its first evaluation, as in the helper."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    class Img2Img:
+        pipe = StableDiffusionImg2ImgPipeline(**sd_runner.pipe.components)
+        image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+        def __call__(self):
+            return self.pipe(image=self.image, strength=0.6, num_inference_steps=10, output_type="latent",
+                             generator=torch.Generator().manual_seed(0), **sd_runner.embeds).images
+
+    expected = helper_run(Img2Img(), 3, 2)
+    assert rel_l2(fastcache_run(Img2Img(), 3, 2), expected) < 1e-5
