@@ -90,3 +90,37 @@ def test_unsupported_unets_are_rejected_with_the_supported_list():
         "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")))
     with pytest.raises(ValueError, match="supports down blocks"):
         check_unet(odd)
+
+
+def flops(fn, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def test_shallow_path_computes_what_the_helpers_skip_step_computes_and_nothing_more():
+    """Same FLOPs as DeepCacheSDHelper's skip step, for every branch: no deep layer sneaks back in."""
+    from DeepCache import DeepCacheSDHelper
+
+    from fastcache.models import build_pipeline
+
+    pipe = build_pipeline("tiny-sd")
+    unet = pipe.unet
+    inputs = unet_inputs(unet)
+    pipe.scheduler.set_timesteps(4)
+    t0, t1 = pipe.scheduler.timesteps[:2]
+    for branch in range(9):
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=2, cache_branch_id=branch)
+        helper.enable()
+        args = (inputs["sample"], None, inputs["encoder_hidden_states"])
+        unet(args[0], t0, args[2])  # full step: fills the helper's caches
+        helper_skip = flops(unet, args[0], t1, args[2])
+        helper.disable()
+        part = UNetPartition(unet, branch)
+        cache = torch.zeros(feature_shape(unet, part.boundary, args[0].shape))
+        full = flops(part.full, args[0], t1, args[2], cache)
+        assert full == flops(unet, args[0], t1, args[2])
+        assert flops(part.shallow, args[0], t1, args[2], cache) == helper_skip < full, branch
