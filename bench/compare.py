@@ -35,7 +35,8 @@ from fastcache.models import build_pipeline, random_prompt_embeds
 
 logger = logging.getLogger("bench")
 
-PEERS = ("eager", "deepcache", "compile", "fastcache")
+PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-static")
+FASTCACHE_MODES = {"fastcache": "reduce-overhead", "fastcache-static": "static-cudagraphs"}
 
 
 @dataclass(frozen=True)
@@ -188,19 +189,19 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
             finish(*runner.measure("compile"))
         finally:
             pipe.unet = unet
-    if "fastcache" in peers:
-        fresh_compile_cache("fastcache")
-        handle = compile_pipeline(pipe, config.interval, config.branch)
+    for peer in (p for p in FASTCACHE_MODES if p in peers):
+        fresh_compile_cache(peer)
+        handle = compile_pipeline(pipe, config.interval, config.branch, mode=FASTCACHE_MODES[peer])
         try:
-            result, latents, images = runner.measure("fastcache")
-            result.extra.update(counters=asdict(handle.counters))
+            result, latents, images = runner.measure(peer)
+            result.extra.update(counters=asdict(handle.counters),
+                                captures=getattr(handle.paths, "captures", None))
             finish(result, latents, images)
         finally:
             handle.disable()
-    if "fastcache" in outputs and "deepcache" in outputs:
-        ref = outputs["deepcache"]
-        fast = next(r for r in results if r.peer == "fastcache")
-        fast.extra["rel_l2_vs_deepcache"] = float((outputs["fastcache"] - ref).norm() / ref.norm())
+        if "deepcache" in outputs:
+            ref = outputs["deepcache"]
+            result.extra["rel_l2_vs_deepcache"] = float((latents - ref).norm() / ref.norm())
     for r in results:
         r.extra["speedup_vs_eager"] = base.seconds / r.seconds
     return results
@@ -252,14 +253,14 @@ def main(argv=None) -> list[Result]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subset", default="gpu-check", choices=sorted(SUBSETS))
     p.add_argument("--smoke", action="store_true", help="tiny configs, few steps, on CPU: what CI runs")
-    p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}")
+    p.add_argument("--peers", help=f"comma-separated subset of {PEERS} (default: all; --smoke: all but the last)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default="out/bench")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    peers = args.peers.split(",")
+    peers = args.peers.split(",") if args.peers else list(PEERS[:-1] if args.smoke else PEERS)
     if unknown := set(peers) - set(PEERS):
         p.error(f"unknown peers {sorted(unknown)}; valid: {PEERS}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,39 +15,123 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .partition import UNetPartition, feature_shape
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes, plus "static-cudagraphs": inductor without cudagraph trees, each (shape, path) captured by
+# hand into one torch.cuda.CUDAGraph (vLLM's pattern), to cut the per-call host cost of cudagraph trees.
+COMPILE_MODES = ("reduce-overhead", "static-cudagraphs", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Every (batch, height, width, guidance) shape is one cache entry per path; serving a handful of shapes must not
 # hit dynamo's default limit of 8 and fall back to eager.
 MIN_RECOMPILE_LIMIT = 64
 
 
-@dataclass
 class Paths:
-    """The two callables the dispatcher chooses between, compiled or eager."""
+    """Runs the full or the shallow path for one UNet evaluation; this base class runs them eagerly."""
 
-    full: Callable[..., torch.Tensor]
-    shallow: Callable[..., torch.Tensor]
-    compiled: bool
-    mode: str | None
+    compiled = False
+    mode = None
+
+    def __init__(self, partition: UNetPartition):
+        self.full, self.shallow = partition.full, partition.shallow
+
+    def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
+        return (self.full if full else self.shallow)(**inputs)
+
+
+class CompiledPaths(Paths):
+    """Both paths through ``torch.compile``; with ``mode="reduce-overhead"`` cudagraph trees capture them on CUDA."""
+
+    compiled = True
+
+    def __init__(self, partition: UNetPartition, mode: str):
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MIN_RECOMPILE_LIMIT)
+        options = dict(mode=mode, fullgraph=True, dynamic=False)
+        self.full, self.shallow = torch.compile(partition.full, **options), torch.compile(partition.shallow, **options)
+        self.mode = mode
+        self._warm: set[tuple] = set()  # (shape key, is_full) already compiled
+
+    def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
+        # NOTE: each UNet evaluation starts a new cudagraph-tree step, which may reuse the previous evaluation's
+        # output memory; schedulers keep some outputs (PNDM), so we hand out a clone.
+        torch.compiler.cudagraph_mark_step_begin()
+        fn = self.full if full else self.shallow
+        if (key, full) in self._warm:
+            return fn(**inputs).clone()
+        self._warm.add((key, full))
+        return _timed(fn, f"{'full' if full else 'shallow'} path at {key[0]}", inputs).clone()
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]  # static copies of the call's tensors, in tree_flatten order
+    output: torch.Tensor
+
+
+class StaticGraphPaths(CompiledPaths):
+    """Compiled paths captured by hand: one CUDA graph per (shape, path), all in one memory pool.
+
+    A replay is: copy the call's tensors into the graph's static inputs, replay, clone the static output. The
+    feature buffer is already static, so it is passed as is. Without CUDA this runs the compiled paths directly.
+    """
+
+    def __init__(self, partition: UNetPartition):
+        super().__init__(partition, "default")
+        self.mode = "static-cudagraphs"
+        self.graphs: dict[tuple, _Graph] = {}
+        self.pool = None
+        self.captures = self.replays = 0
+
+    def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
+        if not inputs["sample"].is_cuda:
+            return (self.full if full else self.shallow)(**inputs)
+        cache = inputs["cache"]
+        # tensors only (pytree counts None as a leaf): absent optional arguments take their defaults
+        leaves, spec = tree_flatten({k: v for k, v in inputs.items() if k != "cache" and v is not None})
+        graph_key = (key, full, spec)
+        entry = self.graphs.get(graph_key)
+        if entry is None:
+            start = time.perf_counter()
+            entry = self.graphs[graph_key] = self._capture(self.full if full else self.shallow, leaves, spec, cache)
+            logger.info("fastcache: %s path at %s captured in %.1f s", "full" if full else "shallow", key[0],
+                        time.perf_counter() - start)
+        for static, new in zip(entry.inputs, leaves, strict=True):
+            static.copy_(new, non_blocking=True)
+        entry.graph.replay()
+        self.replays += 1
+        return entry.output.clone()
+
+    def _capture(self, fn, leaves, spec, cache) -> _Graph:
+        static = [leaf.clone() for leaf in leaves]
+        inputs = dict(tree_unflatten(static, spec), cache=cache)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compile, autotune and warm up outside the graph
+            for _ in range(2):
+                fn(**inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = fn(**inputs)
+        self.captures += 1
+        return _Graph(graph, static, output)
 
 
 def build_paths(partition: UNetPartition, compile: bool, mode: str) -> Paths:
-    """Compile ``partition.full`` and ``partition.shallow`` separately, or return them as they are."""
-    if not compile:
-        return Paths(partition.full, partition.shallow, compiled=False, mode=None)
-    if mode not in COMPILE_MODES:
+    """The eager paths, or both compiled separately in ``mode``; ``ValueError`` for an unknown mode."""
+    if compile and mode not in COMPILE_MODES:
         raise ValueError(f"mode must be one of {COMPILE_MODES}; got {mode!r}.")
-    dynamo_config = torch._dynamo.config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MIN_RECOMPILE_LIMIT)
-    options = dict(mode=mode, fullgraph=True, dynamic=False)
-    return Paths(torch.compile(partition.full, **options), torch.compile(partition.shallow, **options),
-                 compiled=True, mode=mode)
+    if not compile:
+        return Paths(partition)
+    return StaticGraphPaths(partition) if mode == "static-cudagraphs" else CompiledPaths(partition, mode)
 
 
 class FeatureBuffers:
@@ -75,10 +159,10 @@ class FeatureBuffers:
         self._buffers.clear()
 
 
-def timed_first_call(fn: Callable[..., torch.Tensor], label: str, *args, **kwargs) -> torch.Tensor:
+def _timed(fn: Callable[..., torch.Tensor], label: str, inputs: dict) -> torch.Tensor:
     """Run ``fn`` and log how long it took (the first call at a shape includes compilation and capture)."""
     start = time.perf_counter()
-    out = fn(*args, **kwargs)
+    out = fn(**inputs)
     if out.is_cuda:
         torch.cuda.synchronize(out.device)
     logger.info("fastcache: %s ready in %.1f s", label, time.perf_counter() - start)

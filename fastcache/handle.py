@@ -12,7 +12,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .dispatch import StepDispatcher
-from .graphs import FeatureBuffers, Paths, build_paths, timed_first_call
+from .graphs import FeatureBuffers, Paths, build_paths
 from .partition import UNetPartition, downsampling_factor
 from .schedule import Schedule, make_schedule
 
@@ -58,7 +58,6 @@ class FastCacheHandle:
     counters: Counters = field(default_factory=Counters)
     enabled: bool = False
     _warned: set = field(default_factory=set, repr=False)  # fallback reasons already logged
-    _warm: set = field(default_factory=set, repr=False)  # (shape key, is_full) pairs already compiled
     _added: list = field(default_factory=list, repr=False)  # UNet attributes that enable() created
 
     @property
@@ -105,21 +104,9 @@ class FastCacheHandle:
         cache = self.buffers.get(key, sample)
         self.counters.shapes = len(self.buffers)
         full = self.dispatcher.next_is_full(self.pipe.scheduler, key)
-        path = self.paths.full if full else self.paths.shallow
-        inputs = dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, cache=cache,
-                      added_cond_kwargs=added_cond_kwargs, timestep_cond=timestep_cond, class_labels=class_labels)
-        if not self.paths.compiled:
-            out = path(**inputs)
-        else:
-            # NOTE: every UNet evaluation starts a new cudagraph-tree step, which may reuse the previous
-            # evaluation's output memory; schedulers keep some outputs (PNDM), so we hand out a clone.
-            torch.compiler.cudagraph_mark_step_begin()
-            if (key, full) in self._warm:
-                out = path(**inputs)
-            else:
-                out = timed_first_call(path, f"{'full' if full else 'shallow'} path at {key[0]}", **inputs)
-                self._warm.add((key, full))
-            out = out.clone()
+        out = self.paths(full, key, dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                         cache=cache, added_cond_kwargs=added_cond_kwargs, timestep_cond=timestep_cond,
+                                         class_labels=class_labels))
         if full:
             self.counters.full += 1
         else:

@@ -21,7 +21,7 @@ def compare():
 
 def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
     results = compare.main(["--smoke", "--out", str(tmp_path)])
-    assert {r.peer for r in results} == set(compare.PEERS)
+    assert {r.peer for r in results} == {"eager", "deepcache", "compile", "fastcache"}
     by_peer = {r.peer: r for r in results}
     assert by_peer["eager"].rel_l2_latents is None
     assert by_peer["compile"].rel_l2_latents < 1e-4  # compiling alone does not change the result

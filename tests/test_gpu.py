@@ -61,3 +61,18 @@ def test_steady_state_unet_calls_never_sync_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert handle.counters.shallow >= 4
+
+
+def test_static_cudagraphs_capture_once_per_path_and_match_reduce_overhead():
+    runner = cuda_runner()
+    handle = compile_pipeline(runner.pipe, 3, 0)
+    expected = runner()
+    handle.disable()
+    static = compile_pipeline(runner.pipe, 3, 0, mode="static-cudagraphs")
+    first = runner()
+    assert static.paths.captures == 2
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = runner()
+    assert static.paths.captures == 2 and static.paths.replays == 20
+    assert torch.equal(again, first)
+    assert rel_l2(first, expected) < 5e-3
