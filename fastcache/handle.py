@@ -182,7 +182,8 @@ def compile_pipeline(
             ``pow``) or an explicit list of full-step indices (must contain 0).
         compile: compile both paths with ``torch.compile`` (CUDA graphs on CUDA with the default ``mode``);
             ``False`` runs the same runtime eagerly.
-        mode: a ``torch.compile`` mode, one of ``graphs.COMPILE_MODES``.
+        mode: a ``torch.compile`` mode, or ``"static-cudagraphs"`` (CUDA graphs captured by hand); see
+            ``graphs.COMPILE_MODES``.
 
     Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing on the pipeline changes if an
     argument is invalid: every check runs before the hook is attached.
