@@ -1,7 +1,12 @@
 """Shared fixtures: tiny SD-like and SDXL-like pipelines built from config with random weights (CPU, fp32)."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastcache.models import build_pipeline, random_prompt_embeds
 
