@@ -196,6 +196,10 @@ def compile_pipeline(
     for component in ("controlnet", "adapter"):
         if getattr(pipe, component, None) is not None:
             raise ValueError(f"fastcache does not support pipelines with a {component} yet.")
+    if hasattr(unet, "_orig_mod"):
+        raise ValueError("pipe.unet is already torch.compile'd; pass the plain UNet: fastcache compiles it itself.")
+    if hasattr(unet, "_hf_hook"):
+        raise ValueError("fastcache keeps the UNet on one device: disable model CPU offload (accelerate hooks) first.")
     partition = UNetPartition(unet, branch)
     plan = make_schedule(schedule, interval, center, pow)
     paths = build_paths(partition, compile, mode)

@@ -98,9 +98,17 @@ def test_bad_arguments_raise_and_leave_the_pipeline_untouched(sd_runner, kwargs,
     assert torch.equal(sd_runner(), baseline)
 
 
-def test_unsupported_pipelines_are_rejected():
+def test_unsupported_pipelines_are_rejected(sd_runner):
     with pytest.raises(ValueError, match="needs a diffusers pipeline with a `unet`"):
         compile_pipeline(object())
+    unet = sd_runner.pipe.unet
+    sd_runner.pipe.unet = torch.compile(unet)
+    with pytest.raises(ValueError, match="already torch.compile'd"):
+        compile_pipeline(sd_runner.pipe)
+    sd_runner.pipe.unet = unet
+    not_a_unet = type("Pipe", (), {"unet": sd_runner.pipe.vae, "scheduler": sd_runner.pipe.scheduler})()
+    with pytest.raises(ValueError, match="supports UNet2DConditionModel"):
+        compile_pipeline(not_a_unet)
 
 
 def test_enabling_twice_on_one_unet_is_refused(sd_runner):
