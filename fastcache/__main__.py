@@ -79,7 +79,9 @@ def main(argv=None) -> dict:
     else:
         pipe = build_pipeline(args.preset, dtype=dtype, device=args.device, seed=args.seed)
         prompt = random_prompt_embeds(pipe, seed=args.seed)
-        label = f"{args.preset} (RANDOM WEIGHTS, built from config: the image is noise; speed is the real model's)"
+        tiny = args.preset.startswith("tiny")
+        kind = "a tiny stand-in, not a real model" if tiny else "speed equals the real model's"
+        label = f"{args.preset} (built from config with RANDOM WEIGHTS: the image is noise; {kind})"
     pipe.set_progress_bar_config(disable=True)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     call_kwargs = dict(num_inference_steps=args.steps, height=size, width=size, guidance_scale=args.guidance, **prompt)
