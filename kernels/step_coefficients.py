@@ -14,13 +14,23 @@ from .guided_step import StepCoefficients
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def _check(scheduler, name: str, **required) -> None:
+# What each update needs of the scheduler's config to be affine in (model output, sample, previous x0).
+REQUIRED = {
+    "DDIM": dict(thresholding=False, clip_sample=False),
+    "Euler": {},
+    "DPM-Solver++ 2M": dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", thresholding=False,
+                            use_flow_sigmas=False, final_sigmas_type="zero", euler_at_final=False),
+}
+
+
+def check(scheduler, kind: str) -> None:
+    """Raise ``ValueError`` naming the setting if ``scheduler``'s config cannot take the fused ``kind`` update."""
     config = scheduler.config
     if config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"{name}: prediction_type must be one of {PREDICTION_TYPES}; got {config.prediction_type!r}.")
-    for key, value in required.items():
+        raise ValueError(f"{kind}: prediction_type must be one of {PREDICTION_TYPES}; got {config.prediction_type!r}.")
+    for key, value in REQUIRED[kind].items():
         if config.get(key, value) != value:
-            raise ValueError(f"{name}: the fused step needs {key}={value!r}; this scheduler has {config[key]!r}.")
+            raise ValueError(f"{kind}: the fused step needs {key}={value!r}; this scheduler has {config[key]!r}.")
 
 
 def _x0(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]:
@@ -32,7 +42,7 @@ def _x0(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]
 
 def ddim(scheduler, timestep: int, guidance: float | None) -> StepCoefficients:
     """``DDIMScheduler.step`` with ``eta=0`` from ``timestep`` to the previous one."""
-    _check(scheduler, "DDIM", thresholding=False, clip_sample=False)
+    check(scheduler, "DDIM")
     alphas = scheduler.alphas_cumprod
     prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a = float(alphas[timestep])
@@ -48,7 +58,7 @@ def ddim(scheduler, timestep: int, guidance: float | None) -> StepCoefficients:
 
 def euler(scheduler, step_index: int, guidance: float | None) -> StepCoefficients:
     """``EulerDiscreteScheduler.step`` (no churn) from ``sigmas[step_index]`` to the next sigma."""
-    _check(scheduler, "Euler")
+    check(scheduler, "Euler")
     sigma, sigma_next = float(scheduler.sigmas[step_index]), float(scheduler.sigmas[step_index + 1])
     if scheduler.config.prediction_type == "epsilon":
         px, pe = 1.0, -sigma
@@ -58,13 +68,13 @@ def euler(scheduler, step_index: int, guidance: float | None) -> StepCoefficient
     return StepCoefficients(guidance, px, pe, kx=1 + ratio, k0=-ratio)
 
 
-def dpmpp_2m(scheduler, step_index: int, guidance: float | None) -> StepCoefficients:
+def dpmpp_2m(scheduler, step_index: int, guidance: float | None, has_previous: bool) -> StepCoefficients:
     """``DPMSolverMultistepScheduler.step`` (DPM-Solver++ 2M, midpoint): first order on the first and final steps.
 
-    A second-order step uses the previous step's x0 (``kp``); store each step's x0 for the next one.
+    ``has_previous``: an x0 from the previous step of this call exists (the scheduler's ``lower_order_nums >= 1``;
+    false on the first step, also when img2img starts mid-schedule). A second-order step uses that x0 (``kp``).
     """
-    _check(scheduler, "DPM-Solver++ 2M", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-           thresholding=False, use_flow_sigmas=False, final_sigmas_type="zero", euler_at_final=False)
+    check(scheduler, "DPM-Solver++ 2M")
     sigmas = scheduler.sigmas
     i, last = step_index, len(scheduler.timesteps) - 1
 
@@ -82,7 +92,7 @@ def dpmpp_2m(scheduler, step_index: int, guidance: float | None) -> StepCoeffici
         return StepCoefficients(guidance, px, pe, kx=0.0, k0=1.0)
     h = lam(alpha_t, sigma_t) - lam(alpha_s0, sigma_s0)
     phi = alpha_t * (math.exp(-h) - 1.0)
-    if i == 0 or i == last:
+    if not has_previous or i == last:
         return StepCoefficients(guidance, px, pe, kx=sigma_t / sigma_s0, k0=-phi)
     alpha_s1, sigma_s1 = alpha_sigma(float(sigmas[i - 1]))
     r0 = (lam(alpha_s0, sigma_s0) - lam(alpha_s1, sigma_s1)) / h

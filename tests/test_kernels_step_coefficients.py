@@ -40,9 +40,10 @@ CASES = {
     "euler-eps": (lambda: EulerDiscreteScheduler(**BASE), lambda s, i, t, g: step_coefficients.euler(s, i, g)),
     "euler-v": (lambda: EulerDiscreteScheduler(**BASE, prediction_type="v_prediction"),
                 lambda s, i, t, g: step_coefficients.euler(s, i, g)),
-    "dpmpp-2m": (lambda: DPMSolverMultistepScheduler(**BASE), lambda s, i, t, g: step_coefficients.dpmpp_2m(s, i, g)),
+    "dpmpp-2m": (lambda: DPMSolverMultistepScheduler(**BASE),
+                 lambda s, i, t, g: step_coefficients.dpmpp_2m(s, i, g, i > 0)),
     "dpmpp-2m-karras": (lambda: DPMSolverMultistepScheduler(**BASE, use_karras_sigmas=True),
-                        lambda s, i, t, g: step_coefficients.dpmpp_2m(s, i, g)),
+                        lambda s, i, t, g: step_coefficients.dpmpp_2m(s, i, g, i > 0)),
 }
 
 
@@ -63,4 +64,7 @@ def test_non_affine_configurations_are_refused(make, plan, message):
     scheduler = make()
     scheduler.set_timesteps(10)
     with pytest.raises(ValueError, match=message):
-        plan(scheduler, int(scheduler.timesteps[0]) if plan is step_coefficients.ddim else 0, 7.5)
+        if plan is step_coefficients.ddim:
+            plan(scheduler, int(scheduler.timesteps[0]), 7.5)
+        else:
+            plan(scheduler, 0, 7.5, False)

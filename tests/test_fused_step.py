@@ -1,0 +1,66 @@
+"""Fused schedulers in real pipeline calls: same latents as diffusers' own schedulers, alone and under fastcache."""
+
+import pytest
+import torch
+from conftest import rel_l2
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+from fastcache import compile_pipeline
+from fastcache.fused_step import FusedDDIMScheduler, fused_scheduler
+
+SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
+def test_fused_scheduler_matches_the_original_in_a_pipeline(sd_runner, scheduler_cls):
+    original = scheduler_cls.from_config(sd_runner.pipe.scheduler.config)
+    sd_runner.pipe.scheduler = original
+    expected, expected_cached = sd_runner(), None
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    expected_cached = sd_runner()
+    handle.disable()
+
+    sd_runner.pipe.scheduler = fused_scheduler(original)
+    assert type(sd_runner.pipe.scheduler).__mro__[1] is scheduler_cls
+    assert rel_l2(sd_runner(), expected) < 1e-5
+    handle.enable()
+    assert rel_l2(sd_runner(), expected_cached) < 1e-5
+    assert rel_l2(sd_runner(guidance_scale=1.0), _with(sd_runner, original, guidance_scale=1.0)) < 1e-5
+
+
+def _with(runner, scheduler, **kwargs):
+    fused, runner.pipe.scheduler = runner.pipe.scheduler, scheduler
+    try:
+        return runner(**kwargs)
+    finally:
+        runner.pipe.scheduler = fused
+
+
+def test_options_the_kernel_does_not_cover_run_the_parent_step(sd_runner):
+    original = sd_runner.pipe.scheduler
+    sd_runner.pipe.scheduler = fused_scheduler(original)
+    assert isinstance(sd_runner.pipe.scheduler, FusedDDIMScheduler)
+    assert torch.equal(sd_runner(eta=0.5, seed=3), _with(sd_runner, original, eta=0.5, seed=3))
+
+
+def test_unsupported_schedulers_and_settings_are_refused(sd_runner):
+    with pytest.raises(ValueError, match="supports .*DDIMScheduler"):
+        fused_scheduler(PNDMScheduler.from_config(sd_runner.pipe.scheduler.config))
+    with pytest.raises(ValueError, match="clip_sample=False"):
+        fused_scheduler(DDIMScheduler.from_config(sd_runner.pipe.scheduler.config, clip_sample=True))
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
+def test_img2img_starting_mid_schedule(sd_runner, scheduler_cls):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**sd_runner.pipe.components)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def run(scheduler):
+        pipe.scheduler = scheduler
+        return pipe(image=image, strength=0.6, num_inference_steps=10, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **sd_runner.embeds).images
+
+    original = scheduler_cls.from_config(pipe.scheduler.config)
+    assert rel_l2(run(fused_scheduler(original)), run(original)) < 1e-5
