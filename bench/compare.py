@@ -30,13 +30,17 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
 from fastcache import compile_pipeline
+from fastcache.fused_step import fused_scheduler
 from fastcache.graphs import cudagraph_recordings
 from fastcache.models import build_pipeline, random_prompt_embeds
 
 logger = logging.getLogger("bench")
 
-PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-static")
-FASTCACHE_MODES = {"fastcache": "reduce-overhead", "fastcache-static": "static-cudagraphs"}
+# fastcache variants: (compile mode, fused scheduler step)
+FASTCACHE = {"fastcache": ("reduce-overhead", False), "fastcache-static": ("static-cudagraphs", False),
+             "fastcache-static-fused": ("static-cudagraphs", True)}
+PEERS = ("eager", "deepcache", "compile", *FASTCACHE)
+SMOKE_PEERS = PEERS[:4]  # the static variants only differ on CUDA
 
 
 @dataclass(frozen=True)
@@ -189,9 +193,13 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
             finish(*runner.measure("compile"))
         finally:
             pipe.unet = unet
-    for peer in (p for p in FASTCACHE_MODES if p in peers):
+    for peer in (p for p in FASTCACHE if p in peers):
+        mode, fused = FASTCACHE[peer]
         fresh_compile_cache(peer)
-        handle = compile_pipeline(pipe, config.interval, config.branch, mode=FASTCACHE_MODES[peer])
+        scheduler = pipe.scheduler
+        if fused:
+            pipe.scheduler = fused_scheduler(scheduler)
+        handle = compile_pipeline(pipe, config.interval, config.branch, mode=mode)
         try:
             result, latents, images = runner.measure(peer)
             result.extra.update(counters=asdict(handle.counters),
@@ -199,6 +207,7 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
             finish(result, latents, images)
         finally:
             handle.disable()
+            pipe.scheduler = scheduler
         if "deepcache" in outputs:
             ref = outputs["deepcache"]
             result.extra["rel_l2_vs_deepcache"] = float((latents - ref).norm() / ref.norm())
@@ -253,14 +262,14 @@ def main(argv=None) -> list[Result]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subset", default="gpu-check", choices=sorted(SUBSETS))
     p.add_argument("--smoke", action="store_true", help="tiny configs, few steps, on CPU: what CI runs")
-    p.add_argument("--peers", help=f"comma-separated subset of {PEERS} (default: all; --smoke: all but the last)")
+    p.add_argument("--peers", help=f"comma-separated subset of {PEERS} (default: all; --smoke: {SMOKE_PEERS})")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default="out/bench")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    peers = args.peers.split(",") if args.peers else list(PEERS[:-1] if args.smoke else PEERS)
+    peers = args.peers.split(",") if args.peers else list(SMOKE_PEERS if args.smoke else PEERS)
     if unknown := set(peers) - set(PEERS):
         p.error(f"unknown peers {sorted(unknown)}; valid: {PEERS}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
