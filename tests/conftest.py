@@ -1,6 +1,9 @@
 """Shared fixtures: tiny SD-like and SDXL-like pipelines built from config with random weights (CPU, fp32)."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,19 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU through Trito
 from fastcache.models import build_pipeline, random_prompt_embeds
 
 TINY_PRESETS = ("tiny-sd", "tiny-sdxl")
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
 SIZE = 32  # pixels; latents 16x16 with the tiny VAE
+
+
+def load_script(relative_path: str):
+    """Import a script of bench/ or tools/ (not packages) as a module."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,22 +1,14 @@
 """The benchmark's CPU smoke mode: every peer runs, the table and chart are written, the numbers are sane."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/compare.py")
 
 
 def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):

@@ -1,24 +1,13 @@
 """The profiling tool's CPU smoke mode: the step breakdown follows the schedule and the trace is written."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("profile_steps", ROOT / "tools" / "profile_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_smoke_profile_breaks_a_call_into_steps(tmp_path):
     trace, jsonl = tmp_path / "trace.json", tmp_path / "profile.jsonl"
-    result = load_tool().main(["--smoke", "--trace", str(trace), "--json", str(jsonl)])
+    result = load_script("tools/profile_steps.py").main(["--smoke", "--trace", str(trace), "--json", str(jsonl)])
     steps = result["steps"]
     assert (steps["full"]["count"], steps["shallow"]["count"], steps["outside_unet"]["count"]) == (2, 4, 5)
     assert 0 < steps["shallow"]["tflop"] < steps["full"]["tflop"]
