@@ -33,7 +33,6 @@ MIN_RECOMPILE_LIMIT = 64
 class Paths:
     """Runs the full or the shallow path for one UNet evaluation; this base class runs them eagerly."""
 
-    compiled = False
     mode = None
 
     def __init__(self, partition: UNetPartition):
@@ -45,8 +44,6 @@ class Paths:
 
 class CompiledPaths(Paths):
     """Both paths through ``torch.compile``; with ``mode="reduce-overhead"`` cudagraph trees capture them on CUDA."""
-
-    compiled = True
 
     def __init__(self, partition: UNetPartition, mode: str):
         dynamo_config = torch._dynamo.config
@@ -90,7 +87,7 @@ class StaticGraphPaths(CompiledPaths):
 
     def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
         if not inputs["sample"].is_cuda:
-            return (self.full if full else self.shallow)(**inputs)
+            return Paths.__call__(self, full, key, inputs)
         cache = inputs["cache"]
         # tensors only (pytree counts None as a leaf): absent optional arguments take their defaults
         leaves, spec = tree_flatten({k: v for k, v in inputs.items() if k != "cache" and v is not None})
@@ -154,9 +151,6 @@ class FeatureBuffers:
             logger.info("fastcache: new shape %s, feature buffer %s (%.1f MiB)", tuple(sample.shape), shape,
                         buffer.numel() * buffer.element_size() / 2**20)
         return buffer
-
-    def clear(self) -> None:
-        self._buffers.clear()
 
 
 def _timed(fn: Callable[..., torch.Tensor], label: str, inputs: dict) -> torch.Tensor:
