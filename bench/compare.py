@@ -15,6 +15,7 @@ after warm-up (both must stay flat). Output: ``results.jsonl``, ``results.md`` a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -148,7 +149,10 @@ def sync():
 
 
 def reset_peak_memory():
+    """Free what earlier peers left (graphs, pools) so each peer's peak is its own."""
+    gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -169,12 +173,13 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
     runner = Runner(pipe, config, steps, repeat)
     base, base_latents, base_images = runner.measure("eager")
     results = [base] if "eager" in peers else []
-    outputs = {}
+    deepcache_latents = None
 
     def finish(result, latents, images):
         result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
         result.psnr_db = psnr(images, base_images)
-        outputs[result.peer] = latents
+        if deepcache_latents is not None and result.peer in FASTCACHE:
+            result.extra["rel_l2_vs_deepcache"] = float((latents - deepcache_latents).norm() / deepcache_latents.norm())
         results.append(result)
 
     if "deepcache" in peers:
@@ -182,7 +187,8 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
         helper.set_params(cache_interval=config.interval, cache_branch_id=config.branch)
         helper.enable()
         try:
-            finish(*runner.measure("deepcache"))
+            result, deepcache_latents, images = runner.measure("deepcache")
+            finish(result, deepcache_latents, images)
         finally:
             helper.disable()
     if "compile" in peers:
@@ -208,9 +214,6 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
         finally:
             handle.disable()
             pipe.scheduler = scheduler
-        if "deepcache" in outputs:
-            ref = outputs["deepcache"]
-            result.extra["rel_l2_vs_deepcache"] = float((latents - ref).norm() / ref.norm())
     for r in results:
         r.extra["speedup_vs_eager"] = base.seconds / r.seconds
     return results
