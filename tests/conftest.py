@@ -46,6 +46,21 @@ class Runner:
                          generator=torch.Generator().manual_seed(seed), **(embeds or self.embeds), **kwargs).images
 
 
+class Img2ImgRunner:
+    """The same components as an img2img pipeline at strength 0.6: the call starts mid-schedule."""
+
+    def __init__(self, runner: Runner):
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        self.pipe = StableDiffusionImg2ImgPipeline(**runner.pipe.components)
+        self.embeds = runner.embeds
+        self.image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+
+    def __call__(self) -> torch.Tensor:
+        return self.pipe(image=self.image, strength=0.6, num_inference_steps=STEPS, output_type="latent",
+                         generator=torch.Generator().manual_seed(0), **self.embeds).images
+
+
 @pytest.fixture(params=TINY_PRESETS)
 def runner(request) -> Runner:
     return Runner(request.param)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import rel_l2
+from conftest import Img2ImgRunner, rel_l2
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from fastcache import compile_pipeline
@@ -15,7 +15,7 @@ SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler
 def test_fused_scheduler_matches_the_original_in_a_pipeline(sd_runner, scheduler_cls):
     original = scheduler_cls.from_config(sd_runner.pipe.scheduler.config)
     sd_runner.pipe.scheduler = original
-    expected, expected_cached = sd_runner(), None
+    expected = sd_runner()
     handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
     expected_cached = sd_runner()
     handle.disable()
@@ -52,15 +52,9 @@ def test_unsupported_schedulers_and_settings_are_refused(sd_runner):
 
 @pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
 def test_img2img_starting_mid_schedule(sd_runner, scheduler_cls):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline(**sd_runner.pipe.components)
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-
-    def run(scheduler):
-        pipe.scheduler = scheduler
-        return pipe(image=image, strength=0.6, num_inference_steps=10, output_type="latent",
-                    generator=torch.Generator().manual_seed(0), **sd_runner.embeds).images
-
-    original = scheduler_cls.from_config(pipe.scheduler.config)
-    assert rel_l2(run(fused_scheduler(original)), run(original)) < 1e-5
+    img2img = Img2ImgRunner(sd_runner)
+    original = scheduler_cls.from_config(img2img.pipe.scheduler.config)
+    img2img.pipe.scheduler = original
+    expected = img2img()
+    img2img.pipe.scheduler = fused_scheduler(original)
+    assert rel_l2(img2img(), expected) < 1e-5

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import Runner, rel_l2
+from conftest import Img2ImgRunner, Runner, rel_l2
 from DeepCache import DeepCacheSDHelper
 
 from fastcache import compile_pipeline
@@ -134,15 +134,6 @@ def test_unsupported_arguments_fall_back_to_the_original_forward(sd_runner):
 
 def test_img2img_counts_steps_from_its_first_denoising_step(sd_runner):
     """img2img starts mid-schedule (strength < 1): step 0 of the call is its first evaluation, as in the helper."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    class Img2Img:
-        pipe = StableDiffusionImg2ImgPipeline(**sd_runner.pipe.components)
-        image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-
-        def __call__(self):
-            return self.pipe(image=self.image, strength=0.6, num_inference_steps=10, output_type="latent",
-                             generator=torch.Generator().manual_seed(0), **sd_runner.embeds).images
-
-    expected = helper_run(Img2Img(), 3, 2)
-    assert rel_l2(fastcache_run(Img2Img(), 3, 2), expected) < 1e-5
+    img2img = Img2ImgRunner(sd_runner)
+    expected = helper_run(img2img, 3, 2)
+    assert rel_l2(fastcache_run(img2img, 3, 2), expected) < 1e-5
