@@ -42,6 +42,10 @@ class Clock:
             event.record()
         return time.perf_counter(), event
 
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
     def elapsed_ms(self, start, end) -> tuple[float, float]:
         """(device ms, host ms) between two marks; call after synchronising."""
         host = (end[0] - start[0]) * 1e3
@@ -168,8 +172,7 @@ def profile(args) -> dict:
     begin = clock.mark()
     latents = call(output_type="latent")
     end = clock.mark()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    clock.sync()
     denoise_ms = clock.elapsed_ms(begin, end)
     energy = nvml.energy_mj() - energy if energy is not None else None
     timer.remove()
@@ -178,16 +181,14 @@ def profile(args) -> dict:
         before = clock.mark()
         pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)
         after = clock.mark()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    clock.sync()
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         call(output_type="np")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        clock.sync()
         wall_ms = (time.perf_counter() - start) * 1e3
     if args.trace:
         Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
