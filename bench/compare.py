@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: diffusers eager, the DeepCache helper, torch.compile alone, and fastcache.
+"""Side-by-side benchmark: diffusers eager, the DeepCache helper, torch.compile alone, and fastcache variants.
 
 All peers run in one process on one card, on pipelines built from the real configs with random weights (speed is
 the real models'; images are noise). For each configuration it prints and writes:
@@ -10,6 +10,12 @@ after warm-up (both must stay flat). Output: ``results.jsonl``, ``results.md`` a
     python bench/compare.py --subset gpu-check        # SD2.1 512 b1 I=3 B=0: the core runtime's GPU check
     python bench/compare.py --subset table            # the DeepCache docs table, extended
     python bench/compare.py --smoke                   # tiny configs on CPU (CI)
+    python bench/compare.py --peers all               # every peer, the tuned and autotuned variants included
+
+The fastcache peers are ``fastcache.variants.VARIANTS``: plain, hand-captured CUDA graphs ("static"), the fused
+scheduler step ("fused"), and "tuned"/"autotune" with the speed switches of PyTorch's and diffusers' SDXL guides
+(fused QKV, channels_last, a compiled VAE decoder, inductor settings). "compile-tuned" gives torch.compile the
+same switches, so that the comparison stays like for like.
 """
 
 from __future__ import annotations
@@ -30,18 +36,17 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
-from fastcache import compile_pipeline
-from fastcache.fused_step import fused_scheduler
-from fastcache.graphs import cudagraph_recordings
+from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_options, cudagraph_recordings
 from fastcache.models import build_pipeline, random_prompt_embeds
+from fastcache.variants import VARIANTS, speed_switches
 
 logger = logging.getLogger("bench")
 
-# fastcache variants: (compile mode, fused scheduler step)
-FASTCACHE = {"fastcache": ("reduce-overhead", False), "fastcache-static": ("static-cudagraphs", False),
-             "fastcache-static-fused": ("static-cudagraphs", True)}
-PEERS = ("eager", "deepcache", "compile", *FASTCACHE)
-SMOKE_PEERS = PEERS[:4]  # the static variants only differ on CUDA
+
+FASTCACHE = {name: v for name, v in VARIANTS.items() if v.compile}  # fastcache-eager is DeepCache's speed
+PEERS = ("eager", "deepcache", "compile", "compile-tuned", *FASTCACHE)
+DEFAULT_PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-static-fused", "fastcache-tuned")
+SMOKE_PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-tuned")
 
 
 @dataclass(frozen=True)
@@ -192,31 +197,35 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
         finally:
             helper.disable()
     if "compile" in peers:
-        fresh_compile_cache("compile")
-        unet = pipe.unet
-        pipe.unet = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
-        try:
-            finish(*runner.measure("compile"))
-        finally:
-            pipe.unet = unet
+        finish(*measure_compile(runner, pipe, "compile", tuned=False))
+    if "compile-tuned" in peers:
+        finish(*measure_compile(runner, pipe, "compile-tuned", tuned=True))
     for peer in (p for p in FASTCACHE if p in peers):
-        mode, fused = FASTCACHE[peer]
         fresh_compile_cache(peer)
-        scheduler = pipe.scheduler
-        if fused:
-            pipe.scheduler = fused_scheduler(scheduler)
-        handle = compile_pipeline(pipe, config.interval, config.branch, mode=mode)
-        try:
+        with FASTCACHE[peer].applied(pipe, config.interval, config.branch) as handle:
             result, latents, images = runner.measure(peer)
-            result.extra.update(counters=asdict(handle.counters),
-                                captures=getattr(handle.paths, "captures", None))
+            result.extra.update(counters=asdict(handle.counters), captures=getattr(handle.paths, "captures", None))
             finish(result, latents, images)
-        finally:
-            handle.disable()
-            pipe.scheduler = scheduler
     for r in results:
         r.extra["speedup_vs_eager"] = base.seconds / r.seconds
     return results
+
+
+def measure_compile(runner: Runner, pipe, peer: str, tuned: bool):
+    """``torch.compile(unet, mode="reduce-overhead")``; tuned: the guides' recipe (switches, inductor options and
+    a compiled VAE decode, as in diffusers' SDXL guide, with reduce-overhead instead of max-autotune)."""
+    fresh_compile_cache(peer)
+    unet = pipe.unet
+    options = compile_options("reduce-overhead", UNET_INDUCTOR_OPTIONS if tuned else None)
+    with speed_switches(pipe, tuned):
+        pipe.unet = torch.compile(unet, fullgraph=True, **options)
+        if tuned:
+            pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True)
+        try:
+            return runner.measure(peer)
+        finally:
+            pipe.unet = unet
+            vars(pipe.vae).pop("decode", None)
 
 
 def markdown(results: list[Result], env: dict) -> str:
@@ -265,14 +274,16 @@ def main(argv=None) -> list[Result]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subset", default="gpu-check", choices=sorted(SUBSETS))
     p.add_argument("--smoke", action="store_true", help="tiny configs, few steps, on CPU: what CI runs")
-    p.add_argument("--peers", help=f"comma-separated subset of {PEERS} (default: all; --smoke: {SMOKE_PEERS})")
+    p.add_argument("--peers", help=f"comma-separated subset of {PEERS}, or all (default: {DEFAULT_PEERS}; "
+                                   f"--smoke: {SMOKE_PEERS})")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default="out/bench")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    peers = args.peers.split(",") if args.peers else list(SMOKE_PEERS if args.smoke else PEERS)
+    peers = (list(PEERS) if args.peers == "all" else args.peers.split(",") if args.peers
+             else list(SMOKE_PEERS if args.smoke else DEFAULT_PEERS))
     if unknown := set(peers) - set(PEERS):
         p.error(f"unknown peers {sorted(unknown)}; valid: {PEERS}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,6 +2,7 @@
 
     python -m fastcache                       # embedded tiny SD-architecture model, random weights, CPU ok
     python -m fastcache --model PATH_OR_ID    # a real diffusers pipeline via from_pretrained
+    python -m fastcache --variant fastcache-tuned   # a named configuration of fastcache.variants
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import compile_pipeline
-from .graphs import COMPILE_MODES
 from .models import PRESETS, build_pipeline, load_pipeline, random_prompt_embeds
+from .variants import VARIANTS
 
 logger = logging.getLogger("fastcache")
 
@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="timed runs after the warm-up run")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="run the cached UNet eagerly")
-    p.add_argument("--mode", default="reduce-overhead", choices=COMPILE_MODES)
+    p.add_argument("--variant", default="fastcache", choices=sorted(VARIANTS),
+                   help="fastcache-eager: no compilation; see fastcache/variants.py for the others")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="fastcache.png", help="where to write the accelerated image")
     return p.parse_args(argv)
@@ -89,11 +89,9 @@ def main(argv=None) -> dict:
     logger.info("model: %s | %s, %s, %dx%d, %d steps", label, args.device, dtype, size, size, args.steps)
     logger.info("running the plain pipeline ...")
     base = time_pipeline(pipe, call_kwargs, args.repeat, args.seed)
-    logger.info("running compile_pipeline(interval=%d, branch=%d, compile=%s) ...", args.interval, args.branch,
-                args.compile)
-    handle = compile_pipeline(pipe, args.interval, args.branch, compile=args.compile, mode=args.mode)
-    fast = time_pipeline(pipe, call_kwargs, args.repeat, args.seed)
-    handle.disable()
+    logger.info("running %s (interval=%d, branch=%d) ...", args.variant, args.interval, args.branch)
+    with VARIANTS[args.variant].applied(pipe, args.interval, args.branch):
+        fast = time_pipeline(pipe, call_kwargs, args.repeat, args.seed)
 
     rel = float(np.linalg.norm(fast.image - base.image) / np.linalg.norm(base.image))
     pipe.numpy_to_pil(fast.image)[0].save(args.output)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -28,6 +29,28 @@ COMPILE_MODES = ("reduce-overhead", "static-cudagraphs", "default", "max-autotun
 # Every (batch, height, width, guidance) shape is one cache entry per path; serving a handful of shapes must not
 # hit dynamo's default limit of 8 and fall back to eager.
 MIN_RECOMPILE_LIMIT = 64
+
+# The inductor settings PyTorch's and diffusers' SDXL speed-up guides apply to UNets (with fused QKV projections and
+# channels_last weights, which are the pipeline's own switches). Opt-in through ``inductor_options`` until the
+# benchmark shows what each is worth here; coordinate-descent tuning lengthens the cold compile.
+UNET_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+                         "coordinate_descent_check_all_directions": True}
+
+
+def compile_options(mode: str, inductor_options: Mapping[str, Any] | None) -> dict:
+    """``torch.compile`` keyword arguments for ``mode`` plus extra inductor options.
+
+    torch.compile takes a mode or an options dict, not both, so extra options are merged into the mode's own.
+    ``ValueError`` names any key inductor does not know.
+    """
+    if not inductor_options:
+        return dict(mode=mode)
+    known = torch._inductor.config.get_config_copy()
+    unknown = sorted(key for key in inductor_options if key.replace("-", "_") not in known)
+    if unknown:
+        raise ValueError(f"unknown inductor options {unknown}: keys must be torch._inductor.config settings, "
+                         f"e.g. {sorted(UNET_INDUCTOR_OPTIONS)}.")
+    return dict(options={**torch._inductor.list_mode_options(mode), **inductor_options})
 
 
 class Paths:
@@ -45,10 +68,10 @@ class Paths:
 class CompiledPaths(Paths):
     """Both paths through ``torch.compile``; with ``mode="reduce-overhead"`` cudagraph trees capture them on CUDA."""
 
-    def __init__(self, partition: UNetPartition, mode: str):
+    def __init__(self, partition: UNetPartition, mode: str, inductor_options: Mapping[str, Any] | None = None):
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MIN_RECOMPILE_LIMIT)
-        options = dict(mode=mode, fullgraph=True, dynamic=False)
+        options = dict(compile_options(mode, inductor_options), fullgraph=True, dynamic=False)
         self.full, self.shallow = torch.compile(partition.full, **options), torch.compile(partition.shallow, **options)
         self.mode = mode
         self._warm: set[tuple] = set()  # (shape key, is_full) already compiled
@@ -78,8 +101,8 @@ class StaticGraphPaths(CompiledPaths):
     feature buffer is already static, so it is passed as is. Without CUDA this runs the compiled paths directly.
     """
 
-    def __init__(self, partition: UNetPartition):
-        super().__init__(partition, "default")
+    def __init__(self, partition: UNetPartition, inductor_options: Mapping[str, Any] | None = None):
+        super().__init__(partition, "default", inductor_options)
         self.mode = "static-cudagraphs"
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = None
@@ -122,13 +145,26 @@ class StaticGraphPaths(CompiledPaths):
         return _Graph(graph, static, output)
 
 
-def build_paths(partition: UNetPartition, compile: bool, mode: str) -> Paths:
-    """The eager paths, or both compiled separately in ``mode``; ``ValueError`` for an unknown mode."""
+def build_paths(partition: UNetPartition, compile: bool, mode: str,
+                inductor_options: Mapping[str, Any] | None = None) -> Paths:
+    """The eager paths, or both compiled separately in ``mode``; ``ValueError`` for an unknown mode or option."""
     if compile and mode not in COMPILE_MODES:
         raise ValueError(f"mode must be one of {COMPILE_MODES}; got {mode!r}.")
     if not compile:
         return Paths(partition)
-    return StaticGraphPaths(partition) if mode == "static-cudagraphs" else CompiledPaths(partition, mode)
+    if mode == "static-cudagraphs":
+        return StaticGraphPaths(partition, inductor_options)
+    return CompiledPaths(partition, mode, inductor_options)
+
+
+def compile_decoder(decoder: torch.nn.Module, inductor_options: Mapping[str, Any] | None = None) -> Callable:
+    """The VAE decoder's forward through ``torch.compile`` (``fullgraph=True``), without CUDA graphs.
+
+    The decoder runs once per pipeline call with large kernels, so graph replay would save nothing, while a
+    CUDA-graph pool would keep its activations (GBs at 1024 px) reserved between calls. The class's forward is
+    bound here: compiling the module itself would re-enter the hook that calls this function.
+    """
+    return torch.compile(decoder.forward, **compile_options("default", inductor_options), fullgraph=True, dynamic=False)
 
 
 class FeatureBuffers:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .dispatch import StepDispatcher
-from .graphs import FeatureBuffers, Paths, build_paths
+from .graphs import FeatureBuffers, Paths, build_paths, compile_decoder
 from .partition import UNetPartition, downsampling_factor
 from .schedule import Schedule, make_schedule
 
@@ -45,7 +45,7 @@ class Counters:
 class FastCacheHandle:
     """Everything fastcache added to one pipeline: partition, schedule, compiled paths, buffers and state.
 
-    ``disable()`` removes the hook and leaves the pipeline exactly as it was; ``enable()`` puts it back
+    ``disable()`` removes the hooks and leaves the pipeline exactly as it was; ``enable()`` puts them back
     (compiled graphs and buffers are kept, so re-enabling costs nothing).
     """
 
@@ -55,10 +55,11 @@ class FastCacheHandle:
     paths: Paths = field(repr=False)
     dispatcher: StepDispatcher = field(repr=False)
     buffers: FeatureBuffers = field(repr=False)
+    decoder: Callable | None = field(default=None, repr=False)  # the compiled VAE decoder, if any
     counters: Counters = field(default_factory=Counters)
     enabled: bool = False
     _warned: set = field(default_factory=set, repr=False)  # fallback reasons already logged
-    _added: list = field(default_factory=list, repr=False)  # UNet attributes that enable() created
+    _added: dict = field(default_factory=dict, repr=False)  # hooked module -> the attributes enable() created
 
     @property
     def unet(self):
@@ -70,22 +71,33 @@ class FastCacheHandle:
         registry = getattr(self.unet, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(HOOK_NAME) is not None:
             raise ValueError("fastcache is already enabled on this UNet by another handle; disable that one first.")
-        self._added = [name for name in ("_diffusers_hook", "forward") if name not in vars(self.unet)]
         self.dispatcher.reset()
-        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_Hook(self), HOOK_NAME)
+        self._attach(self.unet, _Hook(self.forward))
+        if self.decoder is not None:
+            self._attach(self.pipe.vae.decoder, _Hook(self._decode))
         self.enabled = True
         return self
 
     def disable(self) -> FastCacheHandle:
         if self.enabled:
-            registry = self.unet._diffusers_hook
-            registry.remove_hook(HOOK_NAME, recurse=False)
-            if not registry.hooks:  # nothing else hooked: drop what enable() created, leaving the UNet as it was
-                for name in self._added:
-                    delattr(self.unet, name)
+            for module, added in self._added.items():
+                registry = module._diffusers_hook
+                registry.remove_hook(HOOK_NAME, recurse=False)
+                if not registry.hooks:  # nothing else hooked: drop what enable() created, leaving it as it was
+                    for name in added:
+                        delattr(module, name)
+            self._added.clear()
             self.dispatcher.reset()
             self.enabled = False
         return self
+
+    def _attach(self, module: torch.nn.Module, hook: ModelHook) -> None:
+        self._added[module] = [name for name in ("_diffusers_hook", "forward") if name not in vars(module)]
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+
+    def _decode(self, decoder, *args, **kwargs) -> torch.Tensor:
+        """Replacement for ``vae.decoder.forward``: the same forward, compiled."""
+        return self.decoder(*args, **kwargs)
 
     def forward(self, unet, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
                 attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
@@ -142,14 +154,14 @@ class FastCacheHandle:
 
 
 class _Hook(ModelHook):
-    """The diffusers hook that routes ``unet.forward`` to the handle; it holds no state of its own."""
+    """The diffusers hook that routes a module's forward to a method of the handle; it holds no state of its own."""
 
-    def __init__(self, handle: FastCacheHandle):
+    def __init__(self, forward: Callable):
         super().__init__()
-        self.handle = handle
+        self.forward = forward
 
     def new_forward(self, module, *args, **kwargs):
-        return self.handle.forward(module, *args, **kwargs)
+        return self.forward(module, *args, **kwargs)
 
 
 def _unet_output(sample: torch.Tensor, return_dict: bool):
@@ -170,6 +182,8 @@ def compile_pipeline(
     pow: float = 1.4,
     compile: bool = True,
     mode: str = "reduce-overhead",
+    inductor_options: Mapping[str, Any] | None = None,
+    compile_vae: bool = False,
 ) -> FastCacheHandle:
     """Make ``pipe`` run DeepCache with its full and shallow UNet paths compiled as two graphs.
 
@@ -184,6 +198,9 @@ def compile_pipeline(
             ``False`` runs the same runtime eagerly.
         mode: a ``torch.compile`` mode, or ``"static-cudagraphs"`` (CUDA graphs captured by hand); see
             ``graphs.COMPILE_MODES``.
+        inductor_options: extra ``torch._inductor.config`` settings for both paths (and the VAE decoder), e.g.
+            ``graphs.UNET_INDUCTOR_OPTIONS``; merged into ``mode``'s own.
+        compile_vae: also compile ``pipe.vae.decoder`` (without CUDA graphs); removed again by ``disable()``.
 
     Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing on the pipeline changes if an
     argument is invalid: every check runs before the hook is attached.
@@ -200,12 +217,18 @@ def compile_pipeline(
         raise ValueError("pipe.unet is already torch.compile'd; pass the plain UNet: fastcache compiles it itself.")
     if hasattr(unet, "_hf_hook"):
         raise ValueError("fastcache keeps the UNet on one device: disable model CPU offload (accelerate hooks) first.")
+    if not compile and (inductor_options or compile_vae):
+        raise ValueError("inductor_options and compile_vae need compile=True.")
+    if compile_vae and not hasattr(getattr(pipe, "vae", None), "decoder"):
+        raise ValueError(f"compile_vae needs a pipeline with a VAE decoder (pipe.vae.decoder); "
+                         f"{type(pipe).__name__} has none.")
     partition = UNetPartition(unet, branch)
     plan = make_schedule(schedule, interval, center, pow)
-    paths = build_paths(partition, compile, mode)
-    handle = FastCacheHandle(pipe, partition, plan, paths, StepDispatcher(plan),
-                             FeatureBuffers(partition))
+    paths = build_paths(partition, compile, mode, inductor_options)
+    decoder = compile_decoder(pipe.vae.decoder, inductor_options) if compile_vae else None
+    handle = FastCacheHandle(pipe, partition, plan, paths, StepDispatcher(plan), FeatureBuffers(partition), decoder)
     handle.enable()
-    logger.info("fastcache: enabled on %s (interval=%d, branch=%d, schedule=%s, compile=%s)",
-                type(pipe).__name__, interval, branch, plan.kind, paths.mode if compile else False)
+    logger.info("fastcache: enabled on %s (interval=%d, branch=%d, schedule=%s, compile=%s, inductor_options=%s, "
+                "compile_vae=%s)", type(pipe).__name__, interval, branch, plan.kind, paths.mode if compile else False,
+                dict(inductor_options or {}), compile_vae)
     return handle

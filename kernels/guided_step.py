@@ -15,6 +15,7 @@ and writes ``x_next`` (and ``x0`` for multistep solvers), computing in fp32 what
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,10 @@ def _guided_step_kernel(out_ptr, x_ptr, prev_ptr, x_next_ptr, x0_ptr, n, g, px, 
 def guided_step(model_output: torch.Tensor, x: torch.Tensor, c: StepCoefficients,
                 x0_prev: torch.Tensor | None = None, store_x0: bool = False,
                 block: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the fused step; returns ``(x_next, x0)``, ``x0`` only when ``store_x0`` (multistep solvers)."""
+    """Launch the fused step; returns ``(x_next, x0)``, ``x0`` only when ``store_x0`` (multistep solvers).
+
+    Off CUDA, unless Triton's interpreter is on (``TRITON_INTERPRET=1``, as in the tests), the reference runs.
+    """
     guided = c.guidance is not None
     expected = (2 * x.shape[0] if guided else x.shape[0], *x.shape[1:])
     if tuple(model_output.shape) != expected:
@@ -84,6 +88,9 @@ def guided_step(model_output: torch.Tensor, x: torch.Tensor, c: StepCoefficients
     has_prev = bool(c.kp)
     if has_prev and (x0_prev is None or x0_prev.shape != x.shape):
         raise ValueError("this step needs x0_prev, the previous step's x0, shaped like the sample.")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        x_next, x0 = guided_step_reference(model_output, x, c, x0_prev)
+        return x_next, x0 if store_x0 else None
     model_output, x = model_output.contiguous(), x.contiguous()
     x_next = torch.empty_like(x)
     x0 = torch.empty_like(x) if store_x0 else None

@@ -41,8 +41,9 @@ class Runner:
         self.pipe = build_pipeline(preset)
         self.embeds = random_prompt_embeds(self.pipe)
 
-    def __call__(self, steps: int = STEPS, seed: int = 0, embeds=None, size: int = SIZE, **kwargs) -> torch.Tensor:
-        return self.pipe(num_inference_steps=steps, height=size, width=size, output_type="latent",
+    def __call__(self, steps: int = STEPS, seed: int = 0, embeds=None, size: int = SIZE, output_type: str = "latent",
+                 **kwargs) -> torch.Tensor:
+        return self.pipe(num_inference_steps=steps, height=size, width=size, output_type=output_type,
                          generator=torch.Generator().manual_seed(seed), **(embeds or self.embeds), **kwargs).images
 
 

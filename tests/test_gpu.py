@@ -6,6 +6,7 @@ from conftest import Runner, rel_l2
 
 from fastcache import compile_pipeline
 from fastcache.graphs import cudagraph_recordings
+from fastcache.variants import VARIANTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -74,5 +75,20 @@ def test_static_cudagraphs_capture_once_per_path_and_match_reduce_overhead():
     with torch.compiler.set_stance("fail_on_recompile"):
         again = runner()
     assert static.paths.captures == 2 and static.paths.replays == 20
+    assert torch.equal(again, first)
+    assert rel_l2(first, expected) < 5e-3
+
+
+def test_tuned_variant_captures_once_and_matches_the_plain_runtime():
+    """fused QKV + channels_last + compiled decoder + fused step + static graphs, on CUDA in fp16."""
+    runner = cuda_runner()
+    handle = compile_pipeline(runner.pipe, 3, 0)
+    expected = runner(output_type="pt")
+    handle.disable()
+    with VARIANTS["fastcache-tuned"].applied(runner.pipe, 3, 0) as tuned:
+        first = runner(output_type="pt")
+        with torch.compiler.set_stance("fail_on_recompile"):
+            again = runner(output_type="pt")
+        assert tuned.paths.captures == 2
     assert torch.equal(again, first)
     assert rel_l2(first, expected) < 5e-3

@@ -7,8 +7,9 @@ from test_handle import helper_run
 from torch._dynamo.utils import counters as dynamo_counters
 
 from fastcache import compile_pipeline
-from fastcache.graphs import COMPILE_MODES, Paths, build_paths
+from fastcache.graphs import COMPILE_MODES, UNET_INDUCTOR_OPTIONS, Paths, build_paths, compile_options
 from fastcache.partition import UNetPartition
+from fastcache.variants import speed_switches
 
 
 @pytest.mark.parametrize("preset, guidance", [("tiny-sd", 7.5), ("tiny-sdxl", 1.0)], ids=["sd-cfg", "sdxl-no-cfg"])
@@ -36,3 +37,33 @@ def test_compile_false_returns_the_eager_methods(sd_runner):
     paths = build_paths(partition, compile=False, mode="reduce-overhead")
     assert type(paths) is Paths and paths.full == partition.full and paths.shallow == partition.shallow
     assert "reduce-overhead" in COMPILE_MODES
+
+
+def test_tuned_pipeline_with_inductor_options_and_compiled_decoder(sd_runner):
+    """The guides' recipe: fused QKV, channels_last, inductor options, compiled VAE decoder; three graphs."""
+    pipe = sd_runner.pipe
+    with speed_switches(pipe):
+        plain = sd_runner(output_type="pt")
+        expected_latents = helper_run(sd_runner, 3, 1)
+        eager = compile_pipeline(pipe, 3, 1, compile=False)
+        expected_images = sd_runner(output_type="pt")
+        eager.disable()
+        decoder_attributes = dict(vars(pipe.vae.decoder))
+
+        handle = compile_pipeline(pipe, 3, 1, inductor_options=UNET_INDUCTOR_OPTIONS, compile_vae=True)
+        graphs_before = dynamo_counters["stats"]["unique_graphs"]
+        assert rel_l2(sd_runner(), expected_latents) < 1e-4
+        images = sd_runner(output_type="pt")
+        assert rel_l2(images, expected_images) < 1e-4
+        assert dynamo_counters["stats"]["unique_graphs"] - graphs_before == 3, "full, shallow, decoder"
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.equal(sd_runner(output_type="pt"), images)
+        handle.disable()
+        assert vars(pipe.vae.decoder) == decoder_attributes
+        assert torch.equal(sd_runner(output_type="pt"), plain), "disable() restores the eager decoder"
+
+
+def test_inductor_options_merge_into_the_mode():
+    assert compile_options("reduce-overhead", None) == {"mode": "reduce-overhead"}
+    assert compile_options("reduce-overhead", {"conv_1x1_as_mm": True}) == {
+        "options": {"triton.cudagraphs": True, "conv_1x1_as_mm": True}}

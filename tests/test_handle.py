@@ -7,6 +7,7 @@ from DeepCache import DeepCacheSDHelper
 
 from fastcache import compile_pipeline
 from fastcache.models import random_prompt_embeds
+from fastcache.variants import speed_switches
 
 
 def helper_run(runner: Runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
@@ -37,6 +38,15 @@ def test_equals_deepcache_helper_for_every_branch(runner, interval):
 def test_equals_deepcache_helper_without_guidance(sd_runner):
     expected = helper_run(sd_runner, 3, 1, guidance_scale=1.0)
     assert rel_l2(fastcache_run(sd_runner, 3, 1, guidance_scale=1.0), expected) < 1e-5
+
+
+def test_fused_qkv_and_channels_last_pipelines_equal_the_helper(runner):
+    """The pipeline's own speed switches change the UNet's modules and layout; the paths must follow them."""
+    with speed_switches(runner.pipe):
+        for branch in range(3 * len(runner.pipe.unet.down_blocks)):
+            expected = helper_run(runner, 3, branch)
+            assert rel_l2(fastcache_run(runner, 3, branch), expected) < 1e-5, branch
+        assert torch.equal(fastcache_run(runner, 1, 0), runner())
 
 
 def test_interval_one_equals_the_plain_pipeline(runner):
@@ -88,6 +98,8 @@ def test_quad_center_schedule_runs(sd_runner):
     (dict(branch=9), r"branch must be an int in \[0, 8\]"),
     (dict(schedule="sometimes"), "schedule must be one of"),
     (dict(mode="fastest"), "mode must be one of"),
+    (dict(inductor_options={"conv_1x1_as_mm": True, "go_fast": True}), r"unknown inductor options \['go_fast'\]"),
+    (dict(compile=False, compile_vae=True), "need compile=True"),
 ])
 def test_bad_arguments_raise_and_leave_the_pipeline_untouched(sd_runner, kwargs, message):
     baseline = sd_runner()

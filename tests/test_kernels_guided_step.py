@@ -38,3 +38,14 @@ def test_shapes_are_checked():
         guided_step(torch.randn(1, 4, 8, 8, device=DEVICE), x, StepCoefficients(5.0, **COEFFS))
     with pytest.raises(ValueError, match="needs x0_prev"):
         guided_step(torch.randn(2, 4, 8, 8, device=DEVICE), x, StepCoefficients(5.0, **COEFFS, kp=0.1))
+
+
+def test_cpu_tensors_run_the_reference_when_the_interpreter_is_off(monkeypatch):
+    import fastcache_kernels.guided_step as module
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(module, "_guided_step_kernel", None)  # a launch would raise
+    x, out = torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    c = StepCoefficients(5.0, **COEFFS)
+    x_next, x0 = guided_step(out, x, c)
+    assert x0 is None and torch.equal(x_next, guided_step_reference(out, x, c)[0])

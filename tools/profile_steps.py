@@ -7,6 +7,7 @@ FLOPs per full and shallow step and the TFLOP/s achieved against a matmul peak m
 NVML readings (memory, SM clock, power, energy per image). ``--trace`` exports the profiler's Chrome trace.
 
     python tools/profile_steps.py --preset sd21 --size 512 --interval 3 --branch 0 --trace out/trace.json
+    python tools/profile_steps.py --variant fastcache-tuned   # any of fastcache.variants.VARIANTS
     python tools/profile_steps.py --smoke        # tiny model on CPU (device time = host time there)
 """
 
@@ -17,14 +18,15 @@ import json
 import logging
 import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcache import compile_pipeline
 from fastcache.models import build_pipeline, random_prompt_embeds
 from fastcache.partition import feature_shape
+from fastcache.variants import VARIANTS
 
 logger = logging.getLogger("profile")
 
@@ -156,7 +158,8 @@ def profile(args) -> dict:
     pipe = build_pipeline(args.preset, dtype=dtype, device=device)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     embeds = random_prompt_embeds(pipe, args.batch)
-    handle = compile_pipeline(pipe, args.interval, args.branch, compile=args.compile)
+    undo = ExitStack()
+    handle = undo.enter_context(VARIANTS[args.variant].applied(pipe, args.interval, args.branch))
     clock, nvml = Clock(device), NVML(device)
 
     def call(**kwargs):
@@ -203,8 +206,9 @@ def profile(args) -> dict:
         steps[name]["tflop"] = flops[name] / 1e12
         steps[name]["achieved_tflops"] = flops[name] / (ms * 1e-3) / 1e12 if ms else None
         steps[name]["floor_ms"] = flops[name] / (peak * 1e12) * 1e3 if peak else None
-    handle.disable()
-    return dict(config=f"{args.preset} {size} b{args.batch} I{args.interval}B{args.branch}", device=str(device),
+    undo.close()
+    return dict(config=f"{args.preset} {size} b{args.batch} I{args.interval}B{args.branch}", variant=args.variant,
+                device=str(device),
                 card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, weights="random, built from config", warmup_s=warmup_s,
                 steps=steps, denoise_ms=dict(zip(("device", "host"), denoise_ms, strict=True)),
@@ -217,7 +221,8 @@ def report(result: dict) -> str:
     def f(value, spec=".3f"):
         return "—" if value is None else format(value, spec)
 
-    lines = [f"{result['config']} on {result['card']} (torch {result['torch']}, weights {result['weights']})",
+    lines = [f"{result['config']} {result['variant']} on {result['card']} "
+             f"(torch {result['torch']}, weights {result['weights']})",
              f"{'':14}{'count':>6}{'device ms':>11}{'host ms':>10}{'TFLOP':>8}{'TFLOP/s':>9}{'floor ms':>10}"]
     for name, row in result["steps"].items():
         lines.append(f"{name:14}{row['count']:>6}{f(row['device_ms']):>11}{f(row['host_ms']):>10}"
@@ -237,7 +242,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--interval", type=int, default=3)
     p.add_argument("--branch", type=int, default=0)
-    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--variant", default="fastcache", choices=sorted(VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trace", help="write the torch.profiler Chrome trace here")
     p.add_argument("--json", help="append the result as one JSON line here")
@@ -245,7 +250,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.smoke:
-        args.preset, args.steps, args.compile = "tiny-sd", 6, False
+        args.preset, args.steps, args.variant = "tiny-sd", 6, "fastcache-eager"
     result = profile(args)
     if args.json:
         with open(args.json, "a") as f:

@@ -1,0 +1,94 @@
+"""Named fastcache configurations: what the benchmark and the profiler compare, and a place for users to start.
+
+A variant is ``compile_pipeline``'s arguments plus two switches outside it: the fused scheduler step
+(``fused_step.fused_scheduler``) and the pipeline's own speed switches (fused QKV projections, channels_last
+weights), which PyTorch's and diffusers' SDXL guides turn on before ``torch.compile``. Which of them pays off on a
+GPU is for the benchmark to show; the defaults of ``compile_pipeline`` stay plain until it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from .graphs import UNET_INDUCTOR_OPTIONS
+from .handle import FastCacheHandle, compile_pipeline
+
+
+@contextmanager
+def speed_switches(pipe, on: bool = True) -> Iterator[None]:
+    """Fused QKV projections and channels_last weights for the UNet and VAE; undone after, fused copies dropped."""
+    if not on:
+        yield
+        return
+    models = (pipe.unet, pipe.vae)
+    bookkeeping = [(pipe, "fusing_unet"), (pipe, "fusing_vae")] + [(m, "original_attn_processors") for m in models]
+    created = [(obj, name) for obj, name in bookkeeping if name not in vars(obj)]  # diffusers leaves these behind
+    pipe.fuse_qkv_projections()
+    for model in models:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        pipe.unfuse_qkv_projections()  # restores the attention processors; the fused layers stay behind
+        for model in models:
+            model.to(memory_format=torch.contiguous_format)
+            for module in model.modules():
+                for name in ("to_qkv", "to_kv"):
+                    module._modules.pop(name, None)
+        for obj, name in created:
+            vars(obj).pop(name, None)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How to run fastcache on a pipeline, beyond interval and branch."""
+
+    compile: bool = True
+    mode: str = "reduce-overhead"
+    fused_step: bool = False  # the scheduler's step as one Triton launch
+    switches: bool = False  # speed_switches: fused QKV, channels_last
+    inductor_options: dict | None = None
+    compile_vae: bool = False
+
+    @contextmanager
+    def applied(self, pipe, interval: int, branch: int) -> Iterator[FastCacheHandle]:
+        """The pipeline with this variant on, as a handle; everything is undone on exit."""
+        scheduler = pipe.scheduler
+        with speed_switches(pipe, self.switches):
+            if self.fused_step:
+                pipe.scheduler = _fused_scheduler()(scheduler)
+            try:
+                handle = compile_pipeline(pipe, interval, branch, compile=self.compile, mode=self.mode,
+                                          inductor_options=self.inductor_options, compile_vae=self.compile_vae)
+                try:
+                    yield handle
+                finally:
+                    handle.disable()
+            finally:
+                pipe.scheduler = scheduler
+
+
+def _fused_scheduler():
+    try:
+        from .fused_step import fused_scheduler
+    except ImportError as error:
+        raise ImportError("variants with fused_step need triton: pip install 'fastcache[kernels]'.") from error
+    return fused_scheduler
+
+
+_STATIC_FUSED = Variant(mode="static-cudagraphs", fused_step=True)
+# "tuned": every switch whose cost is paid once, no autotuning (the cold compile stays as it is);
+# "autotune" adds the guides' coordinate-descent tuning (a longer cold compile).
+_TUNED = replace(_STATIC_FUSED, switches=True, inductor_options={"conv_1x1_as_mm": True}, compile_vae=True)
+VARIANTS: dict[str, Variant] = {
+    "fastcache-eager": Variant(compile=False),
+    "fastcache": Variant(),
+    "fastcache-static": Variant(mode="static-cudagraphs"),
+    "fastcache-static-fused": _STATIC_FUSED,
+    "fastcache-tuned": _TUNED,
+    "fastcache-autotune": replace(_TUNED, inductor_options=UNET_INDUCTOR_OPTIONS),
+}
