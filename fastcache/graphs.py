@@ -177,6 +177,9 @@ class FeatureBuffers:
     def __len__(self) -> int:
         return len(self._buffers)
 
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._buffers
+
     def get(self, key: tuple, sample: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(key)
         if buffer is None:

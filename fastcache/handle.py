@@ -108,11 +108,12 @@ class FastCacheHandle:
         unsupported = [name for name in UNSUPPORTED_ARGUMENTS if args[name] not in (None, {})]
         if unsupported or self._freeu_enabled():
             return self._fallback(unsupported or ["FreeU"], args)
-        self._check_size(sample)
         if not torch.is_tensor(timestep) or timestep.device != sample.device:
             timestep = torch.as_tensor(timestep, device=sample.device)
 
         key = (tuple(sample.shape), sample.dtype, sample.device, tuple(encoder_hidden_states.shape))
+        if key not in self.buffers:  # a new shape: checked once, not on every step
+            self._check_size(sample)
         cache = self.buffers.get(key, sample)
         self.counters.shapes = len(self.buffers)
         full = self.dispatcher.next_is_full(self.pipe.scheduler, key)
@@ -139,7 +140,7 @@ class FastCacheHandle:
             )
 
     def _freeu_enabled(self) -> bool:
-        return any(getattr(up, "b1", None) for up in self.unet.up_blocks)
+        return any(vars(up).get("b1") for up in self.unet.up_blocks)  # diffusers' enable_freeu sets b1..s2
 
     def _fallback(self, reasons: list[str], args: dict) -> Any:
         """Run the UNet's original forward (correct, uncached) for a call fastcache cannot split."""

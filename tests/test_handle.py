@@ -144,6 +144,18 @@ def test_unsupported_arguments_fall_back_to_the_original_forward(sd_runner):
     assert handle.counters.fallbacks == 10 and handle.counters.full == 0
 
 
+def test_freeu_falls_back_while_enabled(sd_runner):
+    unet = sd_runner.pipe.unet
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    freeu = sd_runner()
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    assert torch.equal(sd_runner(), freeu)
+    assert handle.counters.fallbacks == 10
+    unet.disable_freeu()
+    sd_runner()
+    assert handle.counters.fallbacks == 10 and handle.counters.full == 4
+
+
 def test_img2img_counts_steps_from_its_first_denoising_step(sd_runner):
     """img2img starts mid-schedule (strength < 1): step 0 of the call is its first evaluation, as in the helper."""
     img2img = Img2ImgRunner(sd_runner)
