@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
+from diffusers.models.attention_processor import Attention
 
 from .graphs import UNET_INDUCTOR_OPTIONS
 from .handle import FastCacheHandle, compile_pipeline
@@ -20,7 +21,11 @@ from .handle import FastCacheHandle, compile_pipeline
 
 @contextmanager
 def speed_switches(pipe, on: bool = True) -> Iterator[None]:
-    """Fused QKV projections and channels_last weights for the UNet and VAE; undone after, fused copies dropped."""
+    """Fused QKV projections and channels_last weights for the UNet and VAE; undone exactly after.
+
+    diffusers keeps the unfused projections beside the fused copies (a quarter of SDXL's UNet weights); while the
+    switch is on their storage is released, and on exit they are cut back out of the fused weights.
+    """
     if not on:
         yield
         return
@@ -28,12 +33,22 @@ def speed_switches(pipe, on: bool = True) -> Iterator[None]:
     bookkeeping = [(pipe, "fusing_unet"), (pipe, "fusing_vae")] + [(m, "original_attn_processors") for m in models]
     created = [(obj, name) for obj, name in bookkeeping if name not in vars(obj)]  # diffusers leaves these behind
     pipe.fuse_qkv_projections()
+    fused = [_fused_pair(module) for model in models for module in model.modules() if isinstance(module, Attention)]
+    for _, parts in fused:
+        for param in _params(parts):
+            param.data = param.data.new_empty(0)
     for model in models:
         model.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
-        pipe.unfuse_qkv_projections()  # restores the attention processors; the fused layers stay behind
+        pipe.unfuse_qkv_projections()  # restores the attention processors
+        for layer, parts in fused:
+            sizes = [part.out_features for part in parts]
+            for name in ("weight", "bias"):
+                if getattr(layer, name) is not None:
+                    for part, chunk in zip(parts, getattr(layer, name).data.split(sizes), strict=True):
+                        getattr(part, name).data = chunk.clone()
         for model in models:
             model.to(memory_format=torch.contiguous_format)
             for module in model.modules():
@@ -41,6 +56,17 @@ def speed_switches(pipe, on: bool = True) -> Iterator[None]:
                     module._modules.pop(name, None)
         for obj, name in created:
             vars(obj).pop(name, None)
+
+
+def _fused_pair(attn: Attention) -> tuple[torch.nn.Linear, tuple[torch.nn.Linear, ...]]:
+    """The fused projection and the projections it replaces (cross-attention still reads ``to_q`` itself)."""
+    if attn.is_cross_attention:
+        return attn.to_kv, (attn.to_k, attn.to_v)
+    return attn.to_qkv, (attn.to_q, attn.to_k, attn.to_v)
+
+
+def _params(layers) -> list[torch.nn.Parameter]:
+    return [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
 
 
 @dataclass(frozen=True)

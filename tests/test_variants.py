@@ -18,16 +18,24 @@ def snapshot(pipe) -> dict:
                 channels_last=unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
 
 
+def parameter_count(pipe) -> int:
+    return sum(p.numel() for model in (pipe.unet, pipe.vae) for p in model.parameters())
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_variant_attaches_and_leaves_the_pipeline_as_it_was(sd_runner, name):
     pipe = sd_runner.pipe
-    before = snapshot(pipe)
+    before, weights = snapshot(pipe), {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    count = parameter_count(pipe)
     with VARIANTS[name].applied(pipe, 3, 0) as handle:
         assert handle.enabled and pipe.unet._diffusers_hook.get_hook("fastcache") is not None
         if VARIANTS[name].switches:
             assert snapshot(pipe)["channels_last"] and hasattr(pipe.unet.mid_block.attentions[0]
                                                                 .transformer_blocks[0].attn1, "to_qkv")
+        assert parameter_count(pipe) == count, "fused copies must replace the unfused weights, not add to them"
     assert snapshot(pipe) == before
+    after = pipe.unet.state_dict()
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items())
 
 
 def test_switches_and_fused_step_compute_what_the_helper_computes(runner):
