@@ -33,7 +33,8 @@ def speed_switches(pipe, on: bool = True) -> Iterator[None]:
     bookkeeping = [(pipe, "fusing_unet"), (pipe, "fusing_vae")] + [(m, "original_attn_processors") for m in models]
     created = [(obj, name) for obj, name in bookkeeping if name not in vars(obj)]  # diffusers leaves these behind
     pipe.fuse_qkv_projections()
-    fused = [_fused_pair(module) for model in models for module in model.modules() if isinstance(module, Attention)]
+    attentions = [module for model in models for module in model.modules() if isinstance(module, Attention)]
+    fused = [_fused_pair(attn) for attn in attentions]
     for _, parts in fused:
         for param in _params(parts):
             param.data = param.data.new_empty(0)
@@ -51,9 +52,9 @@ def speed_switches(pipe, on: bool = True) -> Iterator[None]:
                         getattr(part, name).data = chunk.clone()
         for model in models:
             model.to(memory_format=torch.contiguous_format)
-            for module in model.modules():
-                for name in ("to_qkv", "to_kv"):
-                    module._modules.pop(name, None)
+        for attn in attentions:
+            for name in ("to_qkv", "to_kv"):
+                attn._modules.pop(name, None)
         for obj, name in created:
             vars(obj).pop(name, None)
 
