@@ -8,6 +8,7 @@ compile/warm-up seconds, peak GPU memory, and for fastcache the dynamo graph and
 after warm-up (both must stay flat). Output: ``results.jsonl``, ``results.md`` and ``results.png`` under --out.
 
     python bench/compare.py --subset gpu-check        # SD2.1 512 b1 I=3 B=0: the core runtime's GPU check
+    python bench/compare.py --subset sdxl-check       # SDXL 1024 b1 I=3 B=0: the second target
     python bench/compare.py --subset table            # the DeepCache docs table, extended
     python bench/compare.py --smoke                   # tiny configs on CPU (CI)
     python bench/compare.py --peers all               # every peer, the tuned and autotuned variants included
@@ -26,9 +27,11 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +71,7 @@ def _grid(preset, sizes, batches, cache):
 
 SUBSETS: dict[str, list[Config]] = {
     "gpu-check": [Config("sd21", 512, 1, 3, 0)],
+    "sdxl-check": [Config("sdxl", 1024, 1, 3, 0)],  # the second target alone, to fit a device call of its own
     "targets": [Config("sd21", 512, 1, 3, 0), Config("sdxl", 1024, 1, 3, 0)],
     "table": (_grid("sd21", (512, 768, 1024), (1, 4, 8), ((3, 0), (5, 0), (5, 1)))
               + _grid("sd15", (512,), (1,), ((3, 0), (5, 0))) + _grid("sdxl", (1024,), (1,), ((3, 0), (5, 0)))),
@@ -165,27 +169,39 @@ def peak_memory() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def fresh_compile_cache(peer: str) -> None:
-    """Give each compiled peer its own inductor/triton cache so neither's cold start borrows the other's kernels."""
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{peer}-")
+def fresh_compile_cache(peer: str, cache_root: str | None) -> None:
+    """Give each compiled peer its own empty inductor/triton cache so neither's cold start borrows the other's
+    kernels; under ``cache_root`` the cache is kept as ``cache_root/peer`` for a later run (the profiler) to reuse."""
+    if cache_root is None:
+        path = tempfile.mkdtemp(prefix=f"inductor-{peer}-")
+    else:
+        path = os.path.join(cache_root, peer)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     os.environ.pop("TRITON_CACHE_DIR", None)
     torch._dynamo.reset()
 
 
-def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) -> list[Result]:
+def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
+               cache_root: str | None = None) -> Iterator[Result]:
+    """Each peer's result as soon as it is measured, so that a run cut short by a lease keeps what it measured."""
     from DeepCache import DeepCacheSDHelper
 
     runner = Runner(pipe, config, steps, repeat)
     base, base_latents, base_images = runner.measure("eager")
-    results = [base] if "eager" in peers else []
+    base.extra["speedup_vs_eager"] = 1.0
+    if "eager" in peers:
+        yield base
     deepcache_latents = None
 
-    def finish(result, latents, images):
+    def finish(result, latents, images) -> Result:
         result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
         result.psnr_db = psnr(images, base_images)
         if deepcache_latents is not None and result.peer in FASTCACHE:
             result.extra["rel_l2_vs_deepcache"] = float((latents - deepcache_latents).norm() / deepcache_latents.norm())
-        results.append(result)
+        result.extra["speedup_vs_eager"] = base.seconds / result.seconds
+        return result
 
     if "deepcache" in peers:
         helper = DeepCacheSDHelper(pipe=pipe)
@@ -193,28 +209,24 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int) 
         helper.enable()
         try:
             result, deepcache_latents, images = runner.measure("deepcache")
-            finish(result, deepcache_latents, images)
         finally:
             helper.disable()
-    if "compile" in peers:
-        finish(*measure_compile(runner, pipe, "compile", tuned=False))
-    if "compile-tuned" in peers:
-        finish(*measure_compile(runner, pipe, "compile-tuned", tuned=True))
+        yield finish(result, deepcache_latents, images)
+    for peer in ("compile", "compile-tuned"):
+        if peer in peers:
+            fresh_compile_cache(peer, cache_root)
+            yield finish(*measure_compile(runner, pipe, peer, tuned=peer == "compile-tuned"))
     for peer in (p for p in FASTCACHE if p in peers):
-        fresh_compile_cache(peer)
+        fresh_compile_cache(peer, cache_root)
         with FASTCACHE[peer].applied(pipe, config.interval, config.branch) as handle:
             result, latents, images = runner.measure(peer)
             result.extra.update(counters=asdict(handle.counters), captures=getattr(handle.paths, "captures", None))
-            finish(result, latents, images)
-    for r in results:
-        r.extra["speedup_vs_eager"] = base.seconds / r.seconds
-    return results
+        yield finish(result, latents, images)
 
 
 def measure_compile(runner: Runner, pipe, peer: str, tuned: bool):
     """``torch.compile(unet, mode="reduce-overhead")``; tuned: the guides' recipe (switches, inductor options and
     a compiled VAE decode, as in diffusers' SDXL guide, with reduce-overhead instead of max-autotune)."""
-    fresh_compile_cache(peer)
     unet = pipe.unet
     options = compile_options("reduce-overhead", UNET_INDUCTOR_OPTIONS if tuned else None)
     with speed_switches(pipe, tuned):
@@ -279,6 +291,8 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default="out/bench")
+    p.add_argument("--cache-dir", help="keep each compiled peer's inductor cache as CACHE_DIR/PEER (emptied before "
+                                       "the peer runs, so its warm-up stays cold) for a later run to reuse")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -305,13 +319,13 @@ def main(argv=None) -> list[Result]:
                 pipes.clear()  # one model resident at a time
                 pipes[config.preset] = build_pipeline(config.preset, dtype=dtype, device=device)
             logger.info("== %s", config.name)
-            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat):
+            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat, args.cache_dir):
                 results.append(r)
                 jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
                 jsonl.flush()
+                (out / "results.md").write_text(markdown(results, env) + "\n")
                 logger.info("   %-10s %.3f s/call (warm-up %.1f s) %s", r.peer, r.seconds, r.warmup_s, r.extra)
     table = markdown(results, env)
-    (out / "results.md").write_text(table + "\n")
     chart(results, out / "results.png", env)
     print(table)
     return results

@@ -12,7 +12,8 @@ def compare():
 
 
 def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
-    results = compare.main(["--smoke", "--out", str(tmp_path)])
+    cache = tmp_path / "inductor"
+    results = compare.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(cache)])
     assert {r.peer for r in results} == set(compare.SMOKE_PEERS)
     by_peer = {r.peer: r for r in results}
     assert by_peer["eager"].rel_l2_latents is None
@@ -27,6 +28,9 @@ def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
     assert len(rows) == len(results) and all(row["weights"].startswith("random") for row in rows)
     assert "| fastcache |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 0
+    # each compiled peer compiled into its own kept cache (the profiler reuses it); uncompiled peers have none
+    assert sorted(path.name for path in cache.iterdir() if any(path.iterdir())) == ["compile", "fastcache",
+                                                                                    "fastcache-tuned"]
 
 
 def test_the_full_benchmark_refuses_to_run_on_cpu(compare, tmp_path):
