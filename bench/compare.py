@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
+from torch._inductor.utils import clear_caches as clear_inductor_caches
 
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_options, cudagraph_recordings
 from fastcache.models import build_pipeline, random_prompt_embeds
@@ -179,49 +180,60 @@ def fresh_compile_cache(peer: str, cache_root: str | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
-    os.environ.pop("TRITON_CACHE_DIR", None)
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")
     torch._dynamo.reset()
+    clear_inductor_caches()  # in-memory kernels and code too, as torch's own fresh_cache does
 
 
 def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
                cache_root: str | None = None) -> Iterator[Result]:
-    """Each peer's result as soon as it is measured, so that a run cut short by a lease keeps what it measured."""
-    from DeepCache import DeepCacheSDHelper
+    """Each peer's result as soon as it is measured, so that a run cut short by a lease keeps what it measured.
 
+    A peer that fails (out of memory at a large shape, say) is logged with its traceback and skipped.
+    """
     runner = Runner(pipe, config, steps, repeat)
     base, base_latents, base_images = runner.measure("eager")
     base.extra["speedup_vs_eager"] = 1.0
     if "eager" in peers:
         yield base
     deepcache_latents = None
-
-    def finish(result, latents, images) -> Result:
+    for peer in (p for p in PEERS if p in peers and p != "eager"):
+        if peer != "deepcache":
+            fresh_compile_cache(peer, cache_root)
+        try:
+            result, latents, images = measure_peer(runner, pipe, peer)
+        except Exception:
+            logger.exception("%s failed at %s; going on with the next peer", peer, config.name)
+            continue
         result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
         result.psnr_db = psnr(images, base_images)
-        if deepcache_latents is not None and result.peer in FASTCACHE:
-            result.extra["rel_l2_vs_deepcache"] = float((latents - deepcache_latents).norm() / deepcache_latents.norm())
         result.extra["speedup_vs_eager"] = base.seconds / result.seconds
-        return result
+        if peer == "deepcache":
+            deepcache_latents = latents
+        elif deepcache_latents is not None and peer in FASTCACHE:
+            result.extra["rel_l2_vs_deepcache"] = float((latents - deepcache_latents).norm() / deepcache_latents.norm())
+        yield result
 
-    if "deepcache" in peers:
+
+def measure_peer(runner: Runner, pipe, peer: str) -> tuple[Result, torch.Tensor, np.ndarray]:
+    """One peer on ``pipe``, which is left as it was found."""
+    config = runner.config
+    if peer == "deepcache":
+        from DeepCache import DeepCacheSDHelper
+
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=config.interval, cache_branch_id=config.branch)
         helper.enable()
         try:
-            result, deepcache_latents, images = runner.measure("deepcache")
+            return runner.measure(peer)
         finally:
             helper.disable()
-        yield finish(result, deepcache_latents, images)
-    for peer in ("compile", "compile-tuned"):
-        if peer in peers:
-            fresh_compile_cache(peer, cache_root)
-            yield finish(*measure_compile(runner, pipe, peer, tuned=peer == "compile-tuned"))
-    for peer in (p for p in FASTCACHE if p in peers):
-        fresh_compile_cache(peer, cache_root)
-        with FASTCACHE[peer].applied(pipe, config.interval, config.branch) as handle:
-            result, latents, images = runner.measure(peer)
-            result.extra.update(counters=asdict(handle.counters), captures=getattr(handle.paths, "captures", None))
-        yield finish(result, latents, images)
+    if peer in ("compile", "compile-tuned"):
+        return measure_compile(runner, pipe, peer, tuned=peer == "compile-tuned")
+    with FASTCACHE[peer].applied(pipe, config.interval, config.branch) as handle:
+        result, latents, images = runner.measure(peer)
+        result.extra.update(counters=asdict(handle.counters), captures=getattr(handle.paths, "captures", None))
+    return result, latents, images
 
 
 def measure_compile(runner: Runner, pipe, peer: str, tuned: bool):

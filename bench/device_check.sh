@@ -5,7 +5,8 @@
 #   profile  tools/profile_steps.py I3B0 on $PRESET $SIZE (default sd21 512), variant $VARIANT (default
 #            fastcache-tuned), reusing the bench's cache for that variant; gzipped torch.profiler trace
 #   tests    tests/test_gpu.py: CUDA-graph recordings, no re-records, no host sync, static graphs, tuned variant
-# Usage: bash bench/device_check.sh                        (bench profile tests, in that order)
+# Usage: bash bench/device_check.sh                        (bench, then profile: one device call)
+#        BUDGET_S=240 bash bench/device_check.sh tests     (right after, while the machine is still warm)
 #        PEERS=all bash bench/device_check.sh bench
 #        SUBSET=sdxl-check PRESET=sdxl SIZE=1024 bash bench/device_check.sh bench profile
 # BUDGET_S (default 570) bounds the whole script: each stage gets at most what is left, so a device command
@@ -29,7 +30,7 @@ ln -sfn "$PWD/kernels" /tmp/site/fastcache_kernels  # the name `pip install .` g
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # fail in seconds, not after a model build, when something the stages import is missing
-python3 -c "import diffusers, DeepCache, triton, torch, fastcache.variants, fastcache.fused_step
+python3 -c "import diffusers, DeepCache, triton, torch, pytest, matplotlib, pynvml, fastcache.variants, fastcache.fused_step
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" || exit 1
 
 # run CAP COMMAND...: the command under a timeout of CAP seconds or what is left of the budget, whichever is less
@@ -45,16 +46,18 @@ run() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(bench profile tests)
+[ ${#stages[@]} -eq 0 ] && stages=(bench profile)
 for stage in "${stages[@]}"; do
     case "$stage" in
         bench) run 420 python3 bench/compare.py --subset "${SUBSET:-gpu-check}" ${PEERS:+--peers "$PEERS"} \
                    --cache-dir "$CACHE" --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
         profile) variant=${VARIANT:-fastcache-tuned}
-                 [ -d "$CACHE/$variant" ] && export TORCHINDUCTOR_CACHE_DIR=$CACHE/$variant
+                 rm -f /tmp/trace.json
+                 [ -d "$CACHE/$variant" ] && export TORCHINDUCTOR_CACHE_DIR=$CACHE/$variant \
+                     TRITON_CACHE_DIR=$CACHE/$variant/triton  # as bench/compare.py's fresh_compile_cache
                  run 300 python3 tools/profile_steps.py --preset "${PRESET:-sd21}" --size "${SIZE:-512}" --variant "$variant" \
                      --trace /tmp/trace.json --json "$OUT/profile.jsonl" 2>&1 | tee "$OUT/profile.log"
-                 unset TORCHINDUCTOR_CACHE_DIR
+                 unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
                  [ -f /tmp/trace.json ] && gzip -c /tmp/trace.json > "$OUT/trace.json.gz" ;;
         tests) run 300 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" ;;
         *) echo "unknown stage $stage (bench, profile, tests)" >&2; exit 2 ;;

@@ -114,7 +114,8 @@ class StaticGraphPaths(CompiledPaths):
         cache = inputs["cache"]
         # tensors only (pytree counts None as a leaf): absent optional arguments take their defaults
         leaves, spec = tree_flatten({k: v for k, v in inputs.items() if k != "cache" and v is not None})
-        graph_key = (key, full, spec)
+        # the timestep's dtype and shape change with the scheduler (DDIM int64, Euler float): a graph per kind
+        graph_key = (key, full, spec, *((leaf.dtype, leaf.shape) for leaf in leaves))
         entry = self.graphs.get(graph_key)
         if entry is None:
             start = time.perf_counter()
@@ -122,7 +123,7 @@ class StaticGraphPaths(CompiledPaths):
             logger.info("fastcache: %s path at %s captured in %.1f s", "full" if full else "shallow", key[0],
                         time.perf_counter() - start)
         for static, new in zip(entry.inputs, leaves, strict=True):
-            static.copy_(new, non_blocking=True)
+            static.copy_(new)
         entry.graph.replay()
         self.replays += 1
         return entry.output.clone()

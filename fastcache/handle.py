@@ -106,8 +106,12 @@ class FastCacheHandle:
         """Replacement for ``unet.forward`` (same signature) while the handle is enabled."""
         args = locals()
         unsupported = [name for name in UNSUPPORTED_ARGUMENTS if args[name] not in (None, {})]
-        if unsupported or self._freeu_enabled():
-            return self._fallback(unsupported or ["FreeU"], args)
+        if self._freeu_enabled():
+            unsupported.append("FreeU")
+        if torch.is_grad_enabled():  # the feature buffer would keep the full step's autograd graph alive
+            unsupported.append("autograd (call the UNet under torch.no_grad(), as pipelines do)")
+        if unsupported:
+            return self._fallback(unsupported, args)
         if not torch.is_tensor(timestep) or timestep.device != sample.device:
             timestep = torch.as_tensor(timestep, device=sample.device)
 

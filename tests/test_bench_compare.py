@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import load_script
 
 
@@ -36,3 +37,14 @@ def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
 def test_the_full_benchmark_refuses_to_run_on_cpu(compare, tmp_path):
     with pytest.raises(SystemExit):
         compare.main(["--subset", "gpu-check", "--out", str(tmp_path)])
+
+
+def test_a_failing_peer_is_logged_and_the_others_still_run(compare, tmp_path, monkeypatch, caplog):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(compare, "measure_compile", out_of_memory)
+    results = compare.main(["--smoke", "--peers", "eager,compile,deepcache", "--out", str(tmp_path)])
+    assert [r.peer for r in results] == ["eager", "deepcache"]
+    assert "compile failed at tiny-sd" in caplog.text
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import Runner, rel_l2
+from diffusers import EulerDiscreteScheduler
 
 from fastcache import compile_pipeline
 from fastcache.graphs import cudagraph_recordings
@@ -56,9 +57,10 @@ def test_steady_state_unet_calls_never_sync_with_the_host():
     sample = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
     runner.pipe.scheduler.set_timesteps(6, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        for t in runner.pipe.scheduler.timesteps:
-            unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
+    try:  # as the pipeline calls it: no grad, the shapes it warmed
+        with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+            for t in runner.pipe.scheduler.timesteps:
+                unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert handle.counters.shallow >= 4
@@ -77,6 +79,25 @@ def test_static_cudagraphs_capture_once_per_path_and_match_reduce_overhead():
     assert static.paths.captures == 2 and static.paths.replays == 20
     assert torch.equal(again, first)
     assert rel_l2(first, expected) < 5e-3
+
+
+def test_static_cudagraphs_capture_again_for_a_scheduler_with_other_timestep_dtypes():
+    """Euler's float timesteps get graphs of their own instead of being cast into DDIM's int64 input."""
+    runner = cuda_runner()
+    ddim = runner.pipe.scheduler
+    euler = EulerDiscreteScheduler.from_config(ddim.config)
+    runner.pipe.scheduler = euler
+    eager = compile_pipeline(runner.pipe, 3, 0, compile=False)
+    expected = runner()
+    eager.disable()
+    runner.pipe.scheduler = ddim
+    static = compile_pipeline(runner.pipe, 3, 0, mode="static-cudagraphs")
+    runner()
+    runner.pipe.scheduler = euler
+    swapped = runner()
+    assert static.paths.captures == 4
+    assert rel_l2(swapped, expected) < 5e-3
+    static.disable()
 
 
 def test_tuned_variant_captures_once_and_matches_the_plain_runtime():

@@ -132,7 +132,7 @@ def test_enabling_twice_on_one_unet_is_refused(sd_runner):
 def test_sizes_not_divisible_by_the_downsampling_factor_are_rejected(sd_runner):
     compile_pipeline(sd_runner.pipe, compile=False)
     unet = sd_runner.pipe.unet
-    with pytest.raises(ValueError, match="multiples of 8 pixels"):
+    with pytest.raises(ValueError, match="multiples of 8 pixels"), torch.no_grad():
         unet(torch.randn(1, 4, 18, 16), torch.tensor(1), torch.randn(1, 77, 32))
 
 
@@ -154,6 +154,20 @@ def test_freeu_falls_back_while_enabled(sd_runner):
     unet.disable_freeu()
     sd_runner()
     assert handle.counters.fallbacks == 10 and handle.counters.full == 4
+
+
+def test_calls_with_autograd_on_fall_back_and_leave_the_feature_buffer_out_of_the_graph(sd_runner):
+    """Pipelines run under no_grad; a direct call with grad on must neither cache nor track the buffer."""
+    unet = sd_runner.pipe.unet
+    inputs = dict(sample=torch.randn(2, 4, 16, 16), timestep=torch.tensor(10),
+                  encoder_hidden_states=sd_runner.embeds["prompt_embeds"].repeat(2, 1, 1))
+    expected = unet(**inputs).sample
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    out = unet(**inputs).sample
+    assert torch.equal(out, expected) and handle.counters.fallbacks == 1 and handle.counters.full == 0
+    with torch.no_grad():
+        unet(**inputs)
+    assert handle.counters.full == 1 and not any(buffer.requires_grad for buffer in handle.buffers._buffers.values())
 
 
 def test_img2img_counts_steps_from_its_first_denoising_step(sd_runner):

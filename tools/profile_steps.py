@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastcache.models import build_pipeline, random_prompt_embeds
@@ -206,7 +207,9 @@ def profile(args) -> dict:
     if args.trace:
         Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(args.trace)
-    kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 if device.type == "cuda" else None
+    # kernels only: CPU ops also carry the device time of the kernels they launched (counted twice otherwise)
+    kernel_ms = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA
+                    and not getattr(e, "is_user_annotation", False)) / 1e3 if device.type == "cuda" else None
 
     steps = timer.summary()
     flops = unet_flops(handle, pipe, 2 * args.batch, size)
