@@ -4,8 +4,9 @@ All peers run in one process on one card, on pipelines built from the real confi
 the real models'; images are noise). For each configuration it prints and writes:
 time per pipeline call (VAE decode included), speed-ups as ratios, fidelity of each cached run against the
 uncached output of the same seed (relative L2 of the final latents, PSNR of the decoded images), cold
-compile/warm-up seconds, peak GPU memory, and for fastcache the dynamo graph and CUDA-graph recording counts
-after warm-up (both must stay flat). Output: ``results.jsonl``, ``results.md`` and ``results.png`` under --out.
+compile/warm-up seconds, peak GPU memory (reserved during the timed calls; the warm-up's peak is in the JSON), and
+the dynamo graphs and CUDA graphs recorded after warm-up (both must stay flat). Output: ``results.jsonl``,
+``results.md`` and ``results.png`` under --out.
 
     python bench/compare.py --subset gpu-check        # SD2.1 512 b1 I=3 B=0: the core runtime's GPU check
     python bench/compare.py --subset sdxl-check       # SDXL 1024 b1 I=3 B=0: the second target
@@ -31,7 +32,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +42,7 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 from torch._inductor.utils import clear_caches as clear_inductor_caches
 
-from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_options, cudagraph_recordings
+from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_decoder, compile_options, cudagraph_recordings
 from fastcache.models import build_pipeline, random_prompt_embeds
 from fastcache.variants import VARIANTS, speed_switches
 
@@ -88,7 +90,7 @@ class Result:
     warmup_s: float  # first call, compilation and capture included
     rel_l2_latents: float | None = None  # vs the uncached (eager) run of the same seed
     psnr_db: float | None = None
-    peak_mem_gib: float | None = None
+    peak_mem_gib: float | None = None  # reserved during the timed calls, CUDA-graph pools included
     extra: dict = field(default_factory=dict)
 
 
@@ -138,18 +140,25 @@ class Runner:
         sync()
         return time.perf_counter() - start, latents["final"].float().cpu(), out.images
 
-    def measure(self, peer: str) -> tuple[Result, torch.Tensor, np.ndarray]:
+    def measure(self, peer: str, captures: Callable[[], int] = lambda: 0) -> tuple[Result, torch.Tensor, np.ndarray]:
+        """Warm-up call, then ``repeat`` timed calls; ``captures`` counts CUDA graphs a peer captures by hand."""
         reset_peak_memory()
         warmup, latents, images = self.call()
-        graphs, recordings = dynamo_counters["stats"]["unique_graphs"], cudagraph_recordings()
+        warmup_peak = peak_memory()
+        reset_peak_memory()  # the timed calls' peak is what serving holds: compile-time scratch is not part of it
+        graphs, recordings = dynamo_counters["stats"]["unique_graphs"], cudagraph_recordings() + captures()
         times = []
         for _ in range(self.repeat):
             seconds, latents, images = self.call()
             times.append(seconds)
-        result = Result(self.config.name, peer, statistics.median(times), warmup, peak_mem_gib=peak_memory())
+        peak = peak_memory()
+        result = Result(self.config.name, peer, statistics.median(times), warmup,
+                        peak_mem_gib=peak and peak["reserved"])
         # anything compiled or recorded after the warm-up call is a recompile or a re-record
         result.extra.update(graphs_after_warmup=dynamo_counters["stats"]["unique_graphs"] - graphs,
-                            recordings_after_warmup=cudagraph_recordings() - recordings)
+                            recordings_after_warmup=cudagraph_recordings() + captures() - recordings,
+                            peak_allocated_gib=peak and peak["allocated"],
+                            warmup_peak_gib=warmup_peak and warmup_peak["reserved"])
         return result, latents, images
 
 
@@ -159,26 +168,48 @@ def sync():
 
 
 def reset_peak_memory():
-    """Free what earlier peers left (graphs, pools) so each peer's peak is its own."""
+    """Free what is no longer used (earlier peers' graphs and pools, cached blocks) and restart the peak counters."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_memory() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+def peak_memory() -> dict | None:
+    """GiB at most allocated to tensors, and at most reserved by the caching allocator (CUDA-graph pools included:
+    their memory is reserved for replays but not counted as allocated) since the last reset."""
+    if not torch.cuda.is_available():
+        return None
+    return dict(allocated=torch.cuda.max_memory_allocated() / 2**30, reserved=torch.cuda.max_memory_reserved() / 2**30)
 
 
-def fresh_compile_cache(peer: str, cache_root: str | None) -> None:
-    """Give each compiled peer its own empty inductor/triton cache so neither's cold start borrows the other's
-    kernels; under ``cache_root`` the cache is kept as ``cache_root/peer`` for a later run (the profiler) to reuse."""
-    if cache_root is None:
-        path = tempfile.mkdtemp(prefix=f"inductor-{peer}-")
-    else:
-        path = os.path.join(cache_root, peer)
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path)
+CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+@contextmanager
+def compile_cache_root(cache_dir: str | None) -> Iterator[str]:
+    """Where each compiled peer gets its own cache: ``cache_dir`` (kept for a later run, the profiler) or a
+    temporary folder removed afterwards. On exit the caller's cache variables are restored and inductor's in-memory
+    caches, which point into this root, are cleared."""
+    saved = {name: os.environ.get(name) for name in CACHE_VARIABLES}
+    with ExitStack() as stack:
+        try:
+            yield cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-inductor-"))
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            clear_inductor_caches()
+
+
+def fresh_compile_cache(peer: str, cache_root: str) -> None:
+    """Give each compiled peer its own empty inductor/triton cache, ``cache_root/peer``, so that neither's cold
+    start borrows the other's kernels."""
+    path = os.path.join(cache_root, peer)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")
     torch._dynamo.reset()
@@ -186,7 +217,7 @@ def fresh_compile_cache(peer: str, cache_root: str | None) -> None:
 
 
 def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
-               cache_root: str | None = None) -> Iterator[Result]:
+               cache_root: str) -> Iterator[Result]:
     """Each peer's result as soon as it is measured, so that a run cut short by a lease keeps what it measured.
 
     A peer that fails (out of memory at a large shape, say) is logged with its traceback and skipped.
@@ -231,31 +262,33 @@ def measure_peer(runner: Runner, pipe, peer: str) -> tuple[Result, torch.Tensor,
     if peer in ("compile", "compile-tuned"):
         return measure_compile(runner, pipe, peer, tuned=peer == "compile-tuned")
     with FASTCACHE[peer].applied(pipe, config.interval, config.branch) as handle:
-        result, latents, images = runner.measure(peer)
+        result, latents, images = runner.measure(peer, lambda: getattr(handle.paths, "captures", 0))
         result.extra.update(counters=asdict(handle.counters), captures=getattr(handle.paths, "captures", None))
     return result, latents, images
 
 
 def measure_compile(runner: Runner, pipe, peer: str, tuned: bool):
     """``torch.compile(unet, mode="reduce-overhead")``; tuned: the guides' recipe (switches, inductor options and
-    a compiled VAE decode, as in diffusers' SDXL guide, with reduce-overhead instead of max-autotune)."""
-    unet = pipe.unet
+    a compiled VAE decoder, as in diffusers' SDXL guide, with reduce-overhead instead of max-autotune), the decoder
+    compiled as ``fastcache-autotune`` compiles it."""
+    unet, decoder = pipe.unet, pipe.vae.decoder
     options = compile_options("reduce-overhead", UNET_INDUCTOR_OPTIONS if tuned else None)
     with speed_switches(pipe, tuned):
         pipe.unet = torch.compile(unet, fullgraph=True, **options)
         if tuned:
-            pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True)
+            decoder.forward = compile_decoder(decoder, UNET_INDUCTOR_OPTIONS)
         try:
             return runner.measure(peer)
         finally:
             pipe.unet = unet
-            vars(pipe.vae).pop("decode", None)
+            vars(decoder).pop("forward", None)
 
 
 def markdown(results: list[Result], env: dict) -> str:
-    lines = [f"{env['card']} | torch {env['torch']} | diffusers {env['diffusers']} | weights: {env['weights']}", "",
+    lines = [f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers {env['diffusers']} "
+             f"| weights: {env['weights']}", "",
              "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
-             "| warm-up s | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| warm-up s | peak reserved GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_config: dict[str, dict[str, Result]] = {}
     for r in results:
         by_config.setdefault(r.config, {})[r.peer] = r
@@ -325,13 +358,13 @@ def main(argv=None) -> list[Result]:
 
     results: list[Result] = []
     pipes = {}
-    with open(out / "results.jsonl", "w") as jsonl:
+    with open(out / "results.jsonl", "w") as jsonl, compile_cache_root(args.cache_dir) as cache_root:
         for config in SUBSETS[args.subset]:
             if config.preset not in pipes:
                 pipes.clear()  # one model resident at a time
                 pipes[config.preset] = build_pipeline(config.preset, dtype=dtype, device=device)
             logger.info("== %s", config.name)
-            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat, args.cache_dir):
+            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat, cache_root):
                 results.append(r)
                 jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
                 jsonl.flush()

@@ -4,7 +4,8 @@
 #            peers side by side, each compiled peer cold in its own inductor cache, kept under /tmp/inductor
 #   profile  tools/profile_steps.py I3B0 on $PRESET $SIZE (default sd21 512), variant $VARIANT (default
 #            fastcache-tuned), reusing the bench's cache for that variant; gzipped torch.profiler trace
-#   tests    tests/test_gpu.py: CUDA-graph recordings, no re-records, no host sync, static graphs, tuned variant
+#   tests    tests/test_gpu.py: CUDA-graph recordings, no re-records, no host sync, static graphs (recaptured when
+#            the weights move), tuned variant; with each test's duration
 # Usage: bash bench/device_check.sh                        (bench, then profile: one device call)
 #        BUDGET_S=240 bash bench/device_check.sh tests     (right after, while the machine is still warm)
 #        PEERS=all bash bench/device_check.sh bench
@@ -59,7 +60,7 @@ for stage in "${stages[@]}"; do
                      --trace /tmp/trace.json --json "$OUT/profile.jsonl" 2>&1 | tee "$OUT/profile.log"
                  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
                  [ -f /tmp/trace.json ] && gzip -c /tmp/trace.json > "$OUT/trace.json.gz" ;;
-        tests) run 300 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        tests) run 300 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider --durations=0 2>&1 | tee "$OUT/gpu_tests.log" ;;
         *) echo "unknown stage $stage (bench, profile, tests)" >&2; exit 2 ;;
     esac
 done

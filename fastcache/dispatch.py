@@ -29,6 +29,11 @@ class StepDispatcher:
         self._filled: set[Any] = set()  # cache keys written by a full step in this call
 
     @property
+    def evaluations(self) -> int:
+        """UNet evaluations so far in the current pipeline call."""
+        return self._evaluations
+
+    @property
     def step(self) -> int:
         """Index of the denoising step the next evaluation belongs to."""
         return self._evaluations // self._order

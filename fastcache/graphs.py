@@ -64,6 +64,9 @@ class Paths:
     def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
         return (self.full if full else self.shallow)(**inputs)
 
+    def start_call(self) -> None:
+        """Called at the first UNet evaluation of every pipeline call."""
+
 
 class CompiledPaths(Paths):
     """Both paths through ``torch.compile``; with ``mode="reduce-overhead"`` cudagraph trees capture them on CUDA."""
@@ -107,6 +110,15 @@ class StaticGraphPaths(CompiledPaths):
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = None
         self.captures = self.replays = 0
+        self.weights = WeightsWatch(partition.unet)
+
+    def start_call(self) -> None:
+        """Drop every graph if the UNet's weights moved since capture: a replay would read the old addresses."""
+        if self.graphs and self.weights.moved():
+            logger.info("fastcache: the UNet's weights moved (.to(), fused projections, adapters); recapturing "
+                        "its %d CUDA graphs on their next use", len(self.graphs))
+            self.graphs.clear()
+            self.pool = None
 
     def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
         if not inputs["sample"].is_cuda:
@@ -118,6 +130,8 @@ class StaticGraphPaths(CompiledPaths):
         graph_key = (key, full, spec, *((leaf.dtype, leaf.shape) for leaf in leaves))
         entry = self.graphs.get(graph_key)
         if entry is None:
+            if not self.graphs:
+                self.weights.snapshot()
             start = time.perf_counter()
             entry = self.graphs[graph_key] = self._capture(self.full if full else self.shallow, leaves, spec, cache)
             logger.info("fastcache: %s path at %s captured in %.1f s", "full" if full else "shallow", key[0],
@@ -144,6 +158,37 @@ class StaticGraphPaths(CompiledPaths):
             output = fn(**inputs)
         self.captures += 1
         return _Graph(graph, static, output)
+
+
+class WeightsWatch:
+    """Tells whether a module's weights moved or its modules changed since a snapshot.
+
+    A captured CUDA graph reads the weights at the addresses they had during capture and runs the modules and
+    attention processors it saw: after ``.to()``, ``fuse_qkv_projections``, an injected LoRA adapter or
+    ``set_attn_processor`` it would read freed memory or compute the old model. In-place updates (``fuse_lora``)
+    keep the addresses and need nothing. The check reads saved dictionaries, no module walk, so it costs a fraction
+    of a millisecond and runs once per pipeline call.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        modules = list(self.module.modules())
+        self._sizes = [(store, len(store)) for m in modules for store in (m._modules, m._parameters, m._buffers)]
+        self._children = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
+        self._processors = [(m, vars(m)["processor"]) for m in modules if "processor" in vars(m)]
+        self._tensors = [(store, name, tensor, tensor.data_ptr())
+                         for m in modules for store in (m._parameters, m._buffers)
+                         for name, tensor in store.items() if tensor is not None]
+
+    def moved(self) -> bool:
+        return (any(len(store) != size for store, size in self._sizes)
+                or any(store[name] is not child for store, name, child in self._children)
+                or any(vars(m).get("processor") is not processor for m, processor in self._processors)
+                or any(store[name] is not tensor or tensor.data_ptr() != ptr
+                       for store, name, tensor, ptr in self._tensors))
 
 
 def build_paths(partition: UNetPartition, compile: bool, mode: str,

@@ -121,6 +121,8 @@ class FastCacheHandle:
         cache = self.buffers.get(key, sample)
         self.counters.shapes = len(self.buffers)
         full = self.dispatcher.next_is_full(self.pipe.scheduler, key)
+        if self.dispatcher.evaluations == 1:  # a pipeline call starts
+            self.paths.start_call()
         out = self.paths(full, key, dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                                          cache=cache, added_cond_kwargs=added_cond_kwargs, timestep_cond=timestep_cond,
                                          class_labels=class_labels))

@@ -1,6 +1,8 @@
 """The benchmark's CPU smoke mode: every peer runs, the table and chart are written, the numbers are sane."""
 
 import json
+import os
+import tempfile
 
 import pytest
 import torch
@@ -44,7 +46,14 @@ def test_a_failing_peer_is_logged_and_the_others_still_run(compare, tmp_path, mo
         raise torch.OutOfMemoryError("no room")
 
     monkeypatch.setattr(compare, "measure_compile", out_of_memory)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "caller's")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     results = compare.main(["--smoke", "--peers", "eager,compile,deepcache", "--out", str(tmp_path)])
     assert [r.peer for r in results] == ["eager", "deepcache"]
     assert "compile failed at tiny-sd" in caplog.text
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+    # without --cache-dir the peers' caches are temporary, and the caller's cache settings are left as they were
+    assert not any((tmp_path / "tmp").iterdir())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "caller's" and "TRITON_CACHE_DIR" not in os.environ

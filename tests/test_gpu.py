@@ -49,21 +49,34 @@ def test_a_second_shape_records_its_own_pair_without_disturbing_the_first():
     handle.disable()
 
 
-def test_steady_state_unet_calls_never_sync_with_the_host():
+@pytest.mark.parametrize("variant, scheduler_step", [("fastcache", False), ("fastcache-static-fused", True)])
+def test_steady_state_steps_never_sync_with_the_host(variant, scheduler_step):
+    """UNet calls (and with the fused step, scheduler steps) as the pipeline makes them: no grad, warmed shapes."""
     runner = cuda_runner()
-    handle = compile_pipeline(runner.pipe, 3, 0)
-    runner()  # warm both paths at batch 2 (CFG)
-    unet, embeds = runner.pipe.unet, runner.embeds["prompt_embeds"].repeat(2, 1, 1)
-    sample = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
-    runner.pipe.scheduler.set_timesteps(6, device="cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:  # as the pipeline calls it: no grad, the shapes it warmed
+    with VARIANTS[variant].applied(runner.pipe, 3, 0) as handle:
+        runner()  # warm both paths at batch 2 (CFG)
+        unet, scheduler = runner.pipe.unet, runner.pipe.scheduler
+        embeds = runner.embeds["prompt_embeds"].repeat(2, 1, 1)
+        sample = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+        scheduler.set_timesteps(7, device="cuda")
+        timesteps = list(scheduler.timesteps)  # 0-d CUDA tensors, as the pipeline's loop gets them
+        before = (handle.counters.full, handle.counters.shallow)
+
+        def step(t):
+            nonlocal sample
+            out = unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if scheduler_step:
+                sample = scheduler.step(out, t, sample, return_dict=False)[0]
+
         with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
-            for t in runner.pipe.scheduler.timesteps:
-                unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert handle.counters.shallow >= 4
+            step(timesteps[0])  # the fused DDIM step finds its place in the schedule once per call (one sync)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for t in timesteps[1:]:
+                    step(t)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert (handle.counters.full - before[0], handle.counters.shallow - before[1]) == (3, 4)
 
 
 def test_static_cudagraphs_capture_once_per_path_and_match_reduce_overhead():
@@ -79,6 +92,24 @@ def test_static_cudagraphs_capture_once_per_path_and_match_reduce_overhead():
     assert static.paths.captures == 2 and static.paths.replays == 20
     assert torch.equal(again, first)
     assert rel_l2(first, expected) < 5e-3
+    static.disable()
+
+
+def test_static_cudagraphs_capture_again_once_the_weights_move():
+    """New weight tensors (as .to() or fused projections make): replaying the old capture would read the old ones."""
+    runner = cuda_runner()
+    static = compile_pipeline(runner.pipe, 3, 0, mode="static-cudagraphs")
+    runner()
+    with torch.no_grad():
+        for param in runner.pipe.unet.parameters():
+            param.data = param.data * 0.9
+    moved = runner()
+    assert static.paths.captures == 4
+    static.disable()
+    eager = compile_pipeline(runner.pipe, 3, 0, compile=False)
+    expected = runner()
+    eager.disable()
+    assert rel_l2(moved, expected) < 5e-3
 
 
 def test_static_cudagraphs_capture_again_for_a_scheduler_with_other_timestep_dtypes():

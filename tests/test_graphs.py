@@ -3,11 +3,20 @@
 import pytest
 import torch
 from conftest import Runner, rel_l2
+from diffusers.models.attention_processor import AttnProcessor
 from test_handle import helper_run
 from torch._dynamo.utils import counters as dynamo_counters
 
 from fastcache import compile_pipeline
-from fastcache.graphs import COMPILE_MODES, UNET_INDUCTOR_OPTIONS, Paths, build_paths, compile_options
+from fastcache.graphs import (
+    COMPILE_MODES,
+    UNET_INDUCTOR_OPTIONS,
+    Paths,
+    StaticGraphPaths,
+    WeightsWatch,
+    build_paths,
+    compile_options,
+)
 from fastcache.partition import UNetPartition
 from fastcache.variants import speed_switches
 
@@ -67,3 +76,35 @@ def test_inductor_options_merge_into_the_mode():
     assert compile_options("reduce-overhead", None) == {"mode": "reduce-overhead"}
     assert compile_options("reduce-overhead", {"conv_1x1_as_mm": True}) == {
         "options": {"triton.cudagraphs": True, "conv_1x1_as_mm": True}}
+
+
+def test_weights_watch_notices_moved_weights_and_changed_modules_but_not_in_place_updates(sd_runner):
+    pipe = sd_runner.pipe
+    unet = pipe.unet
+    watch = WeightsWatch(unet)
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(0.5)  # in place: a captured graph reads the new values itself
+    assert not watch.moved()
+    changes = {
+        "moved weights": lambda: unet.to(memory_format=torch.channels_last),
+        "added modules": pipe.fuse_qkv_projections,
+        "replaced module": lambda: setattr(unet, "conv_out", torch.nn.Conv2d(32, 4, 3, padding=1)),
+        "new attention processor": lambda: unet.set_attn_processor(AttnProcessor()),
+    }
+    for change, apply in changes.items():
+        watch.snapshot()
+        apply()
+        assert watch.moved(), change
+        watch.snapshot()
+        assert not watch.moved(), change
+
+
+def test_static_graphs_are_dropped_at_the_next_call_once_the_weights_moved(sd_runner):
+    paths = StaticGraphPaths(UNetPartition(sd_runner.pipe.unet, 0))
+    paths.graphs["captured"] = "graph"  # what a capture on CUDA leaves
+    paths.pool = "pool"
+    paths.start_call()
+    assert paths.graphs, "nothing moved: the graphs are kept"
+    sd_runner.pipe.unet.to(memory_format=torch.channels_last)
+    paths.start_call()
+    assert paths.graphs == {} and paths.pool is None

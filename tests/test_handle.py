@@ -87,6 +87,16 @@ def test_counters_follow_the_schedule(sd_runner):
     assert (handle.counters.full, handle.counters.shallow) == (3, 7)
 
 
+def test_the_paths_hear_of_each_pipeline_call_once(sd_runner, monkeypatch):
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    starts, counters = [], handle.counters
+    monkeypatch.setattr(handle.paths, "start_call", lambda: starts.append(counters.full + counters.shallow))
+    sd_runner()
+    sd_runner(steps=4)
+    assert starts == [0, 10], "at the first UNet evaluation of each call, before it runs"
+    handle.disable()
+
+
 def test_quad_center_schedule_runs(sd_runner):
     handle = compile_pipeline(sd_runner.pipe, 5, 0, schedule="quad-center", compile=False)
     sd_runner(steps=50)

@@ -1,10 +1,12 @@
 """Where the time goes in one fastcache pipeline call.
 
-Per configuration it prints: time per full step and per shallow step (device time from CUDA events, host time from
-the clock), time per step outside the UNet (CFG combine, scheduler update, pipeline Python: the gap between two
-UNet calls), VAE decode, the whole call, how busy the GPU was (kernel time from ``torch.profiler`` over wall time),
+Per configuration it prints: time per full step and per shallow step (device time from CUDA events; host time from
+the clock, the time to issue the work, which nears the device time where the host is the bottleneck), time per
+step outside the UNet (CFG combine, scheduler update, pipeline Python: the gap between two UNet calls), VAE decode,
+the whole call, how busy the GPU was (kernel time from ``torch.profiler`` over an unprofiled call's wall time),
 FLOPs per full and shallow step and the TFLOP/s achieved against a matmul peak measured on the same card, and
-NVML readings (memory, SM clock, power, energy per image). ``--trace`` exports the profiler's Chrome trace.
+NVML readings polled while whole calls run (energy per image, power, SM clock, memory). ``--trace`` exports the
+profiler's Chrome trace.
 
     python tools/profile_steps.py --preset sd21 --size 512 --interval 3 --branch 0 --trace out/trace.json
     python tools/profile_steps.py --variant fastcache-tuned   # any of fastcache.variants.VARIANTS
@@ -17,8 +19,10 @@ import argparse
 import json
 import logging
 import statistics
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -126,10 +130,10 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
 
 
 class NVML:
-    """Memory, SM clock, power and energy via nvidia-ml-py; empty readings where NVML is unavailable."""
+    """Energy, power, SM clock and memory via nvidia-ml-py while a block runs; no readings where NVML is missing."""
 
-    def __init__(self, device: torch.device):
-        self.handle = None
+    def __init__(self, device: torch.device, period_s: float = 0.01):
+        self.handle, self.period_s = None, period_s
         if device.type != "cuda":
             return
         try:
@@ -141,26 +145,65 @@ class NVML:
         except Exception as error:  # no nvidia-ml-py, or no NVML on this machine: report without it
             logger.warning("NVML unavailable (%s); no power or energy readings", error)
 
-    def energy_mj(self) -> int | None:
-        return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) if self.handle else None
-
-    def readings(self) -> dict:
+    @contextmanager
+    def sampling(self) -> Iterator[dict]:
+        """Yields a dict filled on exit: the energy counter's difference over the block, and power, SM clock and
+        used memory polled by a thread every ``period_s`` (a reading after the work would show an idle card).
+        A reading the card does not support (MIG, some VMs) is left out with a warning."""
+        readings: dict = {}
         if not self.handle:
-            return {}
-        nvml, h = self.nvml, self.handle
-        return dict(memory_used_gib=nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30,
-                    sm_clock_mhz=nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
-                    power_w=nvml.nvmlDeviceGetPowerUsage(h) / 1e3)
+            yield readings
+            return
+        nvml, handle, samples, stop = self.nvml, self.handle, [], threading.Event()
+
+        def poll():
+            try:
+                while True:
+                    samples.append((nvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+                                    nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                                    nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30))
+                    if stop.wait(self.period_s):
+                        return
+            except Exception as error:
+                logger.warning("NVML: no power, clock or memory readings (%s)", error)
+
+        energy_mj = self._energy_mj()
+        thread = threading.Thread(target=poll, name="nvml-poll", daemon=True)
+        thread.start()
+        try:
+            yield readings
+        finally:
+            stop.set()
+            thread.join()
+            end_mj = self._energy_mj() if energy_mj is not None else None
+            if end_mj is not None:
+                readings["energy_j"] = (end_mj - energy_mj) / 1e3
+            if samples:
+                power, clock, memory = zip(*samples, strict=True)
+                readings.update(power_w_mean=statistics.mean(power), power_w_max=max(power),
+                                sm_clock_mhz_mean=statistics.mean(clock), memory_used_gib_max=max(memory),
+                                nvml_samples=len(samples))
+
+    def _energy_mj(self) -> int | None:
+        try:
+            return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except Exception as error:
+            logger.warning("NVML: no energy reading (%s)", error)
+            return None
 
 
 def profile(args) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = build_pipeline(args.preset, dtype=dtype, device=device)
+    with VARIANTS[args.variant].applied(pipe, args.interval, args.branch) as handle:
+        return measure(pipe, handle, args, device)
+
+
+def measure(pipe, handle, args, device: torch.device) -> dict:
+    """The measurements of ``profile`` on a pipeline that has the variant applied."""
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     embeds = random_prompt_embeds(pipe, args.batch)
-    undo = ExitStack()
-    handle = undo.enter_context(VARIANTS[args.variant].applied(pipe, args.interval, args.branch))
     clock, nvml = Clock(device), NVML(device)
 
     def call(**kwargs):
@@ -172,13 +215,11 @@ def profile(args) -> dict:
     warmup_s = time.perf_counter() - start
 
     timer = UNetTimer(pipe.unet, handle, clock)
-    energy = nvml.energy_mj()
     begin = clock.mark()
     call(output_type="latent")
     end = clock.mark()
     clock.sync()
     denoise_ms = clock.elapsed_ms(begin, end)
-    energy = nvml.energy_mj() - energy if energy is not None else None
     timer.remove()
 
     vae_marks = []  # the pipeline's own decode call (SDXL upcasts the VAE first), timed in place
@@ -192,18 +233,23 @@ def profile(args) -> dict:
 
     pipe.vae.decode = timed_decode
     try:
+        start = time.perf_counter()
         call(output_type="np")
+        clock.sync()
+        wall_ms = (time.perf_counter() - start) * 1e3  # the whole call, not slowed down by the profiler
     finally:
         del pipe.vae.decode
-    clock.sync()
+
+    with nvml.sampling() as power:  # whole calls, decode included: energy per image
+        for _ in range(args.energy_calls):
+            call(output_type="np")
+        clock.sync()
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
         call(output_type="np")
         clock.sync()
-        wall_ms = (time.perf_counter() - start) * 1e3
     if args.trace:
         Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(args.trace)
@@ -219,7 +265,7 @@ def profile(args) -> dict:
         steps[name]["tflop"] = flops[name] / 1e12
         steps[name]["achieved_tflops"] = flops[name] / (ms * 1e-3) / 1e12 if ms else None
         steps[name]["floor_ms"] = flops[name] / (peak * 1e12) * 1e3 if peak else None
-    undo.close()
+    energy = power.pop("energy_j", None)
     return dict(config=f"{args.preset} {size} b{args.batch} I{args.interval}B{args.branch}", variant=args.variant,
                 device=str(device),
                 card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -227,7 +273,7 @@ def profile(args) -> dict:
                 steps=steps, denoise_ms=dict(zip(("device", "host"), denoise_ms, strict=True)),
                 vae_decode_ms=clock.elapsed_ms(*vae_marks)[0], call_wall_ms=wall_ms, kernel_ms=kernel_ms,
                 gpu_busy=kernel_ms / wall_ms if kernel_ms else None, matmul_peak_tflops=peak,
-                energy_j_per_image=energy / 1e3 / args.batch if energy is not None else None, **nvml.readings())
+                energy_j_per_image=energy / (args.energy_calls * args.batch) if energy is not None else None, **power)
 
 
 def report(result: dict) -> str:
@@ -240,10 +286,13 @@ def report(result: dict) -> str:
     for name, row in result["steps"].items():
         lines.append(f"{name:14}{row['count']:>6}{f(row['device_ms']):>11}{f(row['host_ms']):>10}"
                      f"{f(row.get('tflop')):>8}{f(row.get('achieved_tflops'), '.1f'):>9}{f(row.get('floor_ms')):>10}")
-    lines.append(f"VAE decode {f(result['vae_decode_ms'])} ms | whole call {f(result['call_wall_ms'], '.1f')} ms | "
+    lines += [f"VAE decode {f(result['vae_decode_ms'])} ms | whole call {f(result['call_wall_ms'], '.1f')} ms | "
                  f"GPU busy {f(result['gpu_busy'], '.0%')} | warm-up {f(result['warmup_s'], '.1f')} s | "
-                 f"energy/image {f(result['energy_j_per_image'], '.1f')} J | matmul peak "
-                 f"{f(result['matmul_peak_tflops'], '.0f')} TFLOP/s")
+                 f"matmul peak {f(result['matmul_peak_tflops'], '.0f')} TFLOP/s",
+             f"NVML over whole calls: energy/image {f(result['energy_j_per_image'], '.1f')} J | power "
+             f"{f(result.get('power_w_mean'), '.0f')} W mean, {f(result.get('power_w_max'), '.0f')} W max | SM clock "
+             f"{f(result.get('sm_clock_mhz_mean'), '.0f')} MHz | memory used "
+             f"{f(result.get('memory_used_gib_max'), '.1f')} GiB max"]
     return "\n".join(lines)
 
 
@@ -257,13 +306,14 @@ def main(argv=None) -> dict:
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--variant", default="fastcache", choices=sorted(VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--energy-calls", type=int, default=5, help="whole calls averaged for energy per image (NVML)")
     p.add_argument("--trace", help="write the torch.profiler Chrome trace here")
     p.add_argument("--json", help="append the result as one JSON line here")
     p.add_argument("--smoke", action="store_true", help="tiny-sd, 6 steps, eager: runs on CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.smoke:
-        args.preset, args.steps, args.variant = "tiny-sd", 6, "fastcache-eager"
+        args.preset, args.steps, args.variant, args.energy_calls = "tiny-sd", 6, "fastcache-eager", 1
     result = profile(args)
     if args.json:
         with open(args.json, "a") as f:
