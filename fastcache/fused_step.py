@@ -9,6 +9,7 @@ tensor (a host sync every step in diffusers' own ``step``). Per-call options the
 
 from __future__ import annotations
 
+import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
@@ -18,7 +19,11 @@ from fastcache_kernels.guided_step import guided_step
 
 
 class FusedDDIMScheduler(DDIMScheduler):
-    """DDIM (``eta=0``) through the fused kernel; timesteps are read from a host copy made once per call."""
+    """DDIM (``eta=0``) through the fused kernel; timesteps are read from a host copy made once per call.
+
+    The first step of a call finds its place in the schedule without reading the device: the pipeline's loop hands
+    out views of ``self.timesteps`` (img2img a slice of it), and a view's storage offset is its index.
+    """
 
     fused_kind = "DDIM"
 
@@ -33,11 +38,19 @@ class FusedDDIMScheduler(DDIMScheduler):
             return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
                                 variance_noise, return_dict)
         if self._fused_index is None:  # first step of the call; img2img starts mid-schedule
-            self._fused_index = self._host_timesteps.index(int(timestep))
+            self._fused_index = self._schedule_index(timestep)
         t = self._host_timesteps[self._fused_index]
         prev_sample, x0 = guided_step(model_output, sample, step_coefficients.ddim(self, t, None), store_x0=True)
         self._fused_index += 1
         return DDIMSchedulerOutput(prev_sample, x0) if return_dict else (prev_sample, x0)
+
+    def _schedule_index(self, timestep) -> int:
+        timesteps = self.timesteps
+        if (torch.is_tensor(timestep) and timestep.dim() == 0 and timesteps.stride(0) == 1
+                and timestep.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
+                and 0 <= (index := timestep.storage_offset() - timesteps.storage_offset()) < len(timesteps)):
+            return index
+        return self._host_timesteps.index(int(timestep))  # a value, not a view: read it (a sync if on the GPU)
 
 
 class FusedEulerDiscreteScheduler(EulerDiscreteScheduler):

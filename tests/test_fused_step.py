@@ -58,3 +58,18 @@ def test_img2img_starting_mid_schedule(sd_runner, scheduler_cls):
     expected = img2img()
     img2img.pipe.scheduler = fused_scheduler(original)
     assert rel_l2(img2img(), expected) < 1e-5
+
+
+def test_fused_ddim_finds_where_a_call_starts_from_the_view_it_is_given(sd_runner):
+    """Reading the first timestep's value would be a host sync on a GPU; the pipeline's loop passes views."""
+    scheduler = fused_scheduler(sd_runner.pipe.scheduler)
+    scheduler.set_timesteps(10)
+    first = list(scheduler.timesteps[4:])[0]  # as img2img's loop gets it
+    assert scheduler._schedule_index(int(first)) == scheduler._schedule_index(first.clone()) == 4  # values: looked up
+
+    class Unsearchable(list):
+        def index(self, *args):
+            raise AssertionError("the timestep's value was looked up")
+
+    scheduler._host_timesteps = Unsearchable(scheduler._host_timesteps)
+    assert scheduler._schedule_index(first) == 4

@@ -68,14 +68,13 @@ def test_steady_state_steps_never_sync_with_the_host(variant, scheduler_step):
             if scheduler_step:
                 sample = scheduler.step(out, t, sample, return_dict=False)[0]
 
-        with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
-            step(timesteps[0])  # the fused DDIM step finds its place in the schedule once per call (one sync)
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                for t in timesteps[1:]:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+                for t in timesteps:
                     step(t)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         assert (handle.counters.full - before[0], handle.counters.shallow - before[1]) == (3, 4)
 
 
