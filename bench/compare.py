@@ -146,7 +146,11 @@ class Runner:
         warmup, latents, images = self.call()
         warmup_peak = peak_memory()
         reset_peak_memory()  # the timed calls' peak is what serving holds: compile-time scratch is not part of it
-        graphs, recordings = dynamo_counters["stats"]["unique_graphs"], cudagraph_recordings() + captures()
+
+        def compiled() -> tuple[int, int]:  # dynamo graphs, and CUDA graphs recorded by cudagraph trees or by hand
+            return dynamo_counters["stats"]["unique_graphs"], cudagraph_recordings() + captures()
+
+        before = compiled()
         times = []
         for _ in range(self.repeat):
             seconds, latents, images = self.call()
@@ -155,8 +159,8 @@ class Runner:
         result = Result(self.config.name, peer, statistics.median(times), warmup,
                         peak_mem_gib=peak and peak["reserved"])
         # anything compiled or recorded after the warm-up call is a recompile or a re-record
-        result.extra.update(graphs_after_warmup=dynamo_counters["stats"]["unique_graphs"] - graphs,
-                            recordings_after_warmup=cudagraph_recordings() + captures() - recordings,
+        after = compiled()
+        result.extra.update(graphs_after_warmup=after[0] - before[0], recordings_after_warmup=after[1] - before[1],
                             peak_allocated_gib=peak and peak["allocated"],
                             warmup_peak_gib=warmup_peak and warmup_peak["reserved"])
         return result, latents, images
