@@ -2,9 +2,11 @@
 
 ``pipe.scheduler = fused_scheduler(pipe.scheduler)`` swaps in a subclass of the same diffusers scheduler, with the
 same config and the same results (within float rounding), whose ``step`` runs ``fastcache_kernels.guided_step``:
-one launch instead of the scheduler's five to ten, and for DDIM no ``alphas_cumprod[timestep]`` lookup on a device
-tensor (a host sync every step in diffusers' own ``step``). Per-call options the kernel does not cover (DDIM's
-``eta``, Euler's churn) run the parent's ``step`` unchanged.
+one launch instead of the scheduler's five to ten. DDIM's ``step`` honours its ``timestep`` argument in any loop
+(restarts, several samples per timestep) and reads the timestep and ``alphas_cumprod`` from host copies, where
+diffusers' own ``step`` looks ``alphas_cumprod[timestep]`` up on the device once ``add_noise`` has moved it there (a
+host sync every step). Per-call options the kernel does not cover (DDIM's ``eta``, Euler's churn) run the parent's
+``step`` unchanged.
 """
 
 from __future__ import annotations
@@ -19,38 +21,39 @@ from fastcache_kernels.guided_step import guided_step
 
 
 class FusedDDIMScheduler(DDIMScheduler):
-    """DDIM (``eta=0``) through the fused kernel; timesteps are read from a host copy made once per call.
+    """DDIM (``eta=0``) through the fused kernel; each step's update depends only on its ``timestep`` argument.
 
-    The first step of a call finds its place in the schedule without reading the device: the pipeline's loop hands
-    out views of ``self.timesteps`` (img2img a slice of it), and a view's storage offset is its index.
+    The pipeline's loop hands out views of ``self.timesteps`` (img2img a slice of it): a view's storage offset is its
+    index into a host copy of the timesteps, so its value is known without reading the device.
     """
 
     fused_kind = "DDIM"
+    _host_alphas_cumprod = None  # alphas_cumprod never changes; copied before add_noise can move it to the GPU
 
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         self._host_timesteps = self.timesteps.tolist()  # one sync per pipeline call, none per step
-        self._fused_index = None
+        if self._host_alphas_cumprod is None:
+            self._host_alphas_cumprod = self.alphas_cumprod.tolist()
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
         if eta or use_clipped_model_output or variance_noise is not None:
             return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
                                 variance_noise, return_dict)
-        if self._fused_index is None:  # first step of the call; img2img starts mid-schedule
-            self._fused_index = self._schedule_index(timestep)
-        t = self._host_timesteps[self._fused_index]
-        prev_sample, x0 = guided_step(model_output, sample, step_coefficients.ddim(self, t, None), store_x0=True)
-        self._fused_index += 1
+        coefficients = step_coefficients.ddim(self, self._timestep_value(timestep), None, self._host_alphas_cumprod)
+        prev_sample, x0 = guided_step(model_output, sample, coefficients, store_x0=True)
         return DDIMSchedulerOutput(prev_sample, x0) if return_dict else (prev_sample, x0)
 
-    def _schedule_index(self, timestep) -> int:
+    def _timestep_value(self, timestep) -> int:
+        """``int(timestep)``, but a 0-d (or stride-0 expanded) view of ``self.timesteps`` is read from the host copy."""
         timesteps = self.timesteps
-        if (torch.is_tensor(timestep) and timestep.dim() == 0 and timesteps.stride(0) == 1
+        if (torch.is_tensor(timestep) and not any(timestep.stride()) and timestep.dtype == timesteps.dtype
+                and timesteps.is_contiguous()
                 and timestep.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
                 and 0 <= (index := timestep.storage_offset() - timesteps.storage_offset()) < len(timesteps)):
-            return index
-        return self._host_timesteps.index(int(timestep))  # a value, not a view: read it (a sync if on the GPU)
+            return self._host_timesteps[index]
+        return int(timestep)  # a value, not a view: read it (a sync if it is a CUDA tensor)
 
 
 class FusedEulerDiscreteScheduler(EulerDiscreteScheduler):

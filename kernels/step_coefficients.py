@@ -1,13 +1,15 @@
 """The scalars of ``guided_step`` for one step of a diffusers scheduler, computed on the host in float64.
 
-Each function reads the scheduler's own tables (``alphas_cumprod``, ``sigmas``, which live on the CPU) for an
-explicit step, so nothing waits on the GPU, and rejects configurations whose update is not affine (clipping,
-thresholding, stochastic variants) with a ``ValueError`` naming what is supported.
+Each function reads the scheduler's own tables (``alphas_cumprod``, ``sigmas``, which live on the CPU, or a host
+copy of ``alphas_cumprod`` once DDIM's ``add_noise`` has moved it to the GPU) for an explicit step, so nothing waits
+on the GPU, and rejects configurations whose update is not affine (clipping, thresholding, stochastic variants) with
+a ``ValueError`` naming what is supported.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from .guided_step import StepCoefficients
 
@@ -40,10 +42,15 @@ def _x0(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]
     return alpha, -sigma  # v_prediction
 
 
-def ddim(scheduler, timestep: int, guidance: float | None) -> StepCoefficients:
-    """``DDIMScheduler.step`` with ``eta=0`` from ``timestep`` to the previous one."""
+def ddim(scheduler, timestep: int, guidance: float | None,
+         alphas_cumprod: Sequence[float] | None = None) -> StepCoefficients:
+    """``DDIMScheduler.step`` with ``eta=0`` from ``timestep`` to the previous one.
+
+    ``alphas_cumprod``: a host copy of the scheduler's, which ``add_noise`` moves to the sample's device (where each
+    lookup would be a host sync); by default the scheduler's own.
+    """
     check(scheduler, "DDIM")
-    alphas = scheduler.alphas_cumprod
+    alphas = scheduler.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
     prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a = float(alphas[timestep])
     a_prev = float(alphas[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)

@@ -1,5 +1,8 @@
-"""Fused schedulers in real pipeline calls: same latents as diffusers' own schedulers, alone and under fastcache."""
+"""Fused schedulers in pipeline calls and hand-written loops: same latents as diffusers' own schedulers."""
 
+from functools import partial
+
+import numpy as np
 import pytest
 import torch
 from conftest import Img2ImgRunner, rel_l2
@@ -7,6 +10,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from fastcache import compile_pipeline
 from fastcache.fused_step import FusedDDIMScheduler, fused_scheduler
+from fastcache.models import SD_SCHEDULER
 
 SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
 
@@ -60,16 +64,111 @@ def test_img2img_starting_mid_schedule(sd_runner, scheduler_cls):
     assert rel_l2(img2img(), expected) < 1e-5
 
 
-def test_fused_ddim_finds_where_a_call_starts_from_the_view_it_is_given(sd_runner):
-    """Reading the first timestep's value would be a host sync on a GPU; the pipeline's loop passes views."""
-    scheduler = fused_scheduler(sd_runner.pipe.scheduler)
+def test_fused_ddim_reads_a_view_of_its_timesteps_from_the_host_copy():
+    """Reading a timestep's value would be a host sync on a GPU; the pipeline's loop passes views of self.timesteps."""
+    scheduler = fused_scheduler(DDIMScheduler(**SD_SCHEDULER))
     scheduler.set_timesteps(10)
-    first = list(scheduler.timesteps[4:])[0]  # as img2img's loop gets it
-    assert scheduler._schedule_index(int(first)) == scheduler._schedule_index(first.clone()) == 4  # values: looked up
+    view = list(scheduler.timesteps[4:])[0]  # as img2img's loop gets it
+    value = int(view)
+    assert scheduler._timestep_value(value) == scheduler._timestep_value(view.clone()) == value
 
-    class Unsearchable(list):
-        def index(self, *args):
-            raise AssertionError("the timestep's value was looked up")
+    scheduler._host_timesteps = [1000 + i for i in range(10)]  # what a view resolves to, if it is not read
+    assert scheduler._timestep_value(view) == scheduler._timestep_value(view.expand(2)) == 1004
+    assert scheduler._timestep_value(view.clone()) == value  # not a view: read
 
-    scheduler._host_timesteps = Unsearchable(scheduler._host_timesteps)
-    assert scheduler._schedule_index(first) == 4
+
+SHAPE = (1, 4, 8, 8)
+
+
+def assert_fused_ddim_matches(loop, **config):
+    """``loop(scheduler, randn)`` on diffusers' DDIM and on the fused one: the same latents, step by step.
+
+    ``randn()`` draws the next model output or sample from a generator seeded afresh for each scheduler.
+    """
+    original = DDIMScheduler(**SD_SCHEDULER, **config)
+    results = []
+    for scheduler in (original, fused_scheduler(original)):
+        results.append(loop(scheduler, partial(torch.randn, SHAPE, generator=torch.Generator().manual_seed(0))))
+    expected, fused = results
+    assert expected
+    for ours, theirs in zip(fused, expected, strict=True):
+        assert rel_l2(ours, theirs) < 1e-5
+
+
+@pytest.mark.parametrize("steps_again", [10, 7])
+def test_fused_ddim_in_a_loop_that_restarts(steps_again):
+    def loop(scheduler, randn):
+        latents = []
+        for steps, stop in ((10, 4), (steps_again, None)):
+            scheduler.set_timesteps(steps)
+            x = randn()
+            for t in scheduler.timesteps[:stop]:
+                x = scheduler.step(randn(), t, x).prev_sample
+                latents.append(x)
+        return latents
+
+    assert_fused_ddim_matches(loop)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fused_ddim_stepping_two_samples_per_timestep(prediction_type):
+    """MultiDiffusion-style: several views of one image, each stepped with the same timestep."""
+    def loop(scheduler, randn):
+        scheduler.set_timesteps(10)
+        latents = [randn(), randn()]
+        for t in scheduler.timesteps:
+            latents[-2:] = [scheduler.step(randn(), t, x).prev_sample for x in latents[-2:]]
+        return latents
+
+    assert_fused_ddim_matches(loop, prediction_type=prediction_type)
+
+
+def test_fused_ddim_looping_twice_over_one_set_timesteps():
+    def loop(scheduler, randn):
+        scheduler.set_timesteps(10)
+        latents = []
+        for _ in range(2):
+            x = randn()
+            for t in scheduler.timesteps:
+                x = scheduler.step(randn(), t, x).prev_sample
+                latents.append(x)
+        return latents
+
+    assert_fused_ddim_matches(loop)
+
+
+@pytest.mark.parametrize("as_argument", [int, lambda t: torch.tensor(int(t)), lambda t: np.int64(t)],
+                         ids=["int", "fresh-tensor", "numpy"])
+def test_fused_ddim_takes_timesteps_as_values(as_argument):
+    def loop(scheduler, randn):
+        scheduler.set_timesteps(10)
+        x, latents = randn(), []
+        for t in scheduler.timesteps.tolist():
+            x = scheduler.step(randn(), as_argument(t), x).prev_sample
+            latents.append(x)
+        return latents
+
+    assert_fused_ddim_matches(loop)
+
+
+class OnTheDevice:
+    """Stands in for ``alphas_cumprod`` once ``add_noise`` has moved it to the GPU: a lookup would be a host sync."""
+
+    def __getitem__(self, index):
+        raise AssertionError("step() indexed the scheduler's alphas_cumprod")
+
+
+def test_fused_ddim_after_add_noise_never_indexes_alphas_cumprod():
+    """img2img: ``add_noise`` moves ``alphas_cumprod`` to the sample's device; the fused step keeps a host copy."""
+    def loop(scheduler, randn):
+        scheduler.set_timesteps(10)
+        timesteps = scheduler.timesteps[4:]  # as img2img at strength 0.6
+        x = scheduler.add_noise(randn(), randn(), timesteps[:1])
+        if isinstance(scheduler, FusedDDIMScheduler):
+            scheduler.alphas_cumprod = OnTheDevice()
+        latents = [x]
+        for t in timesteps:
+            latents.append(scheduler.step(randn(), t, latents[-1]).prev_sample)
+        return latents
+
+    assert_fused_ddim_matches(loop)
