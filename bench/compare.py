@@ -13,6 +13,7 @@ the dynamo graphs and CUDA graphs recorded after warm-up (both must stay flat). 
     python bench/compare.py --subset table            # the DeepCache docs table, extended
     python bench/compare.py --smoke                   # tiny configs on CPU (CI)
     python bench/compare.py --peers all               # every peer, the tuned and autotuned variants included
+    python bench/compare.py --cache-mode shared       # one inductor cache for all peers: shorter, warm-ups less cold
 
 The fastcache peers are ``fastcache.variants.VARIANTS``: plain, hand-captured CUDA graphs ("static"), the fused
 scheduler step ("fused"), and "tuned"/"autotune" with the speed switches of PyTorch's and diffusers' SDXL guides
@@ -188,11 +189,13 @@ def peak_memory() -> dict | None:
 
 
 CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+# what each result says about its warm-up: cold, or helped by the kernels earlier peers compiled
+CACHE_MODES = {"per-peer": "per-peer (cold)", "shared": "shared (later peers may reuse earlier peers' kernels)"}
 
 
 @contextmanager
 def compile_cache_root(cache_dir: str | None) -> Iterator[str]:
-    """Where each compiled peer gets its own cache: ``cache_dir`` (kept for a later run, the profiler) or a
+    """Where the compiled peers' caches go: ``cache_dir`` (kept for a later run, the profiler) or a
     temporary folder removed afterwards. On exit the caller's cache variables are restored and inductor's in-memory
     caches, which point into this root, are cleared."""
     saved = {name: os.environ.get(name) for name in CACHE_VARIABLES}
@@ -211,7 +214,11 @@ def compile_cache_root(cache_dir: str | None) -> Iterator[str]:
 def fresh_compile_cache(peer: str, cache_root: str) -> None:
     """Give each compiled peer its own empty inductor/triton cache, ``cache_root/peer``, so that neither's cold
     start borrows the other's kernels."""
-    path = os.path.join(cache_root, peer)
+    empty_compile_cache(os.path.join(cache_root, peer))
+
+
+def empty_compile_cache(path: str) -> None:
+    """Point inductor and triton at an empty cache in ``path`` and forget what was compiled so far."""
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
@@ -221,20 +228,26 @@ def fresh_compile_cache(peer: str, cache_root: str) -> None:
 
 
 def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
-               cache_root: str) -> Iterator[Result]:
+               cache_root: str, cache_mode: str = "per-peer") -> Iterator[Result]:
     """Each peer's result as soon as it is measured, so that a run cut short by a lease keeps what it measured.
 
     A peer that fails (out of memory at a large shape, say) is logged with its traceback and skipped.
+    ``cache_mode`` "per-peer" compiles each peer cold in its own cache; "shared" leaves the run's one cache (set up
+    by the caller) and inductor's in-memory caches as they are, so a peer may reuse the kernels of the peers before
+    it: dynamo still starts afresh, so each warm-up still traces, compiles what is new and captures its graphs.
     """
     runner = Runner(pipe, config, steps, repeat)
     base, base_latents, base_images = runner.measure("eager")
-    base.extra["speedup_vs_eager"] = 1.0
+    base.extra.update(speedup_vs_eager=1.0, compile_cache=CACHE_MODES[cache_mode])
     if "eager" in peers:
         yield base
     deepcache_latents = None
     for peer in (p for p in PEERS if p in peers and p != "eager"):
-        if peer != "deepcache":
-            fresh_compile_cache(peer, cache_root)
+        if peer != "deepcache":  # a compiled peer traces afresh, in a cold cache of its own or in the shared one
+            if cache_mode == "shared":
+                torch._dynamo.reset()
+            else:
+                fresh_compile_cache(peer, cache_root)
         try:
             result, latents, images = measure_peer(runner, pipe, peer)
         except Exception:
@@ -242,7 +255,7 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
             continue
         result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
         result.psnr_db = psnr(images, base_images)
-        result.extra["speedup_vs_eager"] = base.seconds / result.seconds
+        result.extra.update(speedup_vs_eager=base.seconds / result.seconds, compile_cache=CACHE_MODES[cache_mode])
         if peer == "deepcache":
             deepcache_latents = latents
         elif deepcache_latents is not None and peer in FASTCACHE:
@@ -291,9 +304,9 @@ def measure_compile(runner: Runner, pipe, peer: str, tuned: bool):
             vars(decoder).pop("forward", None)
 
 
-def markdown(results: list[Result], env: dict) -> str:
+def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> str:
     lines = [f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers {env['diffusers']} "
-             f"| weights: {env['weights']}", "",
+             f"| weights: {env['weights']} | inductor cache: {CACHE_MODES[cache_mode]}", "",
              "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
              "| warm-up s | peak reserved GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_config: dict[str, dict[str, Result]] = {}
@@ -343,8 +356,11 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default="out/bench")
-    p.add_argument("--cache-dir", help="keep each compiled peer's inductor cache as CACHE_DIR/PEER (emptied before "
-                                       "the peer runs, so its warm-up stays cold) for a later run to reuse")
+    p.add_argument("--cache-dir", help="keep the inductor caches under CACHE_DIR for a later run to reuse: CACHE_DIR/"
+                                       "PEER, emptied before the peer runs, or CACHE_DIR/shared, emptied at the start")
+    p.add_argument("--cache-mode", default="per-peer", choices=sorted(CACHE_MODES),
+                   help="per-peer: each compiled peer cold in its own inductor cache; shared: one cache for the run, "
+                        "so later peers may reuse earlier peers' kernels (warm-ups shorter, still reported)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -361,23 +377,26 @@ def main(argv=None) -> list[Result]:
     env = environment(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("environment: %s", env)
+    logger.info("environment: %s; inductor cache: %s", env, CACHE_MODES[args.cache_mode])
 
     results: list[Result] = []
     pipes = {}
     with open(out / "results.jsonl", "w") as jsonl, compile_cache_root(args.cache_dir) as cache_root:
+        if args.cache_mode == "shared":
+            empty_compile_cache(os.path.join(cache_root, "shared"))
         for config in SUBSETS[args.subset]:
             if config.preset not in pipes:
                 pipes.clear()  # one model resident at a time
                 pipes[config.preset] = build_pipeline(config.preset, dtype=dtype, device=device)
             logger.info("== %s", config.name)
-            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat, cache_root):
+            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat, cache_root,
+                                args.cache_mode):
                 results.append(r)
                 jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
                 jsonl.flush()
-                (out / "results.md").write_text(markdown(results, env) + "\n")
+                (out / "results.md").write_text(markdown(results, env, args.cache_mode) + "\n")
                 logger.info("   %-10s %.3f s/call (warm-up %.1f s) %s", r.peer, r.seconds, r.warmup_s, r.extra)
-    table = markdown(results, env)
+    table = markdown(results, env, args.cache_mode)
     chart(results, out / "results.png", env)
     print(table)
     return results

@@ -29,11 +29,45 @@ def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
     assert by_peer["compile"].extra["graphs_after_warmup"] == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(results) and all(row["weights"].startswith("random") for row in rows)
+    assert {row["extra"]["compile_cache"] for row in rows} == {"per-peer (cold)"}
     assert "| fastcache |" in (tmp_path / "results.md").read_text()
+    assert "inductor cache: per-peer (cold)" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 0
     # each compiled peer compiled into its own kept cache (the profiler reuses it); uncompiled peers have none
     assert sorted(path.name for path in cache.iterdir() if any(path.iterdir())) == ["compile", "fastcache",
                                                                                     "fastcache-tuned"]
+
+
+def test_shared_mode_compiles_every_peer_into_one_cache_emptied_once(compare, tmp_path, monkeypatch):
+    cache = tmp_path / "inductor"
+    events = []  # in order: the in-memory kernel caches cleared, each peer measured with the cache it was given
+    clear, measure_peer = compare.clear_inductor_caches, compare.measure_peer
+
+    def cleared():
+        events.append("cleared")
+        clear()
+
+    def measured(runner, pipe, peer):
+        events.append((peer, os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]))
+        return measure_peer(runner, pipe, peer)
+
+    monkeypatch.setattr(compare, "clear_inductor_caches", cleared)
+    monkeypatch.setattr(compare, "measure_peer", measured)
+    results = compare.main(["--smoke", "--peers", "eager,compile,fastcache", "--cache-mode", "shared",
+                            "--out", str(tmp_path), "--cache-dir", str(cache)])
+    assert [r.peer for r in results] == ["eager", "compile", "fastcache"]
+    shared = str(cache / "shared")
+    # emptied at the start, on exit (the caches point into the root), never between peers: later peers reuse kernels
+    assert events == ["cleared", ("compile", shared, f"{shared}/triton"), ("fastcache", shared, f"{shared}/triton"),
+                      "cleared"]
+    assert [path.name for path in cache.iterdir()] == ["shared"] and any((cache / "shared").iterdir())
+    by_peer = {r.peer: r for r in results}
+    assert by_peer["fastcache"].extra["graphs_after_warmup"] == by_peer["compile"].extra["graphs_after_warmup"] == 0
+    assert by_peer["fastcache"].warmup_s > 0  # each peer's own warm-up is still measured
+    mode = "shared (later peers may reuse earlier peers' kernels)"
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["extra"]["compile_cache"] for row in rows] == [mode] * 3
+    assert f"inductor cache: {mode}" in (tmp_path / "results.md").read_text()
 
 
 def test_the_full_benchmark_refuses_to_run_on_cpu(compare, tmp_path):
