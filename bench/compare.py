@@ -279,11 +279,8 @@ def measure_peer(runner: Runner, pipe, peer: str) -> tuple[Result, torch.Tensor,
     if peer in ("compile", "compile-tuned"):
         return measure_compile(runner, pipe, peer, tuned=peer == "compile-tuned")
     with FASTCACHE[peer].applied(pipe, config.interval, config.branch) as handle:
-        def captures() -> int:  # CUDA graphs captured by hand (static-cudagraphs variants)
-            return getattr(handle.paths, "captures", 0)
-
-        result, latents, images = runner.measure(peer, captures)
-        result.extra.update(counters=asdict(handle.counters), captures=captures())
+        result, latents, images = runner.measure(peer, lambda: handle.counters.captures)  # static-cudagraphs
+        result.extra.update(counters=asdict(handle.counters))
     return result, latents, images
 
 

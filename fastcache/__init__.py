@@ -1,6 +1,7 @@
 """fastcache: DeepCache and torch.compile with CUDA graphs, stacked, for diffusers UNet pipelines."""
 
-from .handle import Counters, FastCacheHandle, compile_pipeline
+from .counters import Counters
+from .handle import FastCacheHandle, compile_pipeline
 from .schedule import Schedule, quad_center_steps
 
 __all__ = ["Counters", "FastCacheHandle", "Schedule", "compile_pipeline", "quad_center_steps"]

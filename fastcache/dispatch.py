@@ -1,57 +1,72 @@
-"""Per-call state that decides, for each UNet evaluation, whether it is a full or a shallow step."""
+"""For each UNet evaluation: full or shallow, and whose cached feature the shared buffer holds."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .schedule import Schedule, step_count
+import torch
+
+from .loops import Loop, LoopTracker
+from .schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Decision:
+    full: bool
+    new_call: bool  # the evaluation starts a denoising loop (a pipeline call)
+    placed: bool  # it belongs to a loop whose step is known
+    restored: bool = False  # the loop's feature was put back after another evaluation used the buffer
 
 
 class StepDispatcher:
-    """Follows the scheduler's progress through one pipeline call, with no host sync.
+    """Decides each evaluation from its loop's step, and keeps every loop's feature its own.
 
-    A pipeline call starts when the scheduler holds a new ``timesteps`` tensor (``set_timesteps`` makes one on
-    every call), so that is where all state resets: no feature survives into the next call. The step index is
-    the number of UNet evaluations so far divided by ``scheduler.order``, so both evaluations of a Heun step
-    share one decision, and repeated timesteps (PNDM) need no lookup of the timestep value.
+    A shallow step reads the feature buffer of its input shape, so it runs only when that buffer holds the feature
+    its own loop wrote at its last full step. Loops of other threads, and evaluations placed in no loop, may run in
+    between and overwrite the buffer: the feature of a loop they displace is saved first and put back before that
+    loop's next shallow step, so concurrent callers get exactly what each would get alone. A step whose loop is
+    unknown or broken, or whose feature is gone, is full. All state starts afresh with each loop: nothing leaks
+    between calls.
     """
 
     def __init__(self, schedule: Schedule):
-        self.schedule = schedule
+        self.loops = LoopTracker(schedule)
         self.reset()
 
     def reset(self) -> None:
-        """Forget the current call: the next evaluation is step 0 of a new one."""
-        self._timesteps = None  # the scheduler tensor that identifies the current call
-        self._evaluations = 0
-        self._order = 1
-        self._full_steps: frozenset[int] = frozenset()
-        self._filled: set[Any] = set()  # cache keys written by a full step in this call
+        """Forget every loop and every buffer's owner: the next evaluation of any loop is full."""
+        self.loops.reset()
+        self._owner: dict[Any, Loop | None] = {}  # shape key -> the loop whose feature the buffer holds
 
-    @property
-    def evaluations(self) -> int:
-        """UNet evaluations so far in the current pipeline call."""
-        return self._evaluations
+    def decide(self, timestep, key: Any, buffer: torch.Tensor, schedulers=()) -> Decision:
+        """Place the evaluation and make ``buffer`` ready for it; the caller then runs the path it says."""
+        placement = self.loops.place(timestep, schedulers)
+        loop, owner = placement.loop, self._owner.get(key)
+        shallow = (placement.step is not None and placement.step not in loop.full_steps
+                   and (owner is loop or key in loop.saved))
+        restored = shallow and owner is not loop
+        if restored:
+            self._keep(owner, key, buffer, loop)
+            buffer.copy_(loop.saved.pop(key))
+            self._owner[key] = loop
+        if not shallow:
+            self._keep(owner, key, buffer, loop)
+            if loop is not None:
+                loop.saved.pop(key, None)
+            self._owner[key] = loop if placement.step is not None else None  # nobody may read a stray feature
+        if loop is not None and loop.finished:
+            loop.saved.clear()
+        return Decision(not shallow, placement.new_loop, placement.step is not None, restored)
 
-    @property
-    def step(self) -> int:
-        """Index of the denoising step the next evaluation belongs to."""
-        return self._evaluations // self._order
+    def _keep(self, owner: Loop | None, key: Any, buffer: torch.Tensor, by: Loop | None) -> None:
+        """Save ``owner``'s feature before evaluation ``by`` overwrites the buffer, if ``owner`` will read it again.
 
-    def next_is_full(self, scheduler: Any, cache_key: Any) -> bool:
-        """Decide the next evaluation; a key with no feature yet in this call always gets a full step.
-
-        ``scheduler`` is read on every call so that swapping ``pipe.scheduler`` just works.
+        That is a loop still running in another thread, or the running loop of this thread when ``by`` is an
+        evaluation placed in no loop (a direct call from a callback). A thread that moves on to another loop of its
+        own has retired the old one, whose feature is left behind: if that loop resumes, its next step is full.
         """
-        timesteps = scheduler.timesteps
-        if timesteps is not self._timesteps:
-            self.reset()
-            self._timesteps = timesteps
-            self._order = scheduler.order
-            begin = getattr(scheduler, "begin_index", None) or 0
-            self._full_steps = self.schedule.full_steps(step_count(len(timesteps) - begin, self._order))
-        full = self.step in self._full_steps or cache_key not in self._filled
-        self._evaluations += 1
-        if full:
-            self._filled.add(cache_key)
-        return full
+        if owner is None or owner is by or owner.finished or owner.broken:
+            return
+        if self.loops.is_current(owner):
+            owner.saved[key] = buffer.clone()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,34 +13,44 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .dispatch import StepDispatcher
-from .graphs import FeatureBuffers, Paths, build_paths, compile_decoder
+from .counters import Counters
+from .dispatch import Decision, StepDispatcher
+from .graphs import COMPILE_MODES, CompiledPaths, Paths, compile_decoder, compile_options
 from .partition import UNetPartition, downsampling_factor
 from .schedule import Schedule, make_schedule
+from .shapes import FeatureBuffers, on_device, shape_key
+from .static_graphs import StaticGraphPaths
 
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "fastcache"
 
-# UNet arguments the two paths do not implement; a call that uses one runs the original forward instead.
-UNSUPPORTED_ARGUMENTS = (
-    "attention_mask",
-    "cross_attention_kwargs",
-    "down_block_additional_residuals",
-    "mid_block_additional_residual",
-    "down_intrablock_additional_residuals",
-    "encoder_attention_mask",
-)
+# The UNet arguments the two paths implement. A call that sets any other one (attention masks,
+# cross_attention_kwargs, ControlNet/T2I residuals, whatever a later diffusers adds) runs the original forward.
+PATH_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")
+SPLIT_ARGUMENTS = (*PATH_ARGUMENTS, "return_dict")
 
 
-@dataclass
-class Counters:
-    """What the runtime did, for tests and logs: UNet evaluations by path, shapes seen, eager fallbacks."""
+class _Arguments:
+    """Binds a hooked call's arguments against the UNet's own ``forward`` signature, so no copy of it can drift."""
 
-    full: int = 0
-    shallow: int = 0
-    shapes: int = 0
-    fallbacks: int = 0
+    def __init__(self, forward: Callable):
+        self.signature = inspect.signature(forward)  # the class's function: its first parameter is ``self``
+        self.names = list(self.signature.parameters)[1:]
+        self.defaults = {name: self.signature.parameters[name].default for name in self.names}
+        self.required = [name for name, default in self.defaults.items() if default is inspect.Parameter.empty]
+        self.others = [name for name in self.names if name not in SPLIT_ARGUMENTS]  # set: the original forward runs
+
+    def bind(self, module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        positional = self.names[:len(args)]
+        if len(args) <= len(self.names) and kwargs.keys() <= self.defaults.keys() and not kwargs.keys() & positional:
+            bound = {**self.defaults, **dict(zip(positional, args, strict=True)), **kwargs}
+            if not any(bound[name] is inspect.Parameter.empty for name in self.required):
+                return bound
+        # the rare call the quick bind cannot take: bind it properly, which raises the TypeError forward would
+        bound = self.signature.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        return dict(list(bound.arguments.items())[1:])
 
 
 @dataclass
@@ -46,20 +58,26 @@ class FastCacheHandle:
     """Everything fastcache added to one pipeline: partition, schedule, compiled paths, buffers and state.
 
     ``disable()`` removes the hooks and leaves the pipeline exactly as it was; ``enable()`` puts them back
-    (compiled graphs and buffers are kept, so re-enabling costs nothing).
+    (compiled graphs and buffers are kept, so re-enabling costs nothing). UNet evaluations run one at a time
+    (a lock): threads may share the UNet, each loop keeping its own features.
     """
 
     pipe: Any = field(repr=False)
     partition: UNetPartition = field(repr=False)
     schedule: Schedule
-    paths: Paths = field(repr=False)
+    paths: Paths | StaticGraphPaths = field(repr=False)
     dispatcher: StepDispatcher = field(repr=False)
     buffers: FeatureBuffers = field(repr=False)
+    counters: Counters
     decoder: Callable | None = field(default=None, repr=False)  # the compiled VAE decoder, if any
-    counters: Counters = field(default_factory=Counters)
     enabled: bool = False
     _warned: set = field(default_factory=set, repr=False)  # fallback reasons already logged
     _added: dict = field(default_factory=dict, repr=False)  # hooked module -> the attributes enable() created
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
+    _stream: Any = field(default=None, repr=False)  # the CUDA stream that last used the buffers
+
+    def __post_init__(self):
+        self._arguments = _Arguments(type(self.unet).forward)
 
     @property
     def unet(self):
@@ -99,46 +117,60 @@ class FastCacheHandle:
         """Replacement for ``vae.decoder.forward``: the same forward, compiled."""
         return self.decoder(*args, **kwargs)
 
-    def forward(self, unet, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
-                attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
-                down_block_additional_residuals=None, mid_block_additional_residual=None,
-                down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict=True):
-        """Replacement for ``unet.forward`` (same signature) while the handle is enabled."""
-        args = locals()
-        unsupported = [name for name in UNSUPPORTED_ARGUMENTS if args[name] not in (None, {})]
+    def forward(self, unet, *args, **kwargs):
+        """Replacement for ``unet.forward`` while the handle is enabled: the full or the shallow path."""
+        call = self._arguments.bind(unet, args, kwargs)
+        unsupported = [name for name in self._arguments.others if _is_set(call[name])]
         if self._freeu_enabled():
             unsupported.append("FreeU")
         if torch.is_grad_enabled():  # the feature buffer would keep the full step's autograd graph alive
             unsupported.append("autograd (call the UNet under torch.no_grad(), as pipelines do)")
         if unsupported:
-            return self._fallback(unsupported, args)
-        if not torch.is_tensor(timestep) or timestep.device != sample.device:
-            timestep = torch.as_tensor(timestep, device=sample.device)
+            return self._fallback(unsupported, args, kwargs)
 
-        key = (tuple(sample.shape), sample.dtype, sample.device, tuple(encoder_hidden_states.shape))
-        if key not in self.buffers:  # a new shape: checked once, not on every step
-            self._check_size(sample)
-        cache = self.buffers.get(key, sample)
-        self.counters.shapes = len(self.buffers)
-        full = self.dispatcher.next_is_full(self.pipe.scheduler, key)
-        if self.dispatcher.evaluations == 1:  # a pipeline call starts
-            self.paths.start_call()
-        out = self.paths(full, key, dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                                         cache=cache, added_cond_kwargs=added_cond_kwargs, timestep_cond=timestep_cond,
-                                         class_labels=class_labels))
-        if full:
-            self.counters.full += 1
-        else:
-            self.counters.shallow += 1
-        return _unet_output(out, return_dict)
+        sample, timestep = call["sample"], call["timestep"]
+        inputs = {name: on_device(call[name], sample.device) for name in PATH_ARGUMENTS}
+        if not torch.is_tensor(timestep):  # a Python number would be baked into the graph
+            inputs["timestep"] = torch.as_tensor(timestep, device=sample.device)
+        key = shape_key(inputs)
+        with self._lock:
+            if key not in self.buffers:  # a new shape: checked once, not on every step
+                self._check_size(sample)
+            cache = self.buffers.get(key, sample)
+            self.counters.shapes = len(self.buffers)
+            self._follow_stream(cache)
+            # the timestep as the caller passed it: a view of the scheduler's timesteps names the loop and step
+            decision = self.dispatcher.decide(timestep, key, cache, (self.pipe.scheduler,))
+            if decision.new_call:
+                self.paths.start_call()
+            out = self.paths(decision.full, key, dict(inputs, cache=cache))
+            self._count(decision)
+        return UNet2DConditionOutput(sample=out) if call["return_dict"] else (out,)
 
     # -- helpers -----------------------------------------------------------------------------------------
+
+    def _count(self, decision: Decision) -> None:
+        counters = self.counters
+        counters.full += decision.full
+        counters.shallow += not decision.full
+        counters.unplaced += not decision.placed
+        counters.restores += decision.restored
+
+    def _follow_stream(self, buffer: torch.Tensor) -> None:
+        """Order this evaluation after the last one if they run on different CUDA streams (say, two threads'):
+        both read and write the same buffers. Stream waits are device-side: no host sync."""
+        if not buffer.is_cuda:
+            return
+        stream = torch.cuda.current_stream(buffer.device)
+        if self._stream is not None and stream != self._stream:
+            stream.wait_stream(self._stream)
+        self._stream = stream
 
     def _check_size(self, sample: torch.Tensor) -> None:
         factor = downsampling_factor(self.unet)
         height, width = sample.shape[-2:]
         if height % factor or width % factor:
-            scale = _vae_scale(self.pipe)
+            scale = int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
             raise ValueError(
                 f"fastcache needs height and width that are multiples of {factor * scale} pixels "
                 f"(latents multiples of {factor}); got latents {height}x{width}, i.e. {height * scale}x{width * scale} "
@@ -146,9 +178,10 @@ class FastCacheHandle:
             )
 
     def _freeu_enabled(self) -> bool:
-        return any(vars(up).get("b1") for up in self.unet.up_blocks)  # diffusers' enable_freeu sets b1..s2
+        # diffusers' enable_freeu sets b1..s2 on the up blocks (read without nn.Module's slow __getattr__)
+        return any(vars(up).get("b1") for up in self.unet._modules["up_blocks"])
 
-    def _fallback(self, reasons: list[str], args: dict) -> Any:
+    def _fallback(self, reasons: list[str], args: tuple, kwargs: dict) -> Any:
         """Run the UNet's original forward (correct, uncached) for a call fastcache cannot split."""
         self.counters.fallbacks += 1
         if tuple(reasons) not in self._warned:
@@ -156,8 +189,7 @@ class FastCacheHandle:
             logger.warning("fastcache: %s not supported; running the original UNet forward for these calls.",
                            ", ".join(reasons))
         hook = HookRegistry.check_if_exists_or_initialize(self.unet).get_hook(HOOK_NAME)
-        del args["self"], args["unet"]
-        return hook.fn_ref.original_forward(**args)
+        return hook.fn_ref.original_forward(*args, **kwargs)
 
 
 class _Hook(ModelHook):
@@ -171,12 +203,8 @@ class _Hook(ModelHook):
         return self.forward(module, *args, **kwargs)
 
 
-def _unet_output(sample: torch.Tensor, return_dict: bool):
-    return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
-
-
-def _vae_scale(pipe: Any) -> int:
-    return int(getattr(pipe, "vae_scale_factor", 1) or 1)
+def _is_set(value: Any) -> bool:
+    return value is not None and not (isinstance(value, dict) and not value)
 
 
 def compile_pipeline(
@@ -199,7 +227,7 @@ def compile_pipeline(
         interval: full UNet every ``interval`` steps (1 = no caching, same output as the plain pipeline).
         branch: DeepCache branch id; 0 (shallowest, fastest) to ``3 * len(unet.down_blocks) - 1`` for the
             usual two layers per block.
-        schedule: ``"uniform"``, ``"quad-center"`` (the paper's non-uniform schedule, with ``center`` and
+        schedule: ``"uniform"``, ``"quad-center"`` (DeepCache's non-uniform schedule, with ``center`` and
             ``pow``) or an explicit list of full-step indices (must contain 0).
         compile: compile both paths with ``torch.compile`` (CUDA graphs on CUDA with the default ``mode``);
             ``False`` runs the same runtime eagerly.
@@ -209,8 +237,8 @@ def compile_pipeline(
             ``graphs.UNET_INDUCTOR_OPTIONS``; merged into ``mode``'s own.
         compile_vae: also compile ``pipe.vae.decoder`` (without CUDA graphs); removed again by ``disable()``.
 
-    Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing on the pipeline changes if an
-    argument is invalid: every check runs before the hook is attached.
+    Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing changes, on the pipeline or in
+    torch's process-wide settings, if an argument is invalid: every check runs first.
     """
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(getattr(pipe, "scheduler", None), "timesteps"):
@@ -224,18 +252,42 @@ def compile_pipeline(
         raise ValueError("pipe.unet is already torch.compile'd; pass the plain UNet: fastcache compiles it itself.")
     if hasattr(unet, "_hf_hook"):
         raise ValueError("fastcache keeps the UNet on one device: disable model CPU offload (accelerate hooks) first.")
+    for name, value in (("compile", compile), ("compile_vae", compile_vae)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False; got {value!r}.")
+    if inductor_options is not None and not isinstance(inductor_options, Mapping):
+        raise TypeError(f"inductor_options must be a mapping of torch._inductor.config settings to values, or None; "
+                        f"got {type(inductor_options).__name__}.")
     if not compile and (inductor_options or compile_vae):
         raise ValueError("inductor_options and compile_vae need compile=True.")
+    if compile and mode not in COMPILE_MODES:
+        raise ValueError(f"mode must be one of {COMPILE_MODES}; got {mode!r}.")
+    if compile:
+        compile_options(mode, inductor_options)  # unknown inductor options raise here
     if compile_vae and not hasattr(getattr(pipe, "vae", None), "decoder"):
         raise ValueError(f"compile_vae needs a pipeline with a VAE decoder (pipe.vae.decoder); "
                          f"{type(pipe).__name__} has none.")
-    partition = UNetPartition(unet, branch)
     plan = make_schedule(schedule, interval, center, pow)
-    paths = build_paths(partition, compile, mode, inductor_options)
+    partition = UNetPartition(unet, branch)
+
+    # every argument is valid: from here on, settings change (dynamo's recompile limit) and things are built
+    counters = Counters()
+    paths = _build_paths(partition, counters, compile, mode, inductor_options)
     decoder = compile_decoder(pipe.vae.decoder, inductor_options) if compile_vae else None
-    handle = FastCacheHandle(pipe, partition, plan, paths, StepDispatcher(plan), FeatureBuffers(partition), decoder)
+    handle = FastCacheHandle(pipe, partition, plan, paths, StepDispatcher(plan), FeatureBuffers(partition), counters,
+                             decoder)
     handle.enable()
     logger.info("fastcache: enabled on %s (interval=%d, branch=%d, schedule=%s, compile=%s, inductor_options=%s, "
-                "compile_vae=%s)", type(pipe).__name__, interval, branch, plan.kind, paths.mode if compile else False,
-                dict(inductor_options or {}), compile_vae)
+                "compile_vae=%s)", type(pipe).__name__, plan.interval, partition.boundary.branch, plan.kind,
+                paths.mode if compile else False, dict(inductor_options or {}), compile_vae)
     return handle
+
+
+def _build_paths(partition: UNetPartition, counters: Counters, compile: bool, mode: str,
+                 inductor_options: Mapping[str, Any] | None) -> Paths | StaticGraphPaths:
+    """The eager paths, or both compiled separately in ``mode`` (hand-captured CUDA graphs wrap them)."""
+    if not compile:
+        return Paths(partition, counters)
+    if mode == "static-cudagraphs":
+        return StaticGraphPaths(CompiledPaths(partition, counters, mode, inductor_options), partition.unet, counters)
+    return CompiledPaths(partition, counters, mode, inductor_options)

@@ -9,6 +9,8 @@ module's output.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +77,9 @@ def check_unet(unet: Any) -> None:
 def resolve_branch(unet: UNet2DConditionModel, branch: int) -> Boundary:
     """Map a DeepCache branch id to the layers a skip step recomputes; ``ValueError`` if out of range."""
     positions = branch_positions(unet)
-    if not isinstance(branch, int) or isinstance(branch, bool) or not 0 <= branch < len(positions):
+    if not isinstance(branch, numbers.Integral) or isinstance(branch, bool) or not 0 <= branch < len(positions):
         raise ValueError(f"branch must be an int in [0, {len(positions) - 1}] for this UNet; got {branch!r}.")
+    branch = operator.index(branch)  # numpy integers too
     block, layer = positions[branch]
     n_layers = len(unet.down_blocks[block].resnets)
     return Boundary(branch, block, layer, len(unet.down_blocks) - 1 - block, n_layers - layer)

@@ -1,16 +1,20 @@
 """Shared fixtures: tiny SD-like and SDXL-like pipelines built from config with random weights (CPU, fp32)."""
 
+import ast
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fastcache import compile_pipeline
 from fastcache.models import build_pipeline, random_prompt_embeds
 
 TINY_PRESETS = ("tiny-sd", "tiny-sdxl")
@@ -29,6 +33,49 @@ def load_script(relative_path: str):
     return module
 
 
+def deepcache_function(module: str, name: str):
+    """A function of the installed DeepCache package, as the oracle for our own.
+
+    DeepCache's pipeline modules no longer import against current diffusers, so the function is read from the
+    package's own source file and run alone (numpy is all it uses); nothing of it is copied into this repository.
+    """
+    path = Path(importlib.util.find_spec("DeepCache").origin).parent.joinpath(*module.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"np": np}
+    exec(compile(ast.Module([node], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
+
+
+@contextmanager
+def deepcache_helper(pipe, interval: int, branch: int):
+    """The oracle: a fresh ``DeepCacheSDHelper`` enabled on ``pipe``."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        yield helper
+    finally:
+        helper.disable()
+
+
+def helper_run(runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
+    """One call of ``runner`` under a fresh DeepCache helper."""
+    with deepcache_helper(runner.pipe, interval, branch):
+        return runner(**kwargs)
+
+
+def fastcache_run(runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
+    """One call of ``runner`` with a fresh eager fastcache handle."""
+    handle = compile_pipeline(runner.pipe, interval, branch, compile=False)
+    try:
+        return runner(**kwargs)
+    finally:
+        handle.disable()
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -36,10 +83,15 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 class Runner:
     """A tiny pipeline plus a call that returns latents for a fixed seed."""
 
-    def __init__(self, preset: str):
+    def __init__(self, preset: str, pipe=None):
         self.preset = preset
-        self.pipe = build_pipeline(preset)
+        self.pipe = pipe or build_pipeline(preset)
         self.embeds = random_prompt_embeds(self.pipe)
+
+    def sharing_unet(self, scheduler_cls) -> "Runner":
+        """A ``from_pipe`` pipeline of the same class, sharing this one's UNet, with a scheduler of its own."""
+        scheduler = scheduler_cls.from_config(self.pipe.scheduler.config)
+        return Runner(self.preset, type(self.pipe).from_pipe(self.pipe, scheduler=scheduler))
 
     def __call__(self, steps: int = STEPS, seed: int = 0, embeds=None, size: int = SIZE, output_type: str = "latent",
                  **kwargs) -> torch.Tensor:
@@ -48,12 +100,14 @@ class Runner:
 
 
 class Img2ImgRunner:
-    """The same components as an img2img pipeline at strength 0.6: the call starts mid-schedule."""
+    """An img2img ``from_pipe`` pipeline at strength 0.6 (the call starts mid-schedule), sharing the runner's UNet
+    and, unless given a scheduler class of its own (a hires-fix pass), its scheduler."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, scheduler_cls=None):
         from diffusers import StableDiffusionImg2ImgPipeline
 
-        self.pipe = StableDiffusionImg2ImgPipeline(**runner.pipe.components)
+        own = {"scheduler": scheduler_cls.from_config(runner.pipe.scheduler.config)} if scheduler_cls else {}
+        self.pipe = StableDiffusionImg2ImgPipeline.from_pipe(runner.pipe, **own)
         self.embeds = runner.embeds
         self.image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
 

@@ -1,10 +1,10 @@
-"""The dispatcher's decisions, unit by unit and through every supported scheduler."""
+"""The dispatcher's decisions and feature ownership, unit by unit and through every supported scheduler."""
 
-from types import SimpleNamespace
+import threading
 
 import pytest
 import torch
-from conftest import rel_l2
+from conftest import fastcache_run, helper_run, rel_l2
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -15,45 +15,83 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from test_handle import fastcache_run, helper_run
 
 from fastcache import compile_pipeline
 from fastcache.dispatch import StepDispatcher
 from fastcache.schedule import Schedule
 
 
-def fake_scheduler(evaluations: int, order: int = 1, begin_index=None):
-    return SimpleNamespace(timesteps=torch.arange(evaluations), order=order, begin_index=begin_index)
+class Evaluations:
+    """Drives a dispatcher as the handle does, with a buffer per key that a full step writes its loop's name into."""
+
+    def __init__(self, interval=3):
+        self.dispatcher = StepDispatcher(Schedule("uniform", interval))
+        self.buffers = {}
+
+    def __call__(self, timestep, name, key="k") -> tuple[bool, float]:
+        """(full?, the feature the evaluation reads: what a full step wrote, by the loop called ``name``)."""
+        buffer = self.buffers.setdefault(key, torch.zeros(()))
+        decision = self.dispatcher.decide(timestep, key, buffer)
+        if decision.full:
+            buffer.fill_(name)
+        return decision.full, buffer.item()
 
 
-def decisions(dispatcher, scheduler, n, key="k"):
-    return [dispatcher.next_is_full(scheduler, key) for _ in range(n)]
-
-
-def test_uniform_decisions_and_reset_on_new_timesteps():
-    dispatcher = StepDispatcher(Schedule("uniform", 3))
-    scheduler = fake_scheduler(7)
-    assert decisions(dispatcher, scheduler, 7) == [True, False, False, True, False, False, True]
-    scheduler.timesteps = torch.arange(7)  # set_timesteps of the next pipeline call
-    assert decisions(dispatcher, scheduler, 2) == [True, False]
-
-
-def test_order_two_schedulers_decide_once_per_step():
-    dispatcher = StepDispatcher(Schedule("uniform", 2))
-    assert decisions(dispatcher, fake_scheduler(7, order=2), 7) == [True, True, False, False, True, True, False]
+def test_uniform_decisions_and_a_fresh_start_with_every_new_timesteps_tensor():
+    run = Evaluations()
+    timesteps = torch.arange(7)
+    assert [run(t, 1)[0] for t in timesteps] == [True, False, False, True, False, False, True]
+    timesteps = torch.arange(7)  # set_timesteps of the next pipeline call
+    assert [run(t, 2)[0] for t in timesteps[:2]] == [True, False]
 
 
 def test_a_new_shape_gets_a_full_step_first():
-    dispatcher = StepDispatcher(Schedule("uniform", 3))
-    scheduler = fake_scheduler(6)
-    assert decisions(dispatcher, scheduler, 2, key="a") == [True, False]
-    assert decisions(dispatcher, scheduler, 3, key="b") == [True, True, False]  # steps 2, 3, 4
+    run = Evaluations()
+    timesteps = torch.arange(6)
+    assert [run(t, 1, key="a")[0] for t in timesteps[:2]] == [True, False]
+    assert [run(t, 1, key="b")[0] for t in timesteps[2:5]] == [True, True, False]  # steps 2, 3, 4
 
 
-def test_quad_center_counts_steps_from_the_begin_index():
-    dispatcher = StepDispatcher(Schedule("quad-center", 5))
-    full = decisions(dispatcher, fake_scheduler(60, begin_index=10), 50)
-    assert [i for i, f in enumerate(full) if f] == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+def test_evaluations_placed_in_no_loop_are_full_and_the_loop_gets_its_feature_back():
+    """A direct call with a hand-made timestep, from a callback in the middle of a loop."""
+    run = Evaluations()
+    timesteps = torch.arange(6)
+    assert run(timesteps[0], 1) == (True, 1)
+    assert run(torch.tensor(500), 9) == (True, 9)
+    assert run(timesteps[1], 1) == (False, 1), "the loop reads its own feature, put back"
+    assert run(700, 9) == (True, 9)
+    assert run(timesteps[2], 1) == (False, 1)
+
+
+def test_loops_of_two_threads_keep_their_own_features():
+    run = Evaluations()
+    mine, theirs = torch.arange(6), torch.arange(6)
+    read = []
+    assert run(mine[0], 1) == (True, 1)
+    thread = threading.Thread(target=lambda: read.extend(run(t, 2) for t in theirs[:2]))
+    thread.start()
+    thread.join(timeout=30)
+    assert read == [(True, 2), (False, 2)]
+    assert run(mine[1], 1) == (False, 1), "restored after the other thread's loop overwrote the buffer"
+
+
+def test_a_thread_moving_to_another_loop_leaves_the_old_ones_feature_behind():
+    """Nothing is saved for a loop its own thread left (it may never come back); if it does, its next step is full."""
+    run = Evaluations()
+    first, second = torch.arange(6), torch.arange(6)
+    assert run(first[0], 1) == (True, 1)
+    assert run(second[0], 2) == (True, 2)
+    assert run(first[1], 1) == (True, 1), "step 1 is shallow by the schedule, but its feature is gone"
+    assert run(first[2], 1) == (False, 1)
+    assert not any(loop.saved for loop in run.dispatcher.loops._retired[threading.get_ident()])
+
+
+def test_a_broken_loop_never_reads_the_buffer():
+    run = Evaluations()
+    timesteps = torch.arange(6)
+    assert run(timesteps[0], 1) == (True, 1)
+    assert run(timesteps[0], 2) == (True, 2)  # a second view at step 0
+    assert [run(t, 3)[0] for t in timesteps[1:]] == [True] * 5
 
 
 UNIQUE_TIMESTEP_SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
@@ -80,8 +118,14 @@ def test_repeated_timestep_schedulers(sd_runner, scheduler, evaluations, full):
 
     handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
     seen = []
-    next_is_full = handle.dispatcher.next_is_full
-    handle.dispatcher.next_is_full = lambda *a: seen.append(next_is_full(*a)) or seen[-1]
+    decide = handle.dispatcher.decide
+
+    def spy(*args):
+        decision = decide(*args)
+        seen.append(decision.full)
+        return decision
+
+    handle.dispatcher.decide = spy
     out = sd_runner()
     assert len(seen) == evaluations and sum(seen) == full
     order = sd_runner.pipe.scheduler.order

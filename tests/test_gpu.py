@@ -12,8 +12,8 @@ from fastcache.variants import VARIANTS
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_runner() -> Runner:
-    runner = Runner("tiny-sd")
+def cuda_runner(preset: str = "tiny-sd") -> Runner:
+    runner = Runner(preset)
     runner.pipe.to("cuda", torch.float16)
     runner.embeds = {k: v.to("cuda", torch.float16) for k, v in runner.embeds.items()}
     return runner
@@ -85,12 +85,36 @@ def test_static_cudagraphs_capture_once_per_path_and_match_reduce_overhead():
     handle.disable()
     static = compile_pipeline(runner.pipe, 3, 0, mode="static-cudagraphs")
     first = runner()
-    assert static.paths.captures == 2
+    assert static.counters.captures == 2
     with torch.compiler.set_stance("fail_on_recompile"):
         again = runner()
-    assert static.paths.captures == 2 and static.paths.replays == 20
+    assert static.counters.captures == 2 and static.counters.replays == 20
     assert torch.equal(again, first)
     assert rel_l2(first, expected) < 5e-3
+    static.disable()
+
+
+def test_static_cudagraphs_take_numbers_and_cpu_tensors_as_device_inputs_never_captured_stale():
+    """Direct calls with a Python-number timestep and CPU conditioning tensors (SDXL's time ids): both become
+    device inputs of the one captured graph, so a replay at another timestep computes that timestep."""
+    runner = cuda_runner("tiny-sdxl")
+    unet = runner.pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator).to("cuda", torch.float16)
+    context = runner.embeds["prompt_embeds"].repeat(2, 1, 1)
+    conditioning = dict(text_embeds=runner.embeds["pooled_prompt_embeds"].repeat(2, 1).cpu(),
+                        time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2, dtype=torch.float16))
+
+    def call(timestep, device):
+        added = {name: value.to(device) for name, value in conditioning.items()}
+        return unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+    with torch.no_grad():
+        expected = {t: call(torch.tensor(t, device="cuda"), "cuda") for t in (999, 10)}
+        static = compile_pipeline(runner.pipe, 3, 0, mode="static-cudagraphs")
+        outputs = [(t, call(t, "cpu")) for t in (999, 10, 999)]
+    assert static.counters.captures == 1 and static.counters.unplaced == 3
+    assert all(rel_l2(out, expected[t]) < 5e-3 for t, out in outputs)
     static.disable()
 
 
@@ -103,7 +127,7 @@ def test_static_cudagraphs_capture_again_once_the_weights_move():
         for param in runner.pipe.unet.parameters():
             param.data = param.data * 0.9
     moved = runner()
-    assert static.paths.captures == 4
+    assert static.counters.captures == 4
     static.disable()
     eager = compile_pipeline(runner.pipe, 3, 0, compile=False)
     expected = runner()
@@ -125,7 +149,7 @@ def test_static_cudagraphs_capture_again_for_a_scheduler_with_other_timestep_dty
     runner()
     runner.pipe.scheduler = euler
     swapped = runner()
-    assert static.paths.captures == 4
+    assert static.counters.captures == 4
     assert rel_l2(swapped, expected) < 5e-3
     static.disable()
 
@@ -140,6 +164,6 @@ def test_tuned_variant_captures_once_and_matches_the_plain_runtime():
         first = runner(output_type="pt")
         with torch.compiler.set_stance("fail_on_recompile"):
             again = runner(output_type="pt")
-        assert tuned.paths.captures == 2
+        assert tuned.counters.captures == 2
     assert torch.equal(again, first)
     assert rel_l2(first, expected) < 5e-3

@@ -2,23 +2,17 @@
 
 import pytest
 import torch
-from conftest import Runner, rel_l2
+from conftest import Runner, helper_run, rel_l2
 from diffusers.models.attention_processor import AttnProcessor
-from test_handle import helper_run
 from torch._dynamo.utils import counters as dynamo_counters
 
 from fastcache import compile_pipeline
-from fastcache.graphs import (
-    COMPILE_MODES,
-    UNET_INDUCTOR_OPTIONS,
-    Paths,
-    StaticGraphPaths,
-    WeightsWatch,
-    build_paths,
-    compile_options,
-)
+from fastcache.counters import Counters
+from fastcache.graphs import UNET_INDUCTOR_OPTIONS, CompiledPaths, Paths, compile_options
 from fastcache.partition import UNetPartition
+from fastcache.static_graphs import StaticGraphPaths
 from fastcache.variants import speed_switches
+from fastcache.weights_watch import WeightsWatch
 
 
 @pytest.mark.parametrize("preset, guidance", [("tiny-sd", 7.5), ("tiny-sdxl", 1.0)], ids=["sd-cfg", "sdxl-no-cfg"])
@@ -36,16 +30,16 @@ def test_compiled_paths_match_the_helper_and_never_recompile(preset, guidance):
     assert torch.equal(second, first)
     assert dynamo_counters["stats"]["unique_graphs"] - graphs_before == 2
     assert (handle.counters.full, handle.counters.shallow, handle.counters.shapes) == (8, 12, 1)
+    assert handle.counters.compiles == 2, "one compilation per (shape, path)"
 
     handle.disable()
     assert torch.equal(runner(guidance_scale=guidance), Runner(preset)(guidance_scale=guidance))
 
 
-def test_compile_false_returns_the_eager_methods(sd_runner):
-    partition = UNetPartition(sd_runner.pipe.unet, 0)
-    paths = build_paths(partition, compile=False, mode="reduce-overhead")
-    assert type(paths) is Paths and paths.full == partition.full and paths.shallow == partition.shallow
-    assert "reduce-overhead" in COMPILE_MODES
+def test_compile_false_runs_the_partition_itself(sd_runner):
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    assert type(handle.paths) is Paths
+    assert handle.paths.path(True) == handle.partition.full and handle.paths.path(False) == handle.partition.shallow
 
 
 def test_tuned_pipeline_with_inductor_options_and_compiled_decoder(sd_runner):
@@ -100,7 +94,9 @@ def test_weights_watch_notices_moved_weights_and_changed_modules_but_not_in_plac
 
 
 def test_static_graphs_are_dropped_at_the_next_call_once_the_weights_moved(sd_runner):
-    paths = StaticGraphPaths(UNetPartition(sd_runner.pipe.unet, 0))
+    partition = UNetPartition(sd_runner.pipe.unet, 0)
+    counters = Counters()
+    paths = StaticGraphPaths(CompiledPaths(partition, counters, "default"), partition.unet, counters)
     paths.graphs["captured"] = "graph"  # what a capture on CUDA leaves
     paths.pool = "pool"
     paths.start_call()
@@ -108,3 +104,4 @@ def test_static_graphs_are_dropped_at_the_next_call_once_the_weights_moved(sd_ru
     sd_runner.pipe.unet.to(memory_format=torch.channels_last)
     paths.start_call()
     assert paths.graphs == {} and paths.pool is None
+

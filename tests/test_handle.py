@@ -1,31 +1,13 @@
 """compile_pipeline in eager mode (compile=False) against the original DeepCache helper and the plain pipeline."""
 
+import numpy as np
 import pytest
 import torch
-from conftest import Img2ImgRunner, Runner, rel_l2
-from DeepCache import DeepCacheSDHelper
+from conftest import Img2ImgRunner, fastcache_run, helper_run, rel_l2
 
 from fastcache import compile_pipeline
 from fastcache.models import random_prompt_embeds
 from fastcache.variants import speed_switches
-
-
-def helper_run(runner: Runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
-    helper = DeepCacheSDHelper(pipe=runner.pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-    try:
-        return runner(**kwargs)
-    finally:
-        helper.disable()
-
-
-def fastcache_run(runner: Runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
-    handle = compile_pipeline(runner.pipe, interval, branch, compile=False)
-    try:
-        return runner(**kwargs)
-    finally:
-        handle.disable()
 
 
 @pytest.mark.parametrize("interval", [1, 2, 3, 5])
@@ -97,27 +79,42 @@ def test_the_paths_hear_of_each_pipeline_call_once(sd_runner, monkeypatch):
     handle.disable()
 
 
-def test_quad_center_schedule_runs(sd_runner):
-    handle = compile_pipeline(sd_runner.pipe, 5, 0, schedule="quad-center", compile=False)
-    sd_runner(steps=50)
-    assert handle.counters.full == 10
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(interval=0), "interval must be an int >= 1"),
-    (dict(branch=9), r"branch must be an int in \[0, 8\]"),
-    (dict(schedule="sometimes"), "schedule must be one of"),
-    (dict(mode="fastest"), "mode must be one of"),
-    (dict(inductor_options={"conv_1x1_as_mm": True, "go_fast": True}), r"unknown inductor options \['go_fast'\]"),
-    (dict(compile=False, compile_vae=True), "need compile=True"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(interval=0), ValueError, "interval must be an int >= 1"),
+    (dict(interval=2.5), TypeError, "interval must be an int >= 1"),
+    (dict(branch=9), ValueError, r"branch must be an int in \[0, 8\]"),
+    (dict(branch=True), ValueError, r"branch must be an int in \[0, 8\]"),
+    (dict(schedule="sometimes"), ValueError, "schedule must be one of"),
+    (dict(schedule=None), TypeError, "schedule must be one of"),
+    (dict(schedule=5), TypeError, "schedule must be one of"),
+    (dict(schedule=[0, False]), TypeError, "every explicit schedule entry must be an int"),
+    (dict(schedule=[0, 2.0]), TypeError, "every explicit schedule entry must be an int"),
+    (dict(mode="fastest"), ValueError, "mode must be one of"),
+    (dict(compile="yes"), TypeError, "compile must be True or False"),
+    (dict(compile_vae=1), TypeError, "compile_vae must be True or False"),
+    (dict(inductor_options=[("conv_1x1_as_mm", True)]), TypeError, "inductor_options must be a mapping"),
+    (dict(inductor_options={"conv_1x1_as_mm": True, "go_fast": True}), ValueError,
+     r"unknown inductor options \['go_fast'\]"),
+    (dict(mode="static-cudagraphs", inductor_options={"go_fast": True}), ValueError, "unknown inductor options"),
+    (dict(compile=False, compile_vae=True), ValueError, "need compile=True"),
 ])
-def test_bad_arguments_raise_and_leave_the_pipeline_untouched(sd_runner, kwargs, message):
+def test_bad_arguments_raise_and_leave_the_pipeline_and_torch_untouched(sd_runner, kwargs, error, message):
     baseline = sd_runner()
     attributes = dict(vars(sd_runner.pipe.unet))
-    with pytest.raises(ValueError, match=message):
-        compile_pipeline(sd_runner.pipe, **kwargs)
+    with torch._dynamo.config.patch(recompile_limit=8), pytest.raises(error, match=message):
+        try:
+            compile_pipeline(sd_runner.pipe, **kwargs)
+        finally:
+            assert torch._dynamo.config.recompile_limit == 8, "torch's settings change once all arguments are valid"
     assert vars(sd_runner.pipe.unet) == attributes
     assert torch.equal(sd_runner(), baseline)
+
+
+def test_numpy_integers_are_accepted_for_interval_and_branch(sd_runner):
+    expected = helper_run(sd_runner, 3, 1)
+    handle = compile_pipeline(sd_runner.pipe, np.int64(3), np.int32(1), compile=False)
+    assert (handle.schedule.interval, handle.partition.boundary.branch) == (3, 1)
+    assert rel_l2(sd_runner(), expected) < 1e-5
 
 
 def test_unsupported_pipelines_are_rejected(sd_runner):

@@ -4,8 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import rel_l2
-from test_handle import helper_run
+from conftest import helper_run, rel_l2
 
 from fastcache.variants import VARIANTS, speed_switches
 

@@ -1,0 +1,73 @@
+"""Static shapes: the key that names a UNet input signature, and the feature buffer kept for each.
+
+Every distinct input signature (batch, height, width, guidance on/off, dtypes) is its own static shape: one graph
+per path, one feature buffer. One function builds the key, for the buffers and for hand-captured graphs alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from .partition import UNetPartition, feature_shape
+
+logger = logging.getLogger(__name__)
+
+
+def shape_key(inputs: dict[str, Any]) -> tuple:
+    """What a compiled graph specialises on: each tensor's dtype, shape and device, and every other value itself."""
+    key = []
+    for name, value in inputs.items():  # runs on every UNet evaluation: cheap checks first
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            key.append((name, value.dtype, value.shape, value.device))
+        elif isinstance(value, dict):
+            key.append((name, shape_key(value)))
+        else:
+            key.append((name, value if isinstance(value, Hashable) else repr(value)))
+    return tuple(key)
+
+
+def on_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it on ``device``: a CPU tensor would be baked into a CUDA graph as it was."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {name: on_device(v, device) for name, v in value.items()}
+    return value
+
+
+class FeatureBuffers:
+    """One static feature buffer per input shape, allocated on first use and kept for the handle's life.
+
+    Its address never changes (``mark_static_address``): the full graph writes it in place and the shallow graph
+    reads it, so no graph output crosses from one graph to the other (cudagraph trees reuse output memory).
+    """
+
+    def __init__(self, partition: UNetPartition):
+        self.partition = partition
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._buffers
+
+    def values(self):
+        return self._buffers.values()
+
+    def get(self, key: tuple, sample: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            shape = feature_shape(self.partition.unet, self.partition.boundary, sample.shape)
+            buffer = torch.zeros(shape, dtype=self.partition.unet.dtype, device=sample.device)
+            torch._dynamo.mark_static_address(buffer)
+            self._buffers[key] = buffer
+            logger.info("fastcache: new shape %s, feature buffer %s (%.1f MiB)", tuple(sample.shape), shape,
+                        buffer.numel() * buffer.element_size() / 2**20)
+        return buffer

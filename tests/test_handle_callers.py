@@ -1,0 +1,192 @@
+"""Every way users drive a shared UNet, each against its oracle: a fresh DeepCache helper run, or the plain UNet.
+
+Slower, never wrong: an evaluation that cannot be placed in a loop takes the full path, and no loop ever reads a
+feature another loop or call wrote.
+"""
+
+import threading
+
+import pytest
+import torch
+from conftest import STEPS, Img2ImgRunner, Runner, deepcache_helper, fastcache_run, helper_run, rel_l2
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from fastcache import compile_pipeline
+
+TIMEOUT_S = 120  # every wait on another thread is bounded
+
+
+@pytest.mark.parametrize("other_first", [False, True], ids=["main-first", "other-first"])
+def test_from_pipe_pipelines_with_their_own_scheduler_alternate_exactly(sd_runner, other_first):
+    other = sd_runner.sharing_unet(EulerDiscreteScheduler)
+    expected = {id(r): helper_run(r, 3, 0) for r in (sd_runner, other)}
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    calls = [other, sd_runner] * 2 if other_first else [sd_runner, other] * 2
+    for runner in calls:
+        assert rel_l2(runner(), expected[id(runner)]) < 1e-5
+    assert handle.counters.full == 4 * 4 and handle.counters.unplaced == 0
+
+
+@pytest.mark.parametrize("img2img_first", [False, True], ids=["txt2img-first", "img2img-first"])
+def test_hires_fix_img2img_with_its_own_scheduler_alternates_exactly(sd_runner, img2img_first):
+    img2img = Img2ImgRunner(sd_runner, DPMSolverMultistepScheduler)
+    expected = {id(r): helper_run(r, 3, 2) for r in (sd_runner, img2img)}
+    compile_pipeline(sd_runner.pipe, 3, 2, compile=False)
+    calls = [img2img, sd_runner] * 2 if img2img_first else [sd_runner, img2img] * 2
+    for runner in calls:
+        assert rel_l2(runner(), expected[id(runner)]) < 1e-5
+
+
+def unet_inputs(runner: Runner, timestep) -> dict:
+    """A direct call at the shape the pipeline uses (batch 2 for guidance), so it meets the pipeline's buffer."""
+    generator = torch.Generator().manual_seed(5)
+    return dict(sample=torch.randn(2, 4, 16, 16, generator=generator), timestep=timestep,
+                encoder_hidden_states=runner.embeds["prompt_embeds"].repeat(2, 1, 1))
+
+
+@torch.no_grad()
+def test_direct_unet_calls_are_the_plain_unet_before_between_and_after_pipeline_calls(sd_runner):
+    unet = sd_runner.pipe.unet
+    expected = helper_run(sd_runner, 3, 0)
+    timesteps = [torch.tensor(501), 501, torch.tensor([501, 501])]
+    plain = [unet(**unet_inputs(sd_runner, t)).sample for t in timesteps]
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+
+    def direct_calls_are_plain():
+        outputs = [unet(**unet_inputs(sd_runner, t)).sample for t in timesteps]
+        return all(torch.equal(out, p) for out, p in zip(outputs, plain, strict=True))
+
+    assert direct_calls_are_plain()
+    assert rel_l2(sd_runner(), expected) < 1e-5
+    assert direct_calls_are_plain() and direct_calls_are_plain()
+    assert rel_l2(sd_runner(), expected) < 1e-5
+    assert direct_calls_are_plain()
+    assert handle.counters.unplaced == 4 * len(timesteps)
+
+
+def test_a_direct_call_from_a_callback_inside_the_loop_changes_nothing(sd_runner):
+    expected = helper_run(sd_runner, 3, 0)
+    unet = sd_runner.pipe.unet
+
+    def direct_call(pipe, step, timestep, kwargs):
+        unet(**unet_inputs(sd_runner, torch.tensor(7)))
+        return kwargs
+
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    assert rel_l2(sd_runner(callback_on_step_end=direct_call), expected) < 1e-5
+    assert handle.counters.unplaced == STEPS and handle.counters.restores == 6, "every shallow step got its own back"
+
+
+def hand_loop(runner: Runner, timesteps_of=lambda scheduler: scheduler.timesteps, samples: int = 1, seed: int = 0):
+    """A hand-written denoising loop with guidance, ``samples`` latents stepped per timestep (MultiDiffusion-style
+    views when more than one)."""
+    pipe, embeds = runner.pipe, runner.embeds
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(STEPS)
+    generator = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(1, 4, 16, 16, generator=generator) * scheduler.init_noise_sigma for _ in range(samples)]
+    context = torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]])
+    with torch.no_grad():
+        for t in timesteps_of(scheduler):
+            for i, x in enumerate(latents):
+                model_input = scheduler.scale_model_input(torch.cat([x] * 2), t)
+                uncond, cond = pipe.unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+                latents[i] = scheduler.step(uncond + 7.5 * (cond - uncond), t, x).prev_sample
+    return torch.cat(latents)
+
+
+def test_a_hand_written_loop_equals_the_helper_and_can_loop_twice(sd_runner):
+    with deepcache_helper(sd_runner.pipe, 3, 1):
+        expected = hand_loop(sd_runner)
+    handle = compile_pipeline(sd_runner.pipe, 3, 1, compile=False)
+    first = hand_loop(sd_runner)
+    assert rel_l2(first, expected) < 1e-5
+
+    def twice(scheduler):  # two loops over one set_timesteps: the second starts afresh
+        yield from scheduler.timesteps
+        yield from scheduler.timesteps
+
+    doubled = hand_loop(sd_runner, twice)
+    assert handle.counters.full == 3 * 4
+    handle.disable()
+    plain_twice = hand_loop(sd_runner, twice)
+    assert 0 < rel_l2(doubled, plain_twice) < 0.2
+
+
+@pytest.mark.parametrize("case", ["python-int timesteps", "two samples per timestep"])
+def test_loops_that_cannot_be_followed_run_every_step_full(sd_runner, case):
+    """Timesteps as numbers place nothing; two evaluations per timestep break the loop after the first step."""
+    kwargs = dict(timesteps_of=lambda s: s.timesteps.tolist()) if case.startswith("python") else dict(samples=2)
+    plain = hand_loop(sd_runner, **kwargs)
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    assert torch.equal(hand_loop(sd_runner, **kwargs), plain)
+    assert handle.counters.shallow == 0
+
+
+def run_in_lockstep(runners, **kwargs) -> list[torch.Tensor]:
+    """Call each runner in its own thread, all advancing one denoising step at a time, so their UNet evaluations
+    interleave; every wait is bounded."""
+    barrier = threading.Barrier(len(runners), timeout=TIMEOUT_S)
+    results, errors = [None] * len(runners), []
+
+    def step_together(pipe, step, timestep, callback_kwargs):
+        barrier.wait()
+        return callback_kwargs
+
+    def work(i):
+        try:
+            results[i] = runners[i](callback_on_step_end=step_together, **kwargs)
+        except Exception as error:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(runners))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=TIMEOUT_S)
+    assert not any(thread.is_alive() for thread in threads), "a thread did not finish in time"
+    assert not errors, errors
+    return results
+
+
+def test_threads_sharing_the_unet_through_from_pipe_get_exactly_their_own_results(sd_runner):
+    other = sd_runner.sharing_unet(DDIMScheduler)  # int timesteps like the first one's: both use one buffer
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    alone = [sd_runner(seed=1), other(seed=2)]
+    together = run_in_lockstep([lambda **kw: sd_runner(seed=1, **kw), lambda **kw: other(seed=2, **kw)])
+    assert all(torch.equal(t, a) for t, a in zip(together, alone, strict=True))
+    # in each of the 6 shallow steps at least the second thread to evaluate found the other's feature in the buffer
+    assert handle.counters.restores >= 6
+
+
+def test_two_threads_calling_one_pipeline_get_exactly_their_own_results(sd_runner):
+    """One pipeline object (its scheduler shared) from two threads: diffusers' DDIM keeps no per-call state that
+    differs between two calls of the same settings, so only fastcache's state could mix them up."""
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    alone = [sd_runner(seed=1), sd_runner(seed=2)]
+    together = run_in_lockstep([lambda **kw: sd_runner(seed=1, **kw), lambda **kw: sd_runner(seed=2, **kw)])
+    assert all(torch.equal(t, a) for t, a in zip(together, alone, strict=True))
+    assert handle.counters.restores >= 6
+
+
+def test_separate_pipelines_in_separate_threads_stay_exact():
+    runners = [Runner("tiny-sd"), Runner("tiny-sdxl")]
+    expected = [fastcache_run(r, 3, 0) for r in runners]
+    for r in runners:
+        compile_pipeline(r.pipe, 3, 0, compile=False)
+    together = run_in_lockstep(runners)
+    assert all(torch.equal(t, e) for t, e in zip(together, expected, strict=True))
+
+
+def test_quad_center_interval_one_is_the_plain_pipeline_and_a_missing_schedule_fails_before_the_unet(sd_runner):
+    plain = sd_runner(steps=30)
+    handle = compile_pipeline(sd_runner.pipe, 1, 0, schedule="quad-center", compile=False)
+    assert torch.equal(sd_runner(steps=30), plain)
+    handle.disable()
+    handle = compile_pipeline(sd_runner.pipe, 2, 0, schedule="quad-center", center=15, compile=False)
+    with pytest.raises(ValueError, match=r"no schedule for 30 steps at interval 2 .* valid intervals .*\[1, 3, 4"):
+        sd_runner(steps=30)
+    assert handle.counters.full + handle.counters.shallow == 0, "raised before any UNet work"
+    sd_runner(steps=50)
+    assert handle.counters.full == 25
