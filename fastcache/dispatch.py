@@ -15,7 +15,7 @@ from .schedule import Schedule
 class Decision:
     full: bool
     new_call: bool  # the evaluation starts a denoising loop (a pipeline call)
-    placed: bool  # it belongs to a loop whose step is known
+    placed: bool  # it belongs to a loop (whose step may be unknown: a broken loop)
     restored: bool = False  # the loop's feature was put back after another evaluation used the buffer
 
 
@@ -46,18 +46,20 @@ class StepDispatcher:
         shallow = (placement.step is not None and placement.step not in loop.full_steps
                    and (owner is loop or key in loop.saved))
         restored = shallow and owner is not loop
-        if restored:
+        if not shallow or restored:
             self._keep(owner, key, buffer, loop)
+        if restored:
             buffer.copy_(loop.saved.pop(key))
             self._owner[key] = loop
         if not shallow:
-            self._keep(owner, key, buffer, loop)
-            if loop is not None:
-                loop.saved.pop(key, None)
             self._owner[key] = loop if placement.step is not None else None  # nobody may read a stray feature
+            if loop is not None:  # the loop's latest full step is this one: its features at other shapes are stale
+                loop.saved.clear()
+                for other in [k for k, o in self._owner.items() if o is loop and k != key]:
+                    self._owner[other] = None
         if loop is not None and loop.finished:
             loop.saved.clear()
-        return Decision(not shallow, placement.new_loop, placement.step is not None, restored)
+        return Decision(not shallow, placement.new_loop, loop is not None, restored)
 
     def _keep(self, owner: Loop | None, key: Any, buffer: torch.Tensor, by: Loop | None) -> None:
         """Save ``owner``'s feature before evaluation ``by`` overwrites the buffer, if ``owner`` will read it again.
@@ -66,7 +68,5 @@ class StepDispatcher:
         evaluation placed in no loop (a direct call from a callback). A thread that moves on to another loop of its
         own has retired the old one, whose feature is left behind: if that loop resumes, its next step is full.
         """
-        if owner is None or owner is by or owner.finished or owner.broken:
-            return
-        if self.loops.is_current(owner):
+        if owner is not None and owner is not by and self.loops.is_running(owner):
             owner.saved[key] = buffer.clone()

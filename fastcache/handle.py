@@ -74,6 +74,7 @@ class FastCacheHandle:
     _warned: set = field(default_factory=set, repr=False)  # fallback reasons already logged
     _added: dict = field(default_factory=dict, repr=False)  # hooked module -> the attributes enable() created
     _lock: Any = field(default_factory=threading.Lock, repr=False)
+    _unet_hook: ModelHook | None = field(default=None, repr=False)
     _stream: Any = field(default=None, repr=False)  # the CUDA stream that last used the buffers
 
     def __post_init__(self):
@@ -84,34 +85,37 @@ class FastCacheHandle:
         return self.partition.unet
 
     def enable(self) -> FastCacheHandle:
-        if self.enabled:
+        with self._lock:  # not in the middle of another thread's evaluation
+            if self.enabled:
+                return self
+            registry = getattr(self.unet, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+                raise ValueError("fastcache is already enabled on this UNet by another handle; disable that one first.")
+            self.dispatcher.reset()
+            self._unet_hook = self._attach(self.unet, _Hook(self.forward))
+            if self.decoder is not None:
+                self._attach(self.pipe.vae.decoder, _Hook(self._decode))
+            self.enabled = True
             return self
-        registry = getattr(self.unet, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-            raise ValueError("fastcache is already enabled on this UNet by another handle; disable that one first.")
-        self.dispatcher.reset()
-        self._attach(self.unet, _Hook(self.forward))
-        if self.decoder is not None:
-            self._attach(self.pipe.vae.decoder, _Hook(self._decode))
-        self.enabled = True
-        return self
 
     def disable(self) -> FastCacheHandle:
-        if self.enabled:
-            for module, added in self._added.items():
-                registry = module._diffusers_hook
-                registry.remove_hook(HOOK_NAME, recurse=False)
-                if not registry.hooks:  # nothing else hooked: drop what enable() created, leaving it as it was
-                    for name in added:
-                        delattr(module, name)
-            self._added.clear()
-            self.dispatcher.reset()
-            self.enabled = False
-        return self
+        with self._lock:
+            if self.enabled:
+                for module, added in self._added.items():
+                    registry = module._diffusers_hook
+                    registry.remove_hook(HOOK_NAME, recurse=False)
+                    if not registry.hooks:  # nothing else hooked: drop what enable() created, leaving it as it was
+                        for name in added:
+                            delattr(module, name)
+                self._added.clear()
+                self.dispatcher.reset()
+                self.enabled = False
+            return self
 
-    def _attach(self, module: torch.nn.Module, hook: ModelHook) -> None:
+    def _attach(self, module: torch.nn.Module, hook: ModelHook) -> ModelHook:
         self._added[module] = [name for name in ("_diffusers_hook", "forward") if name not in vars(module)]
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        return hook  # it keeps the forward it wraps, for fallbacks, even once removed
 
     def _decode(self, decoder, *args, **kwargs) -> torch.Tensor:
         """Replacement for ``vae.decoder.forward``: the same forward, compiled."""
@@ -125,17 +129,16 @@ class FastCacheHandle:
             unsupported.append("FreeU")
         if torch.is_grad_enabled():  # the feature buffer would keep the full step's autograd graph alive
             unsupported.append("autograd (call the UNet under torch.no_grad(), as pipelines do)")
-        if unsupported:
-            return self._fallback(unsupported, args, kwargs)
-
         sample, timestep = call["sample"], call["timestep"]
         inputs = {name: on_device(call[name], sample.device) for name in PATH_ARGUMENTS}
         if not torch.is_tensor(timestep):  # a Python number would be baked into the graph
             inputs["timestep"] = torch.as_tensor(timestep, device=sample.device)
         key = shape_key(inputs)
+        if key not in self.buffers:  # a new shape: checked once, not on every step
+            unsupported += self._size_problem(sample)
+        if unsupported:
+            return self._fallback(unsupported, args, kwargs)
         with self._lock:
-            if key not in self.buffers:  # a new shape: checked once, not on every step
-                self._check_size(sample)
             cache = self.buffers.get(key, sample)
             self.counters.shapes = len(self.buffers)
             self._follow_stream(cache)
@@ -166,16 +169,15 @@ class FastCacheHandle:
             stream.wait_stream(self._stream)
         self._stream = stream
 
-    def _check_size(self, sample: torch.Tensor) -> None:
+    def _size_problem(self, sample: torch.Tensor) -> list[str]:
+        """The paths cut the UNet between its blocks, which needs latents divisible by every downsampling."""
         factor = downsampling_factor(self.unet)
         height, width = sample.shape[-2:]
-        if height % factor or width % factor:
-            scale = int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
-            raise ValueError(
-                f"fastcache needs height and width that are multiples of {factor * scale} pixels "
-                f"(latents multiples of {factor}); got latents {height}x{width}, i.e. {height * scale}x{width * scale} "
-                "pixels. Pick a valid size, or call handle.disable() to run this size uncached."
-            )
+        if height % factor == 0 and width % factor == 0:
+            return []
+        scale = int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
+        return [f"latents of {height}x{width} ({height * scale}x{width * scale} pixels; fastcache needs multiples "
+                f"of {factor} latents, {factor * scale} pixels)"]
 
     def _freeu_enabled(self) -> bool:
         # diffusers' enable_freeu sets b1..s2 on the up blocks (read without nn.Module's slow __getattr__)
@@ -183,13 +185,14 @@ class FastCacheHandle:
 
     def _fallback(self, reasons: list[str], args: tuple, kwargs: dict) -> Any:
         """Run the UNet's original forward (correct, uncached) for a call fastcache cannot split."""
-        self.counters.fallbacks += 1
-        if tuple(reasons) not in self._warned:
+        with self._lock:
+            self.counters.fallbacks += 1
+            warn = tuple(reasons) not in self._warned
             self._warned.add(tuple(reasons))
+        if warn:
             logger.warning("fastcache: %s not supported; running the original UNet forward for these calls.",
                            ", ".join(reasons))
-        hook = HookRegistry.check_if_exists_or_initialize(self.unet).get_hook(HOOK_NAME)
-        return hook.fn_ref.original_forward(*args, **kwargs)
+        return self._unet_hook.fn_ref.original_forward(*args, **kwargs)
 
 
 class _Hook(ModelHook):

@@ -19,17 +19,17 @@ logger = logging.getLogger(__name__)
 
 def shape_key(inputs: dict[str, Any]) -> tuple:
     """What a compiled graph specialises on: each tensor's dtype, shape and device, and every other value itself."""
-    key = []
-    for name, value in inputs.items():  # runs on every UNet evaluation: cheap checks first
-        if value is None:
-            continue
-        if isinstance(value, torch.Tensor):
-            key.append((name, value.dtype, value.shape, value.device))
-        elif isinstance(value, dict):
-            key.append((name, shape_key(value)))
-        else:
-            key.append((name, value if isinstance(value, Hashable) else repr(value)))
-    return tuple(key)
+    return tuple((name, _signature(value)) for name, value in inputs.items() if value is not None)
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):  # runs on every UNet evaluation: the common case first
+        return value.dtype, value.shape, value.device
+    if isinstance(value, dict):
+        return tuple((name, _signature(v)) for name, v in value.items())
+    if isinstance(value, (list, tuple)):  # IP-Adapter's image embeddings are a list of tensors
+        return type(value), tuple(_signature(v) for v in value)
+    return value if isinstance(value, Hashable) else repr(value)
 
 
 def on_device(value: Any, device: torch.device) -> Any:
@@ -38,6 +38,8 @@ def on_device(value: Any, device: torch.device) -> Any:
         return value if value.device == device else value.to(device, non_blocking=True)
     if isinstance(value, dict):
         return {name: on_device(v, device) for name, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_device(v, device) for v in value)
     return value
 
 

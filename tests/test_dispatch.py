@@ -26,12 +26,19 @@ class Evaluations:
 
     def __init__(self, interval=3):
         self.dispatcher = StepDispatcher(Schedule("uniform", interval))
-        self.buffers = {}
+        self.buffers, self.schedulers = {}, []
+
+    def timesteps(self, n: int = 6) -> torch.Tensor:
+        """Fresh timesteps of a scheduler (kept here), as ``set_timesteps`` makes them for each call."""
+        scheduler = DDIMScheduler(num_train_timesteps=1000)
+        scheduler.set_timesteps(n)
+        self.schedulers.append(scheduler)
+        return scheduler.timesteps
 
     def __call__(self, timestep, name, key="k") -> tuple[bool, float]:
         """(full?, the feature the evaluation reads: what a full step wrote, by the loop called ``name``)."""
         buffer = self.buffers.setdefault(key, torch.zeros(()))
-        decision = self.dispatcher.decide(timestep, key, buffer)
+        decision = self.dispatcher.decide(timestep, key, buffer, self.schedulers)
         if decision.full:
             buffer.fill_(name)
         return decision.full, buffer.item()
@@ -39,15 +46,15 @@ class Evaluations:
 
 def test_uniform_decisions_and_a_fresh_start_with_every_new_timesteps_tensor():
     run = Evaluations()
-    timesteps = torch.arange(7)
+    timesteps = run.timesteps(7)
     assert [run(t, 1)[0] for t in timesteps] == [True, False, False, True, False, False, True]
-    timesteps = torch.arange(7)  # set_timesteps of the next pipeline call
+    timesteps = run.timesteps(7)  # set_timesteps of the next pipeline call
     assert [run(t, 2)[0] for t in timesteps[:2]] == [True, False]
 
 
 def test_a_new_shape_gets_a_full_step_first():
     run = Evaluations()
-    timesteps = torch.arange(6)
+    timesteps = run.timesteps()
     assert [run(t, 1, key="a")[0] for t in timesteps[:2]] == [True, False]
     assert [run(t, 1, key="b")[0] for t in timesteps[2:5]] == [True, True, False]  # steps 2, 3, 4
 
@@ -55,7 +62,7 @@ def test_a_new_shape_gets_a_full_step_first():
 def test_evaluations_placed_in_no_loop_are_full_and_the_loop_gets_its_feature_back():
     """A direct call with a hand-made timestep, from a callback in the middle of a loop."""
     run = Evaluations()
-    timesteps = torch.arange(6)
+    timesteps = run.timesteps()
     assert run(timesteps[0], 1) == (True, 1)
     assert run(torch.tensor(500), 9) == (True, 9)
     assert run(timesteps[1], 1) == (False, 1), "the loop reads its own feature, put back"
@@ -65,7 +72,7 @@ def test_evaluations_placed_in_no_loop_are_full_and_the_loop_gets_its_feature_ba
 
 def test_loops_of_two_threads_keep_their_own_features():
     run = Evaluations()
-    mine, theirs = torch.arange(6), torch.arange(6)
+    mine, theirs = run.timesteps(), run.timesteps()
     read = []
     assert run(mine[0], 1) == (True, 1)
     thread = threading.Thread(target=lambda: read.extend(run(t, 2) for t in theirs[:2]))
@@ -78,7 +85,7 @@ def test_loops_of_two_threads_keep_their_own_features():
 def test_a_thread_moving_to_another_loop_leaves_the_old_ones_feature_behind():
     """Nothing is saved for a loop its own thread left (it may never come back); if it does, its next step is full."""
     run = Evaluations()
-    first, second = torch.arange(6), torch.arange(6)
+    first, second = run.timesteps(), run.timesteps()
     assert run(first[0], 1) == (True, 1)
     assert run(second[0], 2) == (True, 2)
     assert run(first[1], 1) == (True, 1), "step 1 is shallow by the schedule, but its feature is gone"
@@ -88,10 +95,19 @@ def test_a_thread_moving_to_another_loop_leaves_the_old_ones_feature_behind():
 
 def test_a_broken_loop_never_reads_the_buffer():
     run = Evaluations()
-    timesteps = torch.arange(6)
+    timesteps = run.timesteps()
     assert run(timesteps[0], 1) == (True, 1)
     assert run(timesteps[0], 2) == (True, 2)  # a second view at step 0
     assert [run(t, 3)[0] for t in timesteps[1:]] == [True] * 5
+
+
+def test_after_a_full_step_at_another_shape_the_old_shapes_feature_is_stale():
+    """Guidance switched off for a step and on again: the loop's last full step ran at the other batch size."""
+    run = Evaluations()
+    timesteps = run.timesteps()
+    assert run(timesteps[0], 1, key="guided") == (True, 1)
+    assert run(timesteps[1], 2, key="unguided") == (True, 2)  # a first step at this shape
+    assert run(timesteps[2], 3, key="guided") == (True, 3), "step 2 is shallow by the schedule, but step 0 is stale"
 
 
 UNIQUE_TIMESTEP_SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,

@@ -136,11 +136,15 @@ def test_enabling_twice_on_one_unet_is_refused(sd_runner):
         compile_pipeline(sd_runner.pipe, compile=False)
 
 
-def test_sizes_not_divisible_by_the_downsampling_factor_are_rejected(sd_runner):
-    compile_pipeline(sd_runner.pipe, compile=False)
+@torch.no_grad()
+def test_sizes_the_paths_cannot_cut_run_the_original_forward(sd_runner, caplog):
     unet = sd_runner.pipe.unet
-    with pytest.raises(ValueError, match="multiples of 8 pixels"), torch.no_grad():
-        unet(torch.randn(1, 4, 18, 16), torch.tensor(1), torch.randn(1, 77, 32))
+    inputs = (torch.randn(1, 4, 18, 16), torch.tensor(1), torch.randn(1, 77, 32))
+    expected = unet(*inputs).sample
+    handle = compile_pipeline(sd_runner.pipe, compile=False)
+    assert torch.equal(unet(*inputs).sample, expected)
+    assert handle.counters.fallbacks == 1 and handle.counters.shapes == 0
+    assert "latents of 18x16 (36x32 pixels; fastcache needs multiples of 4 latents, 8 pixels)" in caplog.text
 
 
 def test_unsupported_arguments_fall_back_to_the_original_forward(sd_runner):

@@ -77,6 +77,47 @@ def test_a_direct_call_from_a_callback_inside_the_loop_changes_nothing(sd_runner
     assert handle.counters.unplaced == STEPS and handle.counters.restores == 6, "every shallow step got its own back"
 
 
+@torch.no_grad()
+def test_a_look_ahead_call_from_a_callback_is_the_plain_unet_and_never_feeds_the_pipeline(sd_runner):
+    """The callback evaluates the next timestep of the pipeline's own schedule (a view): that is a loop of the
+    callback's own, not the pipeline's next step. Each loop displaces the other's feature in this one thread, so
+    every step is full: slower, never wrong."""
+    unet, scheduler = sd_runner.pipe.unet, sd_runner.pipe.scheduler
+    plain, looked_ahead = sd_runner(), []
+
+    def look_ahead(pipe, step, timestep, kwargs):
+        if step + 1 < len(scheduler.timesteps):
+            inputs = unet_inputs(sd_runner, scheduler.timesteps[step + 1])
+            looked_ahead.append((unet(**inputs).sample, inputs))
+        return kwargs
+
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    assert torch.equal(sd_runner(callback_on_step_end=look_ahead), plain)
+    assert handle.counters.shallow == 0 and len(looked_ahead) == STEPS - 1
+    handle.disable()
+    assert all(torch.equal(out, unet(**inputs).sample) for out, inputs in looked_ahead)
+
+
+@torch.no_grad()
+def test_direct_calls_at_random_timesteps_of_a_hand_made_tensor_are_the_plain_unet(sd_runner):
+    """A validation loss over random timesteps: one tensor of them, but no scheduler's, so no denoising loop."""
+    unet = sd_runner.pipe.unet
+    timesteps = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(0))
+    plain = [unet(**unet_inputs(sd_runner, t)).sample for t in timesteps]
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    assert all(torch.equal(unet(**unet_inputs(sd_runner, t)).sample, p) for t, p in zip(timesteps, plain,
+                                                                                          strict=True))
+    assert handle.counters.unplaced == 6
+
+
+def test_inference_mode_caches_like_no_grad(sd_runner):
+    expected = helper_run(sd_runner, 3, 0)
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    with torch.inference_mode():
+        assert rel_l2(sd_runner(), expected) < 1e-5
+    assert handle.counters.shallow == 6
+
+
 def hand_loop(runner: Runner, timesteps_of=lambda scheduler: scheduler.timesteps, samples: int = 1, seed: int = 0):
     """A hand-written denoising loop with guidance, ``samples`` latents stepped per timestep (MultiDiffusion-style
     views when more than one)."""
