@@ -11,6 +11,7 @@ the dynamo graphs and CUDA graphs recorded after warm-up (both must stay flat). 
     python bench/compare.py --subset gpu-check        # SD2.1 512 b1 I=3 B=0: the core runtime's GPU check
     python bench/compare.py --subset sdxl-check       # SDXL 1024 b1 I=3 B=0: the second target
     python bench/compare.py --subset table            # the DeepCache docs table, extended
+    python bench/compare.py --subset controlnet       # SD1.5 + ControlNet 512 I3B0, with TFLOP per call
     python bench/compare.py --smoke                   # tiny configs on CPU (CI)
     python bench/compare.py --peers all               # every peer, the tuned and autotuned variants included
     python bench/compare.py --cache-mode shared       # one inductor cache for all peers: shorter, warm-ups less cold
@@ -42,9 +43,10 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
 from torch._inductor.utils import clear_caches as clear_inductor_caches
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_decoder, compile_options, cudagraph_recordings
-from fastcache.models import build_pipeline, random_prompt_embeds
+from fastcache.models import build_pipeline, random_prompt_embeds, with_controlnet
 from fastcache.variants import VARIANTS, speed_switches
 
 logger = logging.getLogger("bench")
@@ -63,10 +65,12 @@ class Config:
     batch: int
     interval: int
     branch: int
+    controlnets: int = 0  # a ControlNet pipeline with this many ControlNets (made from the UNet, random weights)
 
     @property
     def name(self) -> str:
-        return f"{self.preset} {self.size} b{self.batch} I{self.interval}B{self.branch}"
+        controlnet = f" +{self.controlnets} ControlNet" if self.controlnets else ""
+        return f"{self.preset}{controlnet} {self.size} b{self.batch} I{self.interval}B{self.branch}"
 
 
 def _grid(preset, sizes, batches, cache):
@@ -79,8 +83,11 @@ SUBSETS: dict[str, list[Config]] = {
     "targets": [Config("sd21", 512, 1, 3, 0), Config("sdxl", 1024, 1, 3, 0)],
     "table": (_grid("sd21", (512, 768, 1024), (1, 4, 8), ((3, 0), (5, 0), (5, 1)))
               + _grid("sd15", (512,), (1,), ((3, 0), (5, 0))) + _grid("sdxl", (1024,), (1,), ((3, 0), (5, 0)))),
+    "controlnet": [Config("sd15", 512, 1, 3, 0, controlnets=1)],  # also counts FLOPs per call
     "smoke": [Config("tiny-sd", 32, 1, 3, 1)],
+    "controlnet-smoke": [Config("tiny-sd", 32, 1, 3, 1, controlnets=1)],
 }
+FLOP_PEERS = ("eager", "deepcache", "fastcache")  # whose FLOPs per call a ControlNet subset counts (eagerly)
 
 
 @dataclass
@@ -125,6 +132,11 @@ class Runner:
     def __init__(self, pipe, config: Config, steps: int, repeat: int):
         self.pipe, self.config, self.steps, self.repeat = pipe, config, steps, repeat
         self.embeds = random_prompt_embeds(pipe, config.batch)
+        if config.controlnets:  # conditioning images, one per ControlNet
+            generator = torch.Generator("cpu").manual_seed(1)
+            images = [torch.rand(config.batch, 3, config.size, config.size, generator=generator).to(
+                device=pipe.unet.device, dtype=pipe.unet.dtype) for _ in range(config.controlnets)]
+            self.embeds["image"] = images[0] if config.controlnets == 1 else images
 
     def call(self):
         latents = {}
@@ -239,6 +251,8 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
     runner = Runner(pipe, config, steps, repeat)
     base, base_latents, base_images = runner.measure("eager")
     base.extra.update(speedup_vs_eager=1.0, compile_cache=CACHE_MODES[cache_mode])
+    if config.controlnets:
+        base.extra["tflop_per_call"] = tflop_per_call(runner, pipe, "eager")
     if "eager" in peers:
         yield base
     deepcache_latents = None
@@ -256,6 +270,8 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
         result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
         result.psnr_db = psnr(images, base_images)
         result.extra.update(speedup_vs_eager=base.seconds / result.seconds, compile_cache=CACHE_MODES[cache_mode])
+        if config.controlnets and peer in FLOP_PEERS:
+            result.extra["tflop_per_call"] = tflop_per_call(runner, pipe, peer)
         if peer == "deepcache":
             deepcache_latents = latents
         elif deepcache_latents is not None and peer in FASTCACHE:
@@ -267,15 +283,8 @@ def measure_peer(runner: Runner, pipe, peer: str) -> tuple[Result, torch.Tensor,
     """One peer on ``pipe``, which is left as it was found."""
     config = runner.config
     if peer == "deepcache":
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=config.interval, cache_branch_id=config.branch)
-        helper.enable()
-        try:
+        with deepcache_helper(pipe, config):
             return runner.measure(peer)
-        finally:
-            helper.disable()
     if peer in ("compile", "compile-tuned"):
         return measure_compile(runner, pipe, peer, tuned=peer == "compile-tuned")
     with FASTCACHE[peer].applied(pipe, config.interval, config.branch) as handle:
@@ -284,20 +293,50 @@ def measure_peer(runner: Runner, pipe, peer: str) -> tuple[Result, torch.Tensor,
     return result, latents, images
 
 
+def tflop_per_call(runner: Runner, pipe, peer: str) -> float:
+    """TFLOP of one whole call (VAE decode included) as ``peer`` computes it, counted by torch's FlopCounterMode on
+    an eager run: what caching saves, whatever the kernels. fastcache is counted with its eager runtime."""
+    with ExitStack() as stack:
+        if peer == "deepcache":
+            stack.enter_context(deepcache_helper(pipe, runner.config))
+        elif peer in FASTCACHE:
+            stack.enter_context(VARIANTS["fastcache-eager"].applied(pipe, runner.config.interval, runner.config.branch))
+        counter = stack.enter_context(FlopCounterMode(display=False))
+        runner.call()
+    return counter.get_total_flops() / 1e12
+
+
+@contextmanager
+def deepcache_helper(pipe, config: Config) -> Iterator[None]:
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=config.interval, cache_branch_id=config.branch)
+    helper.enable()
+    try:
+        yield
+    finally:
+        helper.disable()
+
+
 def measure_compile(runner: Runner, pipe, peer: str, tuned: bool):
     """``torch.compile(unet, mode="reduce-overhead")``; tuned: the guides' recipe (switches, inductor options and
     a compiled VAE decoder, as in diffusers' SDXL guide, with reduce-overhead instead of max-autotune), the decoder
     compiled as ``fastcache-autotune`` compiles it."""
-    unet, decoder = pipe.unet, pipe.vae.decoder
+    unet, decoder, controlnet = pipe.unet, pipe.vae.decoder, getattr(pipe, "controlnet", None)
     options = compile_options("reduce-overhead", UNET_INDUCTOR_OPTIONS if tuned else None)
     with speed_switches(pipe, tuned):
         pipe.unet = torch.compile(unet, fullgraph=True, **options)
+        if controlnet is not None:  # the ControlNet too: torch.compile alone, on everything that runs per step
+            pipe.controlnet = torch.compile(controlnet, fullgraph=True, **options)
         if tuned:
             decoder.forward = compile_decoder(decoder, UNET_INDUCTOR_OPTIONS)
         try:
             return runner.measure(peer)
         finally:
             pipe.unet = unet
+            if controlnet is not None:
+                pipe.controlnet = controlnet
             vars(decoder).pop("forward", None)
 
 
@@ -305,7 +344,7 @@ def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> 
     lines = [f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers {env['diffusers']} "
              f"| weights: {env['weights']} | inductor cache: {CACHE_MODES[cache_mode]}", "",
              "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
-             "| warm-up s | peak reserved GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| warm-up s | peak reserved GiB | TFLOP/call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_config: dict[str, dict[str, Result]] = {}
     for r in results:
         by_config.setdefault(r.config, {})[r.peer] = r
@@ -319,7 +358,7 @@ def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> 
             lines.append(f"| {config} | {peer} | {r.seconds:.3f} | {fmt(ratio['eager'], '.2f')}x | "
                          f"{fmt(ratio['deepcache'], '.2f')}x | {fmt(ratio['compile'], '.2f')}x | "
                          f"{fmt(r.rel_l2_latents, '.2e')} | {fmt(r.psnr_db, '.1f')} | {r.warmup_s:.1f} | "
-                         f"{fmt(r.peak_mem_gib, '.2f')} |")
+                         f"{fmt(r.peak_mem_gib, '.2f')} | {fmt(r.extra.get('tflop_per_call'), '.3f')} |")
     return "\n".join(lines)
 
 
@@ -367,7 +406,8 @@ def main(argv=None) -> list[Result]:
         p.error(f"unknown peers {sorted(unknown)}; valid: {PEERS}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
-        args.subset, args.steps, args.repeat = "smoke", min(args.steps, 6), 1
+        args.subset = "controlnet-smoke" if args.subset.startswith("controlnet") else "smoke"
+        args.steps, args.repeat = min(args.steps, 6), 1
     elif device == "cpu":
         p.error("the full benchmark needs a CUDA device; use --smoke on CPU")
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -382,12 +422,13 @@ def main(argv=None) -> list[Result]:
         if args.cache_mode == "shared":
             empty_compile_cache(os.path.join(cache_root, "shared"))
         for config in SUBSETS[args.subset]:
-            if config.preset not in pipes:
+            model = (config.preset, config.controlnets)
+            if model not in pipes:
                 pipes.clear()  # one model resident at a time
-                pipes[config.preset] = build_pipeline(config.preset, dtype=dtype, device=device)
+                pipe = build_pipeline(config.preset, dtype=dtype, device=device)
+                pipes[model] = with_controlnet(pipe, config.controlnets) if config.controlnets else pipe
             logger.info("== %s", config.name)
-            for r in run_config(pipes[config.preset], config, peers, args.steps, args.repeat, cache_root,
-                                args.cache_mode):
+            for r in run_config(pipes[model], config, peers, args.steps, args.repeat, cache_root, args.cache_mode):
                 results.append(r)
                 jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
                 jsonl.flush()

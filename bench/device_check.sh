@@ -14,6 +14,7 @@
 #        BUDGET_S=300 bash bench/device_check.sh profile   (right after, while the machine is still warm)
 #        PEERS=all bash bench/device_check.sh bench
 #        SUBSET=sdxl-check PRESET=sdxl SIZE=1024 bash bench/device_check.sh bench profile
+#        SUBSET=controlnet PEERS=eager,deepcache,compile,fastcache bash bench/device_check.sh bench
 # BUDGET_S (default 570) bounds the whole script: each stage gets at most what is left, so a device command
 # (10 minutes at most) ends with its results written; a stage cut short keeps the peers it finished. It writes
 # 8 files at most, what a device call brings back.

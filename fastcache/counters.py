@@ -14,6 +14,8 @@ class Counters:
     unplaced: int = 0  # full evaluations placed in no denoising loop (direct calls, hand-made timesteps)
     restores: int = 0  # features put back after another loop or a direct call used the buffer
     fallbacks: int = 0  # evaluations that ran the UNet's original forward
+    controlnet_shallow: int = 0  # ControlNet evaluations that ran only the residuals a shallow UNet step needs
+    controlnet_recomputes: int = 0  # of those, run whole again: the UNet step could not be shallow after all
     shapes: int = 0  # input shapes seen, each with its own feature buffer
     compiles: int = 0  # (shape, path) pairs compiled by torch.compile
     captures: int = 0  # CUDA graphs captured by hand (mode="static-cudagraphs")

@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from .counters import Counters
-from .partition import UNetPartition
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ def compile_options(mode: str, inductor_options: Mapping[str, Any] | None) -> di
 
 
 class Paths:
-    """Runs the full or the shallow path for one UNet evaluation; this base class runs them eagerly."""
+    """Runs the full or the shallow path of a partition (the UNet's, the ControlNet's); this class runs them eagerly."""
 
     mode = None
 
-    def __init__(self, partition: UNetPartition, counters: Counters):
+    def __init__(self, partition, counters: Counters):
         self.full, self.shallow, self.counters = partition.full, partition.shallow, counters
 
-    def path(self, full: bool) -> Callable[..., torch.Tensor]:
+    def path(self, full: bool) -> Callable:
         return self.full if full else self.shallow
 
     def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
@@ -75,7 +75,7 @@ class Paths:
 class CompiledPaths(Paths):
     """Both paths through ``torch.compile``; with ``mode="reduce-overhead"`` cudagraph trees capture them on CUDA."""
 
-    def __init__(self, partition: UNetPartition, counters: Counters, mode: str,
+    def __init__(self, partition, counters: Counters, mode: str,
                  inductor_options: Mapping[str, Any] | None = None):
         options = dict(compile_options(mode, inductor_options), fullgraph=True, dynamic=False)  # validates first
         dynamo_config = torch._dynamo.config
@@ -91,11 +91,11 @@ class CompiledPaths(Paths):
         torch.compiler.cudagraph_mark_step_begin()
         fn = self.path(full)
         if (key, full) in self._warm:
-            return fn(**inputs).clone()
+            return clone(fn(**inputs))
         self._warm.add((key, full))
         self.counters.compiles += 1
         label = f"{'full' if full else 'shallow'} path at {tuple(inputs['sample'].shape)}"
-        return _timed(fn, label, inputs).clone()
+        return clone(_timed(fn, label, inputs))
 
 
 def compile_decoder(decoder: torch.nn.Module, inductor_options: Mapping[str, Any] | None = None) -> Callable:
@@ -108,12 +108,18 @@ def compile_decoder(decoder: torch.nn.Module, inductor_options: Mapping[str, Any
     return torch.compile(decoder.forward, **compile_options("default", inductor_options), fullgraph=True, dynamic=False)
 
 
-def _timed(fn: Callable[..., torch.Tensor], label: str, inputs: dict) -> torch.Tensor:
+def clone(out):
+    """A graph's output (a tensor, or the ControlNet's residuals), copied out of the memory the graph's next replay
+    writes."""
+    return tree_map_only(torch.Tensor, torch.Tensor.clone, out)
+
+
+def _timed(fn: Callable, label: str, inputs: dict):
     """Run ``fn`` and log how long it took (the first call at a shape includes compilation and capture)."""
     start = time.perf_counter()
     out = fn(**inputs)
-    if out.is_cuda:
-        torch.cuda.synchronize(out.device)
+    if inputs["sample"].is_cuda:
+        torch.cuda.synchronize(inputs["sample"].device)
     logger.info("fastcache: %s ready in %.1f s", label, time.perf_counter() - start)
     return out
 

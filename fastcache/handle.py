@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -13,12 +14,13 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from .controlnet import ControlNetPartition, SplitControlNet, check_controlnet, controlnet_nets
 from .counters import Counters
 from .dispatch import Decision, StepDispatcher
 from .graphs import COMPILE_MODES, CompiledPaths, Paths, compile_decoder, compile_options
 from .partition import UNetPartition, downsampling_factor
 from .schedule import Schedule, make_schedule
-from .shapes import FeatureBuffers, on_device, shape_key
+from .shapes import FeatureBuffers, on_device, shape_key, signature
 from .static_graphs import StaticGraphPaths
 
 logger = logging.getLogger(__name__)
@@ -26,20 +28,24 @@ logger = logging.getLogger(__name__)
 HOOK_NAME = "fastcache"
 
 # The UNet arguments the two paths implement. A call that sets any other one (attention masks,
-# cross_attention_kwargs, ControlNet/T2I residuals, whatever a later diffusers adds) runs the original forward.
-PATH_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")
-SPLIT_ARGUMENTS = (*PATH_ARGUMENTS, "return_dict")
+# cross_attention_kwargs, T2I-Adapter residuals, whatever a later diffusers adds) runs the original forward.
+PATH_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels",
+                  "down_block_additional_residuals", "mid_block_additional_residual")
+# The same for the ControlNet's shallow path (guess mode, too, runs the whole ControlNet).
+CONTROLNET_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale",
+                        "added_cond_kwargs", "timestep_cond", "class_labels", "guess_mode")
 
 
 class _Arguments:
-    """Binds a hooked call's arguments against the UNet's own ``forward`` signature, so no copy of it can drift."""
+    """Binds a hooked call's arguments against the model's own ``forward`` signature, so no copy of it can drift."""
 
-    def __init__(self, forward: Callable):
+    def __init__(self, forward: Callable, supported: Sequence[str]):
         self.signature = inspect.signature(forward)  # the class's function: its first parameter is ``self``
         self.names = list(self.signature.parameters)[1:]
         self.defaults = {name: self.signature.parameters[name].default for name in self.names}
         self.required = [name for name, default in self.defaults.items() if default is inspect.Parameter.empty]
-        self.others = [name for name in self.names if name not in SPLIT_ARGUMENTS]  # set: the original forward runs
+        # any of these set: the original forward runs
+        self.others = [name for name in self.names if name not in (*supported, "return_dict")]
 
     def bind(self, module, args: tuple, kwargs: dict) -> dict[str, Any]:
         positional = self.names[:len(args)]
@@ -70,15 +76,18 @@ class FastCacheHandle:
     buffers: FeatureBuffers = field(repr=False)
     counters: Counters
     decoder: Callable | None = field(default=None, repr=False)  # the compiled VAE decoder, if any
+    controlnet: SplitControlNet | None = field(default=None, repr=False)  # for a ControlNet pipeline
     enabled: bool = False
     _warned: set = field(default_factory=set, repr=False)  # fallback reasons already logged
     _added: dict = field(default_factory=dict, repr=False)  # hooked module -> the attributes enable() created
     _lock: Any = field(default_factory=threading.Lock, repr=False)
-    _unet_hook: ModelHook | None = field(default=None, repr=False)
+    _hooks: dict = field(default_factory=dict, repr=False)  # hooked module -> its hook (it keeps the original forward)
     _stream: Any = field(default=None, repr=False)  # the CUDA stream that last used the buffers
 
     def __post_init__(self):
-        self._arguments = _Arguments(type(self.unet).forward)
+        self._arguments = _Arguments(type(self.unet).forward, PATH_ARGUMENTS)
+        if self.controlnet is not None:
+            self._controlnet_arguments = _Arguments(type(self.controlnet.module).forward, CONTROLNET_ARGUMENTS)
 
     @property
     def unet(self):
@@ -92,7 +101,10 @@ class FastCacheHandle:
             if registry is not None and registry.get_hook(HOOK_NAME) is not None:
                 raise ValueError("fastcache is already enabled on this UNet by another handle; disable that one first.")
             self.dispatcher.reset()
-            self._unet_hook = self._attach(self.unet, _Hook(self.forward))
+            self._attach(self.unet, _Hook(self.forward))
+            if self.controlnet is not None:
+                self.controlnet.reset()
+                self._attach(self.controlnet.module, _Hook(self._controlnet_forward))
             if self.decoder is not None:
                 self._attach(self.pipe.vae.decoder, _Hook(self._decode))
             self.enabled = True
@@ -109,13 +121,33 @@ class FastCacheHandle:
                             delattr(module, name)
                 self._added.clear()
                 self.dispatcher.reset()
+                if self.controlnet is not None:
+                    self.controlnet.reset()
                 self.enabled = False
             return self
 
-    def _attach(self, module: torch.nn.Module, hook: ModelHook) -> ModelHook:
+    def _attach(self, module: torch.nn.Module, hook: ModelHook) -> None:
         self._added[module] = [name for name in ("_diffusers_hook", "forward") if name not in vars(module)]
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
-        return hook  # it keeps the forward it wraps, for fallbacks, even once removed
+        self._hooks[module] = hook  # it keeps the forward it wraps, for fallbacks, even once removed
+
+    def _original(self, module: torch.nn.Module) -> Callable:
+        return self._hooks[module].fn_ref.original_forward
+
+    def _controlnet_forward(self, controlnet, *args, **kwargs):
+        """Replacement for the pipeline's ``controlnet.forward``: its compiled paths, shallow where the UNet step that
+        follows will be shallow; guess mode, attention masks and ``cross_attention_kwargs`` run the original."""
+        call = self._controlnet_arguments.bind(controlnet, args, kwargs)
+        original = functools.partial(self._original(controlnet), *args, **kwargs)
+        if (any(_is_set(call[name]) for name in self._controlnet_arguments.others) or call["guess_mode"]
+                or torch.is_grad_enabled()):
+            return original()
+        # at the deepest branch a skip step needs the mid residual too: the whole ControlNet
+        at_mid = self.partition.boundary.at_mid_output
+        with self._lock:
+            shallow = not at_mid and self.dispatcher.peek(call["timestep"], signature(call["sample"]))
+            self.counters.controlnet_shallow += shallow
+        return self.controlnet.run(call, shallow, original)
 
     def _decode(self, decoder, *args, **kwargs) -> torch.Tensor:
         """Replacement for ``vae.decoder.forward``: the same forward, compiled."""
@@ -129,14 +161,20 @@ class FastCacheHandle:
             unsupported.append("FreeU")
         if torch.is_grad_enabled():  # the feature buffer would keep the full step's autograd graph alive
             unsupported.append("autograd (call the UNet under torch.no_grad(), as pipelines do)")
+        # residuals of a shallow ControlNet: the UNet step must be shallow, or the whole ControlNet runs again
+        partial = self.controlnet and self.controlnet.take_partial(call["down_block_additional_residuals"],
+                                                                   call["mid_block_additional_residual"])
         sample, timestep = call["sample"], call["timestep"]
         inputs = {name: on_device(call[name], sample.device) for name in PATH_ARGUMENTS}
         if not torch.is_tensor(timestep):  # a Python number would be baked into the graph
             inputs["timestep"] = torch.as_tensor(timestep, device=sample.device)
         key = shape_key(inputs)
         if key not in self.buffers:  # a new shape: checked once, not on every step
-            unsupported += self._size_problem(sample)
+            unsupported += self._size_problem(sample) + self._residuals_problem(inputs)
         if unsupported:
+            if partial:
+                call = dict(call, **self._whole_controlnet(partial))
+                args, kwargs = (), call
             return self._fallback(unsupported, args, kwargs)
         with self._lock:
             cache = self.buffers.get(key, sample)
@@ -146,6 +184,16 @@ class FastCacheHandle:
             decision = self.dispatcher.decide(timestep, key, cache, (self.pipe.scheduler,))
             if decision.new_call:
                 self.paths.start_call()
+                if self.controlnet is not None:
+                    self.controlnet.paths.start_call()
+            if decision.full and partial:
+                inputs.update(on_device(self._whole_controlnet(partial), sample.device))
+            if not decision.full:  # a skip step needs the residuals of its own skip connections only
+                if not self.partition.boundary.at_mid_output:
+                    inputs["mid_block_additional_residual"] = None
+                if inputs["down_block_additional_residuals"] is not None:
+                    inputs["down_block_additional_residuals"] = inputs["down_block_additional_residuals"][
+                        :self.partition.boundary.shallow_skips]
             out = self.paths(decision.full, key, dict(inputs, cache=cache))
             self._count(decision)
         return UNet2DConditionOutput(sample=out) if call["return_dict"] else (out,)
@@ -168,6 +216,19 @@ class FastCacheHandle:
         if self._stream is not None and stream != self._stream:
             stream.wait_stream(self._stream)
         self._stream = stream
+
+    def _whole_controlnet(self, partial) -> dict:
+        """The whole ControlNet's residuals, for a UNet evaluation that got a shallow ControlNet's but runs full."""
+        self.counters.controlnet_recomputes += 1
+        down, mid = partial.recompute()[:2]
+        return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    def _residuals_problem(self, inputs: dict) -> list[str]:
+        """ControlNet residuals must meet the UNet's skip connections one for one."""
+        down, skips = inputs["down_block_additional_residuals"], self.partition.skip_count
+        if down is None or len(down) == skips:
+            return []
+        return [f"{len(down)} ControlNet residuals for a UNet of {skips} skip connections"]
 
     def _size_problem(self, sample: torch.Tensor) -> list[str]:
         """The paths cut the UNet between its blocks, which needs latents divisible by every downsampling."""
@@ -192,7 +253,7 @@ class FastCacheHandle:
         if warn:
             logger.warning("fastcache: %s not supported; running the original UNet forward for these calls.",
                            ", ".join(reasons))
-        return self._unet_hook.fn_ref.original_forward(*args, **kwargs)
+        return self._original(self.unet)(*args, **kwargs)
 
 
 class _Hook(ModelHook):
@@ -248,9 +309,13 @@ def compile_pipeline(
         raise ValueError(
             f"compile_pipeline needs a diffusers pipeline with a `unet` and a `scheduler`; got {type(pipe).__name__}."
         )
-    for component in ("controlnet", "adapter"):
-        if getattr(pipe, component, None) is not None:
-            raise ValueError(f"fastcache does not support pipelines with a {component} yet.")
+    if getattr(pipe, "adapter", None) is not None:
+        raise ValueError("fastcache does not support T2I-Adapter pipelines yet (their residuals enter inside the down "
+                         "blocks); ControlNet pipelines are supported.")
+    controlnet = getattr(pipe, "controlnet", None)
+    nets = controlnet_nets(controlnet) if controlnet is not None else []
+    for net in nets:
+        check_controlnet(net, unet)
     if hasattr(unet, "_orig_mod"):
         raise ValueError("pipe.unet is already torch.compile'd; pass the plain UNet: fastcache compiles it itself.")
     if hasattr(unet, "_hf_hook"):
@@ -275,10 +340,15 @@ def compile_pipeline(
 
     # every argument is valid: from here on, settings change (dynamo's recompile limit) and things are built
     counters = Counters()
-    paths = _build_paths(partition, counters, compile, mode, inductor_options)
+    paths = _build_paths(partition, unet, counters, compile, mode, inductor_options)
+    split_controlnet = None
+    if nets:
+        controlnet_partition = ControlNetPartition(nets, partition.boundary)
+        split_controlnet = SplitControlNet(controlnet, nets, controlnet_partition, _build_paths(
+            controlnet_partition, controlnet, counters, compile, mode, inductor_options))
     decoder = compile_decoder(pipe.vae.decoder, inductor_options) if compile_vae else None
     handle = FastCacheHandle(pipe, partition, plan, paths, StepDispatcher(plan), FeatureBuffers(partition), counters,
-                             decoder)
+                             decoder, split_controlnet)
     handle.enable()
     logger.info("fastcache: enabled on %s (interval=%d, branch=%d, schedule=%s, compile=%s, inductor_options=%s, "
                 "compile_vae=%s)", type(pipe).__name__, plan.interval, partition.boundary.branch, plan.kind,
@@ -286,11 +356,11 @@ def compile_pipeline(
     return handle
 
 
-def _build_paths(partition: UNetPartition, counters: Counters, compile: bool, mode: str,
+def _build_paths(partition, model: torch.nn.Module, counters: Counters, compile: bool, mode: str,
                  inductor_options: Mapping[str, Any] | None) -> Paths | StaticGraphPaths:
-    """The eager paths, or both compiled separately in ``mode`` (hand-captured CUDA graphs wrap them)."""
+    """A partition's paths: eager, or each compiled on its own in ``mode`` (hand-captured CUDA graphs wrap them)."""
     if not compile:
         return Paths(partition, counters)
     if mode == "static-cudagraphs":
-        return StaticGraphPaths(CompiledPaths(partition, counters, mode, inductor_options), partition.unet, counters)
+        return StaticGraphPaths(CompiledPaths(partition, counters, mode, inductor_options), model, counters)
     return CompiledPaths(partition, counters, mode, inductor_options)

@@ -133,6 +133,18 @@ class LoopTracker:
         current = self._current.get(loop.thread.ident) is loop
         return current and not (loop.finished or loop.broken) and loop.thread.is_alive()
 
+    def peek(self, timestep) -> tuple[Loop | None, int | None]:
+        """The loop and step an evaluation at ``timestep`` from this caller would continue, changing nothing;
+        ``(None, None)`` unless it would continue a running loop at its next index."""
+        located = locate(timestep)
+        if located is None:
+            return None, None
+        storage, index = located
+        loop = self._find(threading.get_ident(), (storage.device, storage.data_ptr()), calling_code())
+        if loop is None or loop.finished or loop.broken or index != loop.next:
+            return None, None
+        return loop, (index - loop.start) // loop.order
+
     def place(self, timestep, schedulers=()) -> Placement:
         """Place one evaluation; raises ``ValueError`` (before anything changes) if a new loop has no schedule."""
         located = locate(timestep)

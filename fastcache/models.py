@@ -13,12 +13,16 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 _SD_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -122,3 +126,24 @@ def random_prompt_embeds(pipe: DiffusionPipeline, batch_size: int = 1, *, seed: 
         kwargs.update(pooled_prompt_embeds=randn(batch_size, pooled),
                       negative_pooled_prompt_embeds=randn(batch_size, pooled))
     return kwargs
+
+
+def with_controlnet(pipe: DiffusionPipeline, count: int = 1, seed: int = 0) -> DiffusionPipeline:
+    """The ControlNet pipeline of ``pipe``'s kind, sharing its components, with ``count`` ControlNets made from its
+    UNet (``ControlNetModel.from_unet``, as ControlNets are trained) whose zero-initialised layers get random
+    weights, so that their residuals are not zero. ``count`` > 1 gives a ``MultiControlNetModel``."""
+    torch.manual_seed(seed)
+    scale = pipe.vae_scale_factor  # the conditioning embedding downsamples the image to the latents' size
+    channels = (16, 32, 96, 256)[: scale.bit_length()]
+    nets = []
+    for _ in range(count):
+        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=channels)
+        for layer in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+            torch.nn.init.normal_(layer.weight, std=0.05)
+        nets.append(net.to(device=pipe.unet.device, dtype=pipe.unet.dtype))
+    controlnet = nets[0] if count == 1 else MultiControlNetModel(nets)
+    kind = StableDiffusionXLControlNetPipeline if isinstance(pipe, StableDiffusionXLPipeline) else (
+        StableDiffusionControlNetPipeline)
+    controlled = kind.from_pipe(pipe, controlnet=controlnet)
+    controlled.set_progress_bar_config(disable=True)
+    return controlled

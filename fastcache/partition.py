@@ -36,6 +36,13 @@ class Boundary:
     layer: int
     up_index: int
     first_up_resnet: int
+    shallow_skips: int  # skip connections a skip step computes: conv_in's output, then the down layers it runs
+
+    @property
+    def at_mid_output(self) -> bool:
+        """The cached feature is the mid block's output: a skip step recomputes everything but the mid block (and
+        so adds the current ControlNet mid residual to the cached output, as the helper does)."""
+        return self.up_index == 0 and self.first_up_resnet == 0
 
 
 def branch_positions(unet: UNet2DConditionModel) -> list[tuple[int, int]]:
@@ -82,7 +89,23 @@ def resolve_branch(unet: UNet2DConditionModel, branch: int) -> Boundary:
     branch = operator.index(branch)  # numpy integers too
     block, layer = positions[branch]
     n_layers = len(unet.down_blocks[block].resnets)
-    return Boundary(branch, block, layer, len(unet.down_blocks) - 1 - block, n_layers - layer)
+    skips = 1 + sum(len(down.resnets) + 1 for down in unet.down_blocks[:block]) + layer
+    return Boundary(branch, block, layer, len(unet.down_blocks) - 1 - block, n_layers - layer, skips)
+
+
+def run_down(down_blocks, h, emb, context, boundary: Boundary | None = None) -> tuple[torch.Tensor, list]:
+    """The down path of a UNet or a ControlNet (the same blocks): every block, or with ``boundary`` only the layers
+    a skip step runs. Returns the hidden state and the skip connections, ``conv_in``'s output ``h`` first."""
+    skips = [h]
+    for down in down_blocks if boundary is None else down_blocks[:boundary.block]:
+        h, res = UNetPartition._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context)
+        skips.extend(res)
+    if boundary is not None:
+        down = down_blocks[boundary.block]
+        for i in range(boundary.layer):
+            h = UNetPartition._layer(down, i, h, emb, context)
+            skips.append(h)
+    return h, skips
 
 
 def downsampling_factor(unet: UNet2DConditionModel) -> int:
@@ -116,38 +139,42 @@ class UNetPartition:
         check_unet(unet)
         self.unet = unet
         self.boundary = resolve_branch(unet, branch)
+        # skip connections of the full path: conv_in's output, every down layer's and every downsampler's
+        self.skip_count = 1 + sum(len(down.resnets) + (down.downsamplers is not None) for down in unet.down_blocks)
 
     def full(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
-             class_labels=None):
-        """Whole UNet; writes the feature at the boundary into ``cache``."""
+             class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """Whole UNet; writes the feature at the boundary into ``cache``. ControlNet residuals, if given, are added
+        to every skip connection and to the mid block's output, as the UNet's forward adds them."""
         unet, bnd = self.unet, self.boundary
         emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                                      class_labels)
-        skips = [h]  # conv_in output, then every down layer's output, consumed from the end by the up path
-        for down in unet.down_blocks:
-            h, res = self._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context)
-            skips.extend(res)
+        h, skips = run_down(unet.down_blocks, h, emb, context)  # skips are consumed from the end by the up path
+        skips = _add(skips, down_block_additional_residuals)
         if unet.mid_block is not None:
             h = self._call_block(unet.mid_block, h, emb, encoder_hidden_states=context)
+        if bnd.at_mid_output:  # cached before the ControlNet residual: a skip step adds its own
+            cache.copy_(h)
+            cache = None
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         for up in unet.up_blocks[: bnd.up_index]:
             h = self._call_up_block(up, h, skips, emb, context)
         h = self._up_layers(h, skips, emb, context, start=0, cache=cache)
         return self._head(h, skips, emb, context)
 
     def shallow(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
-                class_labels=None):
-        """Only the layers above the branch; everything deeper comes from ``cache``."""
-        unet, bnd = self.unet, self.boundary
+                class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """Only the layers above the branch; everything deeper comes from ``cache``. ControlNet residuals, if
+        given, are those of the skip connections this path computes (the first ``boundary.shallow_skips``), and the
+        mid residual only where the cached feature is the mid block's output."""
+        bnd = self.boundary
         emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                                      class_labels)
-        skips = [h]
-        for down in unet.down_blocks[: bnd.block]:
-            h, res = self._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context)
-            skips.extend(res)
-        down = unet.down_blocks[bnd.block]
-        for i in range(bnd.layer):
-            h = self._layer(down, i, h, emb, context)
-            skips.append(h)
+        _, skips = run_down(self.unet.down_blocks, h, emb, context, bnd)
+        skips = _add(skips, down_block_additional_residuals)
+        if mid_block_additional_residual is not None:
+            cache = cache + mid_block_additional_residual
         h = self._up_layers(cache, skips, emb, context, start=bnd.first_up_resnet, cache=None)
         return self._head(h, skips, emb, context)
 
@@ -213,3 +240,10 @@ class UNetPartition:
         if getattr(block, "attentions", None) is not None:
             h = block.attentions[i](h, encoder_hidden_states=context, return_dict=False)[0]
         return h
+
+
+def _add(skips: list, residuals) -> list:
+    """Skip connections plus ControlNet residuals, pairwise (a skip step gets only the residuals of its skips)."""
+    if residuals is None:
+        return skips
+    return [skip + residual for skip, residual in zip(skips, residuals, strict=True)]

@@ -19,16 +19,17 @@ logger = logging.getLogger(__name__)
 
 def shape_key(inputs: dict[str, Any]) -> tuple:
     """What a compiled graph specialises on: each tensor's dtype, shape and device, and every other value itself."""
-    return tuple((name, _signature(value)) for name, value in inputs.items() if value is not None)
+    return tuple((name, signature(value)) for name, value in inputs.items() if value is not None)
 
 
-def _signature(value: Any) -> Any:
+def signature(value: Any) -> Any:
+    """A value's part of a shape key."""
     if isinstance(value, torch.Tensor):  # runs on every UNet evaluation: the common case first
         return value.dtype, value.shape, value.device
     if isinstance(value, dict):
-        return tuple((name, _signature(v)) for name, v in value.items())
+        return tuple((name, signature(v)) for name, v in value.items())
     if isinstance(value, (list, tuple)):  # IP-Adapter's image embeddings are a list of tensors
-        return type(value), tuple(_signature(v) for v in value)
+        return type(value), tuple(signature(v) for v in value)
     return value if isinstance(value, Hashable) else repr(value)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .counters import Counters
-from .graphs import CompiledPaths
+from .graphs import CompiledPaths, clone
 from .weights_watch import WeightsWatch
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: list  # static copies of the call's tensors (other leaves as they were), in tree_flatten order
-    output: torch.Tensor
+    output: torch.Tensor | list[torch.Tensor]
 
 
 class StaticGraphPaths:
@@ -38,18 +38,18 @@ class StaticGraphPaths:
 
     mode = "static-cudagraphs"
 
-    def __init__(self, compiled: CompiledPaths, unet: torch.nn.Module, counters: Counters):
+    def __init__(self, compiled: CompiledPaths, model: torch.nn.Module, counters: Counters):
         self.compiled, self.counters = compiled, counters
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = None
         self.stream = None  # one capture stream: warm-up and capture on it, so library workspaces exist before capture
-        self.weights = WeightsWatch(unet)
+        self.weights = WeightsWatch(model)
 
     def start_call(self) -> None:
-        """Drop every graph if the UNet's weights moved since capture: a replay would read the old addresses."""
+        """Drop every graph if the model's weights moved since capture: a replay would read the old addresses."""
         if self.graphs and self.weights.moved():
-            logger.info("fastcache: the UNet's weights moved (.to(), fused projections, adapters); recapturing "
-                        "its %d CUDA graphs on their next use", len(self.graphs))
+            logger.info("fastcache: the %s's weights moved (.to(), fused projections, adapters); recapturing "
+                        "its %d CUDA graphs on their next use", type(self.weights.module).__name__, len(self.graphs))
             self.graphs.clear()
             self.pool = None
 
@@ -71,7 +71,7 @@ class StaticGraphPaths:
                 static.copy_(new, non_blocking=True)
         entry.graph.replay()
         self.counters.replays += 1
-        return entry.output.clone()
+        return clone(entry.output)
 
     def _capture(self, full: bool, key: tuple, leaves, spec, cache) -> _Graph:
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]

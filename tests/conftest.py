@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU through Trito
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastcache import compile_pipeline
-from fastcache.models import build_pipeline, random_prompt_embeds
+from fastcache.models import build_pipeline, random_prompt_embeds, with_controlnet
 
 TINY_PRESETS = ("tiny-sd", "tiny-sdxl")
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,19 @@ class Runner:
                  **kwargs) -> torch.Tensor:
         return self.pipe(num_inference_steps=steps, height=size, width=size, output_type=output_type,
                          generator=torch.Generator().manual_seed(seed), **(embeds or self.embeds), **kwargs).images
+
+
+class ControlNetRunner(Runner):
+    """A tiny ControlNet pipeline (``count`` > 1: a MultiControlNetModel) with fixed conditioning images."""
+
+    def __init__(self, preset: str, count: int = 1):
+        super().__init__(preset, with_controlnet(build_pipeline(preset), count))
+        generator = torch.Generator().manual_seed(3)
+        images = [torch.rand(1, 3, SIZE, SIZE, generator=generator) for _ in range(count)]
+        self.image = images[0] if count == 1 else images
+
+    def __call__(self, **kwargs) -> torch.Tensor:
+        return super().__call__(image=self.image, **kwargs)
 
 
 class Img2ImgRunner:

@@ -91,3 +91,17 @@ def test_a_failing_peer_is_logged_and_the_others_still_run(compare, tmp_path, mo
     # without --cache-dir the peers' caches are temporary, and the caller's cache settings are left as they were
     assert not any((tmp_path / "tmp").iterdir())
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "caller's" and "TRITON_CACHE_DIR" not in os.environ
+
+
+def test_controlnet_smoke_counts_what_caching_saves(compare, tmp_path):
+    """The ControlNet subset on CPU: the shallow ControlNet's saving shows in FLOPs per call, and the compiled
+    runtime computes what the helper computes."""
+    results = compare.main(["--smoke", "--subset", "controlnet", "--peers", "eager,deepcache,fastcache",
+                            "--out", str(tmp_path)])
+    by_peer = {r.peer: r for r in results}
+    assert {r.config for r in results} == {"tiny-sd +1 ControlNet 32 b1 I3B1"}
+    tflop = {peer: by_peer[peer].extra["tflop_per_call"] for peer in ("eager", "deepcache", "fastcache")}
+    assert tflop["fastcache"] < tflop["deepcache"] < tflop["eager"]
+    assert by_peer["fastcache"].extra["rel_l2_vs_deepcache"] < 1e-4
+    assert by_peer["fastcache"].extra["counters"]["controlnet_shallow"] > 0
+    assert "TFLOP/call" in (tmp_path / "results.md").read_text()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import Runner, rel_l2
+from conftest import ControlNetRunner, Runner, rel_l2
 from diffusers import EulerDiscreteScheduler
 
 from fastcache import compile_pipeline
@@ -12,8 +12,8 @@ from fastcache.variants import VARIANTS
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_runner(preset: str = "tiny-sd") -> Runner:
-    runner = Runner(preset)
+def cuda_runner(preset: str = "tiny-sd", runner: Runner | None = None) -> Runner:
+    runner = runner or Runner(preset)
     runner.pipe.to("cuda", torch.float16)
     runner.embeds = {k: v.to("cuda", torch.float16) for k, v in runner.embeds.items()}
     return runner
@@ -167,3 +167,39 @@ def test_tuned_variant_captures_once_and_matches_the_plain_runtime():
         assert tuned.counters.captures == 2
     assert torch.equal(again, first)
     assert rel_l2(first, expected) < 5e-3
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "static-cudagraphs"])
+def test_controlnet_pipeline_records_four_graphs_never_syncs_and_matches_eager(mode):
+    """UNet and ControlNet, full and shallow: one CUDA graph each; the hand-driven steady state (the ControlNet,
+    then the UNet with its residuals, as the pipeline calls them) never waits on the host."""
+    runner = cuda_runner(runner=ControlNetRunner("tiny-sd"))
+    runner.image = runner.image.to("cuda", torch.float16)
+    eager = compile_pipeline(runner.pipe, 3, 0, compile=False)
+    expected = runner()
+    eager.disable()
+    handle = compile_pipeline(runner.pipe, 3, 0, mode=mode)
+    recordings = cudagraph_recordings()
+    first = runner()
+    graphs = cudagraph_recordings() - recordings + handle.counters.captures
+    assert graphs == 4, "UNet and ControlNet, full and shallow"
+    assert rel_l2(first, expected) < 5e-3 and handle.counters.controlnet_shallow == 6
+    pipe = runner.pipe
+    context = torch.cat([runner.embeds["negative_prompt_embeds"], runner.embeds["prompt_embeds"]])
+    image = torch.cat([runner.image] * 2)
+    pipe.scheduler.set_timesteps(10, device="cuda")
+    timesteps = list(pipe.scheduler.timesteps)
+    sample = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+            for t in timesteps:
+                down, mid = pipe.controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=image,
+                                            return_dict=False)
+                pipe.unet(sample, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cudagraph_recordings() - recordings + handle.counters.captures == 4, "no re-record in steady state"
+    assert handle.counters.controlnet_shallow == 12 and handle.counters.controlnet_recomputes == 0
+    handle.disable()
