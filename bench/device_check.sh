@@ -8,6 +8,9 @@
 #            (default eager,deepcache,compile,fastcache,fastcache-static-fused) side by side in one inductor cache
 #            (--cache-mode shared: later peers may reuse earlier peers' kernels; each warm-up is still reported),
 #            kept under $SCRATCH/inductor/shared
+#   serve    (opt-in) fastcache warmup of $PRESET $SIZE (default sd21 512) batch sizes $BATCHES (default 1,4), 50
+#            steps, twice, each a new process with one --cache-dir (cold, then warm: the restart target is <= 10 s),
+#            reports in warmup.jsonl; then bench/serve_load.py against a server warmed from that cache
 #   profile  (opt-in) tools/profile_steps.py I3B0 on $PRESET $SIZE (default sd21 512), variant $VARIANT (default
 #            fastcache-tuned), reusing the bench's cache; gzipped torch.profiler trace
 # Usage: bash bench/device_check.sh                        (tests, then bench: one device call)
@@ -15,6 +18,7 @@
 #        PEERS=all bash bench/device_check.sh bench
 #        SUBSET=sdxl-check PRESET=sdxl SIZE=1024 bash bench/device_check.sh bench profile
 #        SUBSET=controlnet PEERS=eager,deepcache,compile,fastcache bash bench/device_check.sh bench
+#        bash bench/device_check.sh serve                   (needs the serving wheels, below)
 # BUDGET_S (default 570) bounds the whole script: each stage gets at most what is left, so a device command
 # (10 minutes at most) ends with its results written; a stage cut short keeps the peers it finished. It writes
 # 8 files at most, what a device call brings back.
@@ -23,6 +27,9 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 DeepCache==0.1.1
+# and for the serve stage, with their dependencies:
+#   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn prometheus-client httpx
 # and run with carry [".whl"] (WHEELS names another folder; without wheels the install is skipped). Python 3.12
 # needs no importlib_metadata backport; a new one imports a package the image lacks. SCRATCH (default /tmp) holds
 # the installed wheels, the inductor cache and the trace.
@@ -38,8 +45,8 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 for stage in "${stages[@]}"; do  # a typo fails now, not after minutes of device time
     case "$stage" in
-        tests | bench | profile) ;;
-        *) echo "unknown stage $stage (tests, bench, profile)" >&2; exit 2 ;;
+        tests | bench | serve | profile) ;;
+        *) echo "unknown stage $stage (tests, bench, serve, profile)" >&2; exit 2 ;;
     esac
 done
 
@@ -58,6 +65,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import diffusers, DeepCache, triton, torch, pytest, matplotlib, pynvml
 import fastcache.variants, fastcache.fused_step
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" || exit 1
+if [[ " ${stages[*]} " == *" serve "* ]]; then
+    python3 -c "import fastapi, uvicorn, prometheus_client, httpx" || exit 1
+fi
 
 # run CAP COMMAND...: the command under a timeout of CAP seconds or what is left of the budget, whichever is less
 run() {
@@ -78,6 +88,15 @@ for stage in "${stages[@]}"; do
         bench) run 420 python3 bench/compare.py --subset "${SUBSET:-gpu-check}" \
                    --peers "${PEERS:-eager,deepcache,compile,fastcache,fastcache-static-fused}" \
                    --cache-mode shared --cache-dir "$CACHE" --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+        serve) warmup=(--preset "${PRESET:-sd21}" --device cuda --sizes "${SIZE:-512}" --batch-sizes "${BATCHES:-1,4}"
+                       --steps 50 --cache-dir "$SCRATCH/serve-cache")
+               rm -rf "$SCRATCH/serve-cache"
+               for state in cold warm; do
+                   echo "== $state warm-up"
+                   run 360 python3 -m fastcache.cli warmup "${warmup[@]}" --report "$OUT/warmup.jsonl"
+               done 2>&1 | tee "$OUT/serve.log"
+               run 240 python3 bench/serve_load.py --launch "${warmup[*]}" --clients 8 --requests 32 --out "$OUT" \
+                   2>&1 | tee -a "$OUT/serve.log" ;;
         profile) variant=${VARIANT:-fastcache-tuned}
                  trace=$SCRATCH/trace.json
                  rm -f "$trace"

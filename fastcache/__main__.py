@@ -12,11 +12,22 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .models import PRESETS, build_pipeline, load_pipeline, random_prompt_embeds
+from .cli import (
+    Parser,
+    add_cache_options,
+    add_model_options,
+    check_model_options,
+    check_steps,
+    model_errors,
+    parse_size,
+)
+from .handle import compile_pipeline
+from .models import open_pipeline, prompt_inputs
 from .variants import VARIANTS
 
 logger = logging.getLogger("fastcache")
@@ -30,23 +41,33 @@ class Timing:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastcache", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local diffusers folder or hub id; default: --preset with random weights")
-    p.add_argument("--preset", default="tiny-sd", choices=sorted(PRESETS), help="architecture built from config")
-    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--interval", type=int, default=3)
-    p.add_argument("--branch", type=int, default=0)
-    p.add_argument("--size", type=int, help="height and width in pixels (default: the model's native size)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=int, default=3, help="timed runs after the warm-up run")
-    p.add_argument("--variant", default="fastcache", choices=sorted(VARIANTS),
-                   help="fastcache-eager: no compilation; see fastcache/variants.py for the others")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", default="fastcache.png", help="where to write the accelerated image")
-    return p.parse_args(argv)
+    """The options, every one checked before a model is built: a bad one gets one line and exit code 2."""
+    p = Parser(prog="python -m fastcache", description=__doc__)
+    add_model_options(p)
+    add_cache_options(p, compile_flag=False)
+    run = p.add_argument_group("run")
+    run.add_argument("--prompt", default="a photograph of an astronaut riding a horse",
+                     help="the prompt (presets and folders without a text encoder derive embeddings from it)")
+    run.add_argument("--steps", type=int, default=25, help="denoising steps")
+    run.add_argument("--size", help="N or WIDTHxHEIGHT in pixels (default: the model's native size)")
+    run.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the latents (and of a preset's random weights)")
+    run.add_argument("--repeat", type=int, default=3, help="timed runs after the warm-up run, for each side")
+    run.add_argument("--variant", default="fastcache", choices=sorted(VARIANTS),
+                     help="fastcache-eager: no compilation; see fastcache/variants.py for the others")
+    run.add_argument("--output", default="fastcache.png", help="where to write the accelerated image")
+    args = p.parse_args(argv)
+    geometry = check_model_options(p, args)
+    check_steps(p, args, args.steps)
+    args.size = parse_size(p, args.size, geometry) if args.size is not None else None
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1; got {args.repeat}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0; got {args.seed}")
+    if not Path(args.output).parent.is_dir():
+        p.error(f"--output {args.output}: its folder does not exist")
+    args.parser = p
+    return args
 
 
 def time_pipeline(pipe, call_kwargs: dict, repeat: int, seed: int) -> Timing:
@@ -72,25 +93,21 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    if args.model:
-        pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
-        prompt = dict(prompt=args.prompt)
-        label = args.model
-    else:
-        pipe = build_pipeline(args.preset, dtype=dtype, device=args.device, seed=args.seed)
-        prompt = random_prompt_embeds(pipe, seed=args.seed)
-        tiny = args.preset.startswith("tiny")
-        kind = "a tiny stand-in, not a real model" if tiny else "speed equals the real model's"
-        label = f"{args.preset} (built from config with RANDOM WEIGHTS: the image is noise; {kind})"
+    with model_errors(args.parser, args):
+        pipe, label = open_pipeline(args.model, args.preset, device=args.device, dtype=dtype, seed=args.seed)
+        # a hub model's branch range is known only now: checked before the plain pipeline runs
+        compile_pipeline(pipe, args.interval, args.branch, compile=False).disable()
     pipe.set_progress_bar_config(disable=True)
-    size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    call_kwargs = dict(num_inference_steps=args.steps, height=size, width=size, guidance_scale=args.guidance, **prompt)
+    width, height = args.size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    prompt = prompt_inputs(pipe, [args.prompt])
+    call_kwargs = dict(num_inference_steps=args.steps, height=height, width=width, guidance_scale=args.guidance,
+                       **prompt)
 
-    logger.info("model: %s | %s, %s, %dx%d, %d steps", label, args.device, dtype, size, size, args.steps)
+    logger.info("model: %s | %s, %s, %dx%d, %d steps", label, args.device, dtype, width, height, args.steps)
     logger.info("running the plain pipeline ...")
     base = time_pipeline(pipe, call_kwargs, args.repeat, args.seed)
     logger.info("running %s (interval=%d, branch=%d) ...", args.variant, args.interval, args.branch)
-    with VARIANTS[args.variant].applied(pipe, args.interval, args.branch):
+    with VARIANTS[args.variant].applied(pipe, args.interval, args.branch, args.schedule):
         fast = time_pipeline(pipe, call_kwargs, args.repeat, args.seed)
 
     rel = float(np.linalg.norm(fast.image - base.image) / np.linalg.norm(base.image))

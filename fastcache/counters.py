@@ -18,5 +18,6 @@ class Counters:
     controlnet_recomputes: int = 0  # of those, run whole again: the UNet step could not be shallow after all
     shapes: int = 0  # input shapes seen, each with its own feature buffer
     compiles: int = 0  # (shape, path) pairs compiled by torch.compile
+    compile_failures: int = 0  # (shape, path) pairs whose compilation or capture failed: they run uncaptured/eagerly
     captures: int = 0  # CUDA graphs captured by hand (mode="static-cudagraphs")
     replays: int = 0  # replays of those graphs

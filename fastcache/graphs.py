@@ -83,7 +83,9 @@ class CompiledPaths(Paths):
         super().__init__(partition, counters)
         self.full, self.shallow = torch.compile(partition.full, **options), torch.compile(partition.shallow, **options)
         self.mode = mode
+        self._eager = (partition.full, partition.shallow)
         self._warm: set[tuple] = set()  # (shape key, is_full) already compiled
+        self.failed: set[tuple] = set()  # (shape key, is_full) whose compilation failed: run eagerly
 
     def __call__(self, full: bool, key: tuple, inputs: dict) -> torch.Tensor:
         # NOTE: each UNet evaluation starts a new cudagraph-tree step, which may reuse the previous evaluation's
@@ -92,10 +94,23 @@ class CompiledPaths(Paths):
         fn = self.path(full)
         if (key, full) in self._warm:
             return clone(fn(**inputs))
+        if (key, full) in self.failed:
+            return self.eager(full, inputs)
+        label = f"{'full' if full else 'shallow'} path at {tuple(inputs['sample'].shape)}"
+        try:
+            out = _timed(fn, label, inputs)
+        except Exception:  # slower, never down: this shape runs eagerly from now on
+            logger.warning("fastcache: compiling the %s failed; it runs eagerly from now on.", label, exc_info=True)
+            self.failed.add((key, full))
+            self.counters.compile_failures += 1
+            return self.eager(full, inputs)
         self._warm.add((key, full))
         self.counters.compiles += 1
-        label = f"{'full' if full else 'shallow'} path at {tuple(inputs['sample'].shape)}"
-        return clone(_timed(fn, label, inputs))
+        return clone(out)
+
+    def eager(self, full: bool, inputs: dict) -> torch.Tensor:
+        """The path's own (uncompiled) forward."""
+        return self._eager[0 if full else 1](**inputs)
 
 
 def compile_decoder(decoder: torch.nn.Module, inductor_options: Mapping[str, Any] | None = None) -> Callable:

@@ -7,7 +7,10 @@ output that uses them says so.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +45,7 @@ _TINY_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("
 _TINY_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, attention_head_dim=8,
                   cross_attention_dim=32, sample_size=16)
 
+_DEFAULT_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # UNet2DConditionModel's default
 # UNet/VAE configs as published with the models (the keys that differ from diffusers' defaults), plus the
 # width of the text embeddings the pipeline is called with.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -97,11 +101,106 @@ def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: s
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
 
 
-def load_pipeline(model: str, *, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda"):
-    """A real pipeline from a local diffusers folder or a hub id (``DiffusionPipeline.from_pretrained``)."""
-    if not os.path.isdir(model) and os.environ.get("HF_HUB_OFFLINE"):
+def load_pipeline(model: str, *, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"):
+    """A real pipeline from a local diffusers folder or a hub id (``DiffusionPipeline.from_pretrained``).
+
+    Components a local folder saved as null (a preset's missing text encoder, tokenizer, safety checker) are passed
+    as ``None``, which ``from_pretrained`` otherwise refuses; such a pipeline takes ``prompt_inputs`` embeddings.
+    """
+    missing = {}
+    if os.path.isdir(model):
+        index_path = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index_path):
+            raise ValueError(f"{model!r} is a folder without model_index.json: not a saved diffusers pipeline.")
+        with open(index_path) as f:
+            index = json.load(f)
+        missing = {name: None for name, value in index.items()
+                   if isinstance(value, list) and all(part is None for part in value)}
+        if "safety_checker" in missing:
+            missing["requires_safety_checker"] = False
+    elif os.environ.get("HF_HUB_OFFLINE"):
         raise ValueError(f"{model!r} is not a local folder and HF_HUB_OFFLINE is set.")
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **missing)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a model's configs say about valid arguments, known before any weights are read."""
+
+    pixel_multiple: int  # image sizes must be multiples of the VAE's scale times the UNet's downsampling
+    native_size: int  # pixels
+    branches: int  # DeepCache branch ids 0 .. branches - 1
+
+
+def model_geometry(model: str | None = None, preset: str = "tiny-sd") -> Geometry | None:
+    """The ``Geometry`` of a preset or a local diffusers folder (from its configs); ``None`` for a hub id."""
+    if model is None:
+        unet, vae = PRESETS[preset]["unet"], PRESETS[preset]["vae"]
+    elif os.path.isdir(model):
+        configs = []
+        for part in ("unet", "vae"):
+            path = os.path.join(model, part, "config.json")
+            if not os.path.isfile(path):
+                return None
+            with open(path) as f:
+                configs.append(json.load(f))
+        unet, vae = configs
+    else:
+        return None
+    blocks = len(unet.get("down_block_types", _DEFAULT_DOWN_BLOCKS))
+    layers = unet.get("layers_per_block", 2)
+    layers = [layers] * blocks if isinstance(layers, int) else list(layers)
+    scale = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
+    return Geometry(pixel_multiple=scale * 2 ** (blocks - 1), native_size=unet.get("sample_size", 64) * scale,
+                    branches=sum(n + 1 for n in layers))
+
+
+def open_pipeline(model: str | None, preset: str, *, device: str, dtype: torch.dtype, seed: int = 0):
+    """``(pipe, label)``: the pipeline at ``model`` (a folder or hub id), else the preset with random weights; the
+    label says which, and that random weights make noise."""
+    if model:
+        pipe = load_pipeline(model, dtype=dtype, device=device)
+        label = model if has_text_encoder(pipe) else f"{model} (no text encoder: prompt embeddings derived from text)"
+        return pipe, label
+    pipe = build_pipeline(preset, dtype=dtype, device=device, seed=seed)
+    kind = "a tiny stand-in, not a real model" if preset.startswith("tiny") else "speed equals the real model's"
+    return pipe, (f"{preset} (built from config with RANDOM WEIGHTS: images are noise, {kind}; prompt embeddings "
+                  f"derived from the prompt text)")
+
+
+def has_text_encoder(pipe: DiffusionPipeline) -> bool:
+    return getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
+
+
+def prompt_inputs(pipe: DiffusionPipeline, prompts: list[str], negative_prompts: list[str] | None = None) -> dict:
+    """The pipeline's prompt arguments for one image per entry of ``prompts``.
+
+    A pipeline with a text encoder gets the texts. One without (the presets, folders saved from them) gets
+    embeddings derived from each text alone (a seed from its SHA-256), so equal texts give equal images, in any
+    batch: stand-ins that carry no meaning, as the presets' random weights do.
+    """
+    negative_prompts = negative_prompts or [""] * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts.")
+    if has_text_encoder(pipe):
+        return dict(prompt=list(prompts), negative_prompt=list(negative_prompts))
+    positive = [_text_embeds(pipe, text) for text in prompts]
+    negative = [_text_embeds(pipe, text) for text in negative_prompts]
+    kwargs = dict(prompt_embeds=torch.cat([p[0] for p in positive]),
+                  negative_prompt_embeds=torch.cat([n[0] for n in negative]))
+    if positive[0][1] is not None:
+        kwargs.update(pooled_prompt_embeds=torch.cat([p[1] for p in positive]),
+                      negative_pooled_prompt_embeds=torch.cat([n[1] for n in negative]))
+    return kwargs
+
+
+def _text_embeds(pipe: DiffusionPipeline, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embeddings (and SDXL's pooled ones) for one text, from a seed that only the text decides."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    embeds = random_prompt_embeds(pipe, seed=seed)
+    return embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds")
 
 
 def random_prompt_embeds(pipe: DiffusionPipeline, batch_size: int = 1, *, seed: int = 0,

@@ -44,6 +44,7 @@ class StaticGraphPaths:
         self.pool = None
         self.stream = None  # one capture stream: warm-up and capture on it, so library workspaces exist before capture
         self.weights = WeightsWatch(model)
+        self.uncaptured: set[tuple] = set()  # (shape key, is_full) whose capture failed
 
     def start_call(self) -> None:
         """Drop every graph if the model's weights moved since capture: a replay would read the old addresses."""
@@ -60,10 +61,22 @@ class StaticGraphPaths:
         leaves, spec = tree_flatten({k: v for k, v in inputs.items() if k != "cache"})
         entry = self.graphs.get((key, full))
         if entry is None:
+            if (key, full) in self.uncaptured or (key, full) in self.compiled.failed:
+                return self.compiled(full, key, inputs)
             if not self.graphs:
                 self.weights.snapshot()
             start = time.perf_counter()
-            entry = self.graphs[key, full] = self._capture(full, key, leaves, spec, cache)
+            try:
+                entry = self._capture(full, key, leaves, spec, cache)
+            except Exception:  # slower, never down: this shape runs without a hand-captured graph from now on
+                logger.warning("fastcache: capturing the %s path at %s failed; it runs uncaptured from now on.",
+                               "full" if full else "shallow", tuple(inputs["sample"].shape), exc_info=True)
+                self.uncaptured.add((key, full))
+                self.counters.compile_failures += 1
+                return self.compiled(full, key, inputs)
+            if entry is None:  # its compilation failed (counted there): it runs eagerly
+                return self.compiled(full, key, inputs)
+            self.graphs[key, full] = entry
             logger.info("fastcache: %s path at %s captured in %.1f s", "full" if full else "shallow",
                         tuple(inputs["sample"].shape), time.perf_counter() - start)
         for static, new in zip(entry.inputs, leaves, strict=True):
@@ -73,7 +86,7 @@ class StaticGraphPaths:
         self.counters.replays += 1
         return clone(entry.output)
 
-    def _capture(self, full: bool, key: tuple, leaves, spec, cache) -> _Graph:
+    def _capture(self, full: bool, key: tuple, leaves, spec, cache) -> _Graph | None:
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         inputs = dict(tree_unflatten(static, spec), cache=cache)
         fn = self.compiled.path(full)
@@ -82,8 +95,12 @@ class StaticGraphPaths:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):  # compile, autotune and warm up outside the graph, on the capture stream
             self.compiled(full, key, inputs)
-            fn(**inputs)
+            compiled = (key, full) not in self.compiled.failed
+            if compiled:
+                fn(**inputs)
         torch.cuda.current_stream().wait_stream(self.stream)
+        if not compiled:
+            return None
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -82,15 +82,16 @@ class Variant:
     compile_vae: bool = False
 
     @contextmanager
-    def applied(self, pipe, interval: int, branch: int) -> Iterator[FastCacheHandle]:
+    def applied(self, pipe, interval: int, branch: int, schedule: str = "uniform") -> Iterator[FastCacheHandle]:
         """The pipeline with this variant on, as a handle; everything is undone on exit."""
         scheduler = pipe.scheduler
         with speed_switches(pipe, self.switches):
             if self.fused_step:
                 pipe.scheduler = _fused_scheduler()(scheduler)
             try:
-                handle = compile_pipeline(pipe, interval, branch, compile=self.compile, mode=self.mode,
-                                          inductor_options=self.inductor_options, compile_vae=self.compile_vae)
+                handle = compile_pipeline(pipe, interval, branch, schedule=schedule, compile=self.compile,
+                                          mode=self.mode, inductor_options=self.inductor_options,
+                                          compile_vae=self.compile_vae)
                 try:
                     yield handle
                 finally:

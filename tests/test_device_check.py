@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PEERS = "eager,deepcache,compile,fastcache,fastcache-static-fused"
-STAGE_OF = {"pytest": "tests", "bench/compare.py": "bench", "tools/profile_steps.py": "profile"}
+STAGE_OF = {"pytest": "tests", "bench/compare.py": "bench", "tools/profile_steps.py": "profile",
+            "fastcache.cli": "warmup", "bench/serve_load.py": "serve-load"}
 
 # one line a call (the import check's code has a newline); the inductor cache it was given at the end
 FAKE_PYTHON = r"""#!/bin/sh
@@ -23,6 +24,7 @@ while [ $# -gt 0 ]; do
         --out) echo '{"peer": "eager"}' > "$2/results.jsonl"; echo "fake bench: 1 peer" ;;
         --cache-dir) mkdir -p "$2/shared" ;;
         --trace) echo '{"traceEvents": []}' > "$2"; echo "fake profile" ;;
+        --report) echo '{"cache": "cold"}' >> "$2"; echo "fake warm-up" ;;
     esac
     shift
 done
@@ -126,3 +128,17 @@ def test_a_stage_is_cut_at_the_budget_and_the_next_skipped(tmp_path):
     assert "skipped, " in run.stdout and "s of the budget left: python3 bench/compare.py" in run.stdout
     assert "fake pytest: 1 passed" in (run.out / "gpu_tests.log").read_text()
     assert 25 < run.seconds < 40
+
+
+def test_serve_warms_up_cold_then_warm_from_one_cache_then_loads_a_server_from_it(tmp_path):
+    run = Run(tmp_path, "serve", BATCHES="1,2")
+    assert run.returncode == 0, run.stderr
+    assert any("fastapi" in " ".join(call) for call in run.calls)  # the serving packages are checked first
+    assert run.stages == ["warmup", "warmup", "serve-load"]
+    cold, warm = (call for call in run.calls if "fastcache.cli" in call)
+    assert cold == warm and option(cold, "--cache-dir") == str(run.scratch / "serve-cache")
+    assert option(cold, "--batch-sizes") == "1,2" and option(cold, "--preset") == "sd21"
+    load = run.args("serve-load")
+    assert "--cache-dir" in load and str(run.scratch / "serve-cache") in load  # the launched server's arguments
+    assert len((run.out / "warmup.jsonl").read_text().splitlines()) == 2
+    assert "== warm warm-up" in (run.out / "serve.log").read_text()

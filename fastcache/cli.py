@@ -1,0 +1,344 @@
+"""The ``fastcache`` command: ``generate``, ``warmup``, ``serve`` and ``bench``.
+
+Every argument is checked before a model is built, against the model's own configs where they can be read without
+weights (presets, local folders); a bad one gets one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+# NOTE: importing diffusers' pipelines makes transformers log notices (e.g. "requires torchvision") that would bury
+# the one-line errors of a bad argument; quiet while importing only.
+_verbosity = transformers_logging.get_verbosity()
+transformers_logging.set_verbosity_error()
+from .models import PRESETS, Geometry, model_geometry  # noqa: E402
+from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
+
+transformers_logging.set_verbosity(_verbosity)
+
+logger = logging.getLogger("fastcache")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = {"compare": "bench/compare.py", "serve-load": "bench/serve_load.py"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults in ``--help`` and one-line errors (exit code 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not any(action.default is nothing for nothing in (None, argparse.SUPPRESS, False)) and (
+                "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+# -- options shared by the commands (and python -m fastcache) ------------------------------------------------------
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="a local diffusers pipeline folder or a hub id (loaded with from_pretrained); "
+                                       "default: --preset")
+    group.add_argument("--preset", default="tiny-sd", choices=sorted(PRESETS),
+                       help="an architecture built from its config with RANDOM weights (images are noise; speed "
+                            "equals the real model's); prompt embeddings are derived from the prompt text")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda or cuda:N (float16 on CUDA, float32 on CPU)")
+
+
+def add_cache_options(parser: argparse.ArgumentParser, compile_flag: bool = True) -> None:
+    group = parser.add_argument_group("cache")
+    group.add_argument("--interval", type=int, default=3, help="a full UNet step every INTERVAL steps (1: no caching)")
+    group.add_argument("--branch", type=int, default=0,
+                       help="DeepCache branch: how deep the shallow path goes (0: shallowest, fastest)")
+    group.add_argument("--schedule", default="uniform", choices=SCHEDULE_KINDS,
+                       help="which steps are full: every INTERVAL-th, or DeepCache's quad-center schedule")
+    if compile_flag:
+        group.add_argument("--compile", default=True, action=argparse.BooleanOptionalAction,
+                           help="compile the two UNet paths (CUDA graphs on CUDA); --no-compile runs them eagerly")
+
+
+def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
+    """Validate the model and cache options; the model's geometry where its configs are readable."""
+    device = args.device
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        parser.error(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if args.model:
+        path = Path(args.model).expanduser()
+        if path.exists() and not (path / "model_index.json").is_file():
+            parser.error(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+        hub_id = not args.model.startswith((".", "/", "~")) and args.model.count("/") <= 1
+        if not path.exists() and (not hub_id or os.environ.get("HF_HUB_OFFLINE")):
+            parser.error(f"--model {args.model}: no such folder")
+    geometry = model_geometry(str(Path(args.model).expanduser()) if args.model else None, args.preset)
+    if args.interval < 1:
+        parser.error(f"--interval must be >= 1 (1 means no caching); got {args.interval}")
+    if geometry is not None and not 0 <= args.branch < geometry.branches:
+        parser.error(f"--branch must be between 0 and {geometry.branches - 1} for this model; got {args.branch}")
+    if args.branch < 0:
+        parser.error(f"--branch must be >= 0; got {args.branch}")
+    return geometry
+
+
+@contextmanager
+def model_errors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[None]:
+    """A model that cannot be loaded, or that fastcache refuses (known only once loaded, for hub ids): one line."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        parser.error(f"{args.model or args.preset}: {error}".replace("\n", " "))
+
+
+def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace, steps: int, flag: str = "--steps") -> None:
+    if steps < 1:
+        parser.error(f"{flag} must be >= 1; got {steps}")
+    try:
+        make_schedule(args.schedule, args.interval).full_steps(steps)
+    except ValueError as error:
+        parser.error(f"{flag} {steps}: {error}")
+
+
+def parse_size(parser: argparse.ArgumentParser, text: str, geometry: Geometry | None) -> tuple[int, int]:
+    """``N`` or ``WxH`` pixels, each a positive multiple of the model's pixel multiple."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(part.isdigit() for part in parts):
+        parser.error(f"a size is N or WIDTHxHEIGHT in pixels; got {text!r}")
+    width, height = int(parts[0]), int(parts[-1])
+    multiple = geometry.pixel_multiple if geometry else 8
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        parser.error(f"sizes must be positive multiples of {multiple} pixels for this model; got {text!r}")
+    return width, height
+
+
+def parse_int_list(parser: argparse.ArgumentParser, text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, e.g. 1,2,4; got {text!r}")
+    if not values or min(values) < 1:
+        parser.error(f"{flag} values must be >= 1; got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+
+def build_parser() -> Parser:
+    parser = Parser(prog="fastcache", description="DeepCache and torch.compile with CUDA graphs for diffusers UNet "
+                                                  "pipelines: generate images, warm up, serve, benchmark.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="prompts to PNG files", description="Generate images with "
+                                   "fastcache on, one pipeline call per prompt, and write them as PNG files.")
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
+    add_model_options(generate)
+    add_cache_options(generate)
+    generate.add_argument("--negative-prompt", default="", help="what the images should not show")
+    generate.add_argument("--steps", type=int, default=25, help="denoising steps")
+    generate.add_argument("--size", help="N or WIDTHxHEIGHT in pixels (default: the model's native size)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    generate.add_argument("--seed", type=int, default=0, help="image i of each prompt uses SEED + i")
+    generate.add_argument("--batch", type=int, default=1, help="images per prompt, in one pipeline call")
+    generate.add_argument("--output-dir", default=".", help="where the PNG files go")
+
+    for name, text in (("warmup", "compile and capture every bucket, storing the compile cache"),
+                       ("serve", "the OpenAI-style HTTP images API")):
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        add_model_options(sub)
+        add_cache_options(sub)
+        sub.add_argument("--sizes", default=None, help="comma-separated sizes to serve, N or WIDTHxHEIGHT "
+                                                       "(default: the model's native size)")
+        sub.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (images per pipeline call) "
+                                                            "to warm up; requests are batched up to the largest")
+        sub.add_argument("--guidance-modes", default="on", choices=("on", "off", "on,off"),
+                         help="warm up buckets with classifier-free guidance on (guidance_scale > 1), off, or both")
+        sub.add_argument("--steps", type=int, default=25, help="steps of the warm-up and of requests that give none")
+        sub.add_argument("--max-steps", type=int, default=100, help="the most steps a request may ask for")
+        sub.add_argument("--cache-dir", help="persistent compile cache: a restart with the same model, options, "
+                                             "buckets and versions warms up from it")
+        if name == "warmup":
+            sub.add_argument("--report", help="append the warm-up's report (seconds per bucket, cold or warm, cache "
+                                              "hits, card, versions) to this JSON-lines file")
+        if name == "serve":
+            sub.add_argument("--host", default="127.0.0.1", help="address to bind")
+            sub.add_argument("--port", type=int, default=8000, help="port to bind")
+            sub.add_argument("--max-queue", type=int, default=64, help="images that may wait; more get HTTP 429")
+            sub.add_argument("--max-delay-ms", type=float, default=50.0,
+                             help="how long a request waits for others to batch with")
+            sub.add_argument("--on-demand", action="store_true",
+                             help="serve sizes that were not warmed up (compiled on their first request) instead "
+                                  "of answering 400")
+            sub.add_argument("--drain-seconds", type=float, default=300.0,
+                             help="on SIGTERM, how long in-flight requests may take to finish")
+            sub.add_argument("--replicas", type=int, default=0,
+                             help="run N replicas with Ray Serve (one per GPU on CUDA) behind Ray's HTTP proxy; "
+                                  "0: one process, uvicorn")
+            sub.add_argument("--ray-address", default=None,
+                             help="with --replicas: an existing Ray cluster ('auto' or ray://HOST:PORT); default: "
+                                  "a local Ray on 127.0.0.1")
+
+    bench = commands.add_parser("bench", help="run a benchmark of bench/ (compare, serve-load)",
+                                description="Run a benchmark script of the source tree's bench/ folder; arguments "
+                                            "after the name go to the script (try: fastcache bench compare --help).")
+    bench.add_argument("benchmark", choices=sorted(BENCHMARKS),
+                       help="compare: the peers side by side on one model; serve-load: load on a running server")
+    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed to the script")
+    return parser
+
+
+def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Validated ``ServiceOptions`` for ``warmup`` and ``serve``."""
+    from .engine import EngineConfig
+    from .service import ServiceOptions
+
+    geometry = check_model_options(parser, args)
+    check_steps(parser, args, args.steps)
+    if args.max_steps < args.steps:
+        parser.error(f"--max-steps must be >= --steps ({args.steps}); got {args.max_steps}")
+    sizes = tuple(dict.fromkeys(parse_size(parser, text, geometry) for text in args.sizes.split(","))) if (
+        args.sizes) else ((geometry.native_size,) * 2,) if geometry else None
+    if sizes is None:
+        parser.error("--sizes is needed for a hub model (its native size is not known before loading)")
+    serving = args.command == "serve"
+    if serving and not 0 < args.port < 65536:
+        parser.error(f"--port must be between 1 and 65535; got {args.port}")
+    batch_sizes = parse_int_list(parser, args.batch_sizes, "--batch-sizes")
+    engine = EngineConfig(batch_sizes=batch_sizes, sizes=sizes,
+                          guidance=tuple(mode == "on" for mode in args.guidance_modes.split(",")), steps=args.steps,
+                          max_steps=args.max_steps)
+    if serving:
+        if args.max_queue < max(batch_sizes):
+            parser.error(f"--max-queue must be at least the largest batch size ({max(batch_sizes)})")
+        if args.max_delay_ms < 0 or args.replicas < 0:
+            parser.error("--max-delay-ms and --replicas must be >= 0")
+        engine = EngineConfig(**{**vars(engine), "max_queue": args.max_queue, "max_delay_s": args.max_delay_ms / 1000,
+                                 "on_demand": args.on_demand})
+    return ServiceOptions(model=args.model, preset=args.preset, device=args.device, interval=args.interval,
+                          branch=args.branch, schedule=args.schedule, compile=args.compile, cache_dir=args.cache_dir,
+                          engine=engine)
+
+
+def generate(parser, args) -> int:
+    from .engine import ImageRequest, pipeline_kwargs
+    from .handle import compile_pipeline
+    from .models import open_pipeline
+
+    geometry = check_model_options(parser, args)
+    check_steps(parser, args, args.steps)
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1; got {args.batch}")
+    if args.size is not None:
+        width, height = parse_size(parser, args.size, geometry)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0; got {args.seed}")
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output-dir {output}: not a folder")
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    with model_errors(parser, args):
+        pipe, label = open_pipeline(args.model, args.preset, device=args.device, dtype=dtype)
+        compile_pipeline(pipe, args.interval, args.branch, schedule=args.schedule, compile=args.compile)
+    if args.size is None:
+        width = height = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe.set_progress_bar_config(disable=False, desc="denoising")
+    logger.info("model: %s | %s, %dx%d, %d steps, interval %d, branch %d", label, args.device, width, height,
+                args.steps, args.interval, args.branch)
+    output.mkdir(parents=True, exist_ok=True)
+    for index, prompt in enumerate(args.prompts):
+        request = ImageRequest(prompt, width, height, args.steps, args.guidance, n=args.batch,
+                               negative_prompt=args.negative_prompt, seed=args.seed)
+        start = time.perf_counter()
+        images = pipe(**pipeline_kwargs(pipe, [request])).images
+        logger.info("prompt %d: %d image(s) in %.2f s", index, len(images), time.perf_counter() - start)
+        for i, image in enumerate(pipe.numpy_to_pil(images)):
+            path = output / f"fastcache-{index:03d}-seed{args.seed + i}.png"
+            image.save(path)
+            logger.info("wrote %s", path)
+    return 0
+
+
+def warmup(parser, args) -> int:
+    from .service import Service
+
+    options = service_options(parser, args)
+    with model_errors(parser, args):
+        service = Service(options)
+    report = service.warm_up(progress=True)
+    if args.report:
+        with open(args.report, "a") as f:
+            f.write(json.dumps(report) + "\n")
+    return 0
+
+
+def serve(parser, args) -> int:
+    options = service_options(parser, args)
+    if args.replicas:
+        from .ray_serve import run_replicas
+
+        return run_replicas(options, args.replicas, host=args.host, port=args.port, address=args.ray_address)
+    import uvicorn
+
+    from .server import make_app
+    from .service import Service
+
+    with model_errors(parser, args):
+        service = Service(options)
+    app = make_app(service)
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, runs the app's shutdown (the engine's queue), then raises
+    # the signal again with the handler it found: after a drained SIGTERM, that one exits 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_seconds,
+                log_level="info")
+    return 0
+
+
+def bench(parser, args) -> int:
+    import runpy
+
+    script = ROOT / BENCHMARKS[args.benchmark]
+    if not script.is_file():
+        parser.error(f"{script} not found: the benchmarks live in the source tree (install with pip install -e .)")
+    sys.argv = [str(script), *args.arguments]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = {"generate": generate, "warmup": warmup, "serve": serve, "bench": bench}[args.command]
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    return command(sub, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

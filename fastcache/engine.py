@@ -1,0 +1,278 @@
+"""The serving engine: one compiled pipeline, its declared buckets, and a worker thread that batches requests.
+
+Requests that share a size, step count and guidance scale are run as one pipeline call, up to the largest warmed
+batch, after waiting at most ``max_delay_s`` for company. A batch is padded to the smallest warmed batch size that
+holds it, so that every call runs a shape compiled during warm-up. Each image has its own generator
+(``seed + i`` for the ``i``-th image of a request), so an image does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import prompt_inputs
+
+logger = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "fastcache warm-up"
+
+
+class QueueFull(RuntimeError):
+    """More images wait than the engine's ``max_queue``: the caller should retry later."""
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot be served as asked; the message names what is valid, ``param`` the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One shape compiled and captured during warm-up: images per call, pixels, classifier-free guidance on/off."""
+
+    batch: int
+    width: int
+    height: int
+    guidance: bool
+
+    def __str__(self) -> str:
+        return f"batch {self.batch}, {self.width}x{self.height}, guidance {'on' if self.guidance else 'off'}"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine warms up and serves (``fastcache serve``'s options)."""
+
+    batch_sizes: tuple[int, ...] = (1,)
+    sizes: tuple[tuple[int, int], ...] = ((512, 512),)  # (width, height)
+    guidance: tuple[bool, ...] = (True,)  # buckets with classifier-free guidance on and/or off
+    steps: int = 25  # default steps per request, and the warm-up's
+    max_steps: int = 100
+    max_queue: int = 64  # images waiting; one more is refused (HTTP 429)
+    max_delay_s: float = 0.05  # how long the first request of a batch waits for others
+    on_demand: bool = False  # serve sizes that were not warmed (compiled on their first request) instead of refusing
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_sizes)
+
+    def buckets(self) -> list[Bucket]:
+        return [Bucket(batch, width, height, guidance) for width, height in self.sizes
+                for guidance in self.guidance for batch in sorted(self.batch_sizes)]
+
+
+@dataclass
+class ImageRequest:
+    """One request: ``n`` images of one prompt; image ``i`` is generated from ``seed + i``."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    n: int = 1
+    negative_prompt: str = ""
+    seed: int | None = None
+    future: Future = field(default_factory=Future, repr=False)
+    arrived: float = field(default_factory=time.monotonic, repr=False)
+
+    def __post_init__(self):
+        if self.seed is None:
+            self.seed = secrets.randbits(31)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share a pipeline call."""
+        return self.width, self.height, self.steps, float(self.guidance_scale)
+
+
+def pipeline_kwargs(pipe, requests: list[ImageRequest], pad_to: int | None = None) -> dict:
+    """The keyword arguments of the one pipeline call that makes the images of ``requests`` (same batch key), padded
+    with copies of the first request's first image up to ``pad_to`` images. A direct call with these arguments gives
+    the images the engine serves."""
+    first = requests[0]
+    prompts, negatives, seeds = [], [], []
+    for request in requests:
+        prompts += [request.prompt] * request.n
+        negatives += [request.negative_prompt] * request.n
+        seeds += [request.seed + i for i in range(request.n)]
+    padding = (pad_to or len(prompts)) - len(prompts)
+    prompts, negatives, seeds = prompts + prompts[:1] * padding, negatives + negatives[:1] * padding, seeds + [
+        seeds[0]] * padding
+    return dict(prompt_inputs(pipe, prompts, negatives), num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale, width=first.width, height=first.height,
+                num_images_per_prompt=1, output_type="np",
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds])
+
+
+class Engine:
+    """Runs ``ImageRequest``s on ``pipe`` (with fastcache enabled on it, or not), batching them on one thread.
+
+    ``submit`` is thread-safe and returns a future of the request's images (float arrays, HxWx3 in [0, 1]).
+    ``on_batch(images, padded)`` is called after each pipeline call (metrics).
+    """
+
+    def __init__(self, pipe, config: EngineConfig, handle=None, on_batch: Callable[[int, int], None] | None = None):
+        self.pipe, self.config, self.handle = pipe, config, handle
+        self.on_batch = on_batch
+        self.ready = threading.Event()  # set when warm-up is done
+        self.eager_buckets: list[Bucket] = []  # buckets whose compile failed: served by the eager paths
+        self._queue: deque[ImageRequest] = deque()
+        self._waiting_images = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def check(self, request: ImageRequest) -> None:
+        """Raise ``InvalidRequest`` naming what is served if no warmed bucket takes ``request``."""
+        config = self.config
+        if not 1 <= request.n <= config.max_batch:
+            raise InvalidRequest(f"n must be between 1 and {config.max_batch} (the largest batch size served); "
+                                 f"got {request.n}.", "n")
+        if not 1 <= request.steps <= config.max_steps:
+            raise InvalidRequest(f"num_inference_steps must be between 1 and {config.max_steps}; got {request.steps}.",
+                                 "num_inference_steps")
+        if config.on_demand:
+            return
+        if (request.width, request.height) not in config.sizes:
+            sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
+            raise InvalidRequest(f"size {request.width}x{request.height} was not warmed up; served sizes: {sizes}.",
+                                 "size")
+        guidance = request.guidance_scale > 1
+        if guidance not in config.guidance:
+            raise InvalidRequest(f"guidance_scale {request.guidance_scale:g} turns classifier-free guidance "
+                                 f"{'on' if guidance else 'off'}, which this server did not warm up: guidance_scale "
+                                 f"must be {'<= 1' if guidance else '> 1'}.", "guidance_scale")
+
+    def submit(self, request: ImageRequest) -> Future:
+        """Queue ``request``; ``InvalidRequest`` if no bucket takes it, ``QueueFull`` if too many images wait."""
+        self.check(request)
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down.")
+            if self._waiting_images + request.n > self.config.max_queue:
+                raise QueueFull(f"{self._waiting_images} images are waiting (at most {self.config.max_queue}).")
+            self._queue.append(request)
+            self._waiting_images += request.n
+            self._cond.notify_all()
+        return request.future
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a pipeline call."""
+        return len(self._queue)
+
+    def run(self, requests: list[ImageRequest], record: bool = True) -> list[list[np.ndarray]]:
+        """One pipeline call for ``requests`` (same batch key), padded to a warmed batch size; the images of each
+        (``record``: report the batch to ``on_batch``)."""
+        total = sum(request.n for request in requests)
+        pad_to = min((size for size in self.config.batch_sizes if size >= total), default=total)
+        images = self.pipe(**pipeline_kwargs(self.pipe, requests, pad_to)).images
+        if record and self.on_batch is not None:
+            self.on_batch(total, pad_to)
+        out, start = [], 0
+        for request in requests:
+            out.append(list(images[start:start + request.n]))
+            start += request.n
+        return out
+
+    # -- warm-up ---------------------------------------------------------------------------------------------
+
+    def warm_up(self, progress: bool = True) -> dict[Bucket, float]:
+        """Run every bucket once through the serving path (compiling and capturing it); seconds per bucket.
+
+        A bucket whose compilation fails is served by the eager paths (the runtime falls back per shape), with a
+        warning; it is listed in ``eager_buckets``.
+        """
+        seconds = {}
+        buckets = self.config.buckets()
+        bar = tqdm(buckets, desc="fastcache warm-up", unit="bucket", disable=not progress)
+        for bucket in bar:
+            failures = self.handle.counters.compile_failures if self.handle is not None else 0
+            start = time.perf_counter()
+            request = ImageRequest(WARMUP_PROMPT, bucket.width, bucket.height, self.config.steps,
+                                   7.5 if bucket.guidance else 1.0, n=bucket.batch, seed=0)
+            self.run([request], record=False)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds[bucket] = time.perf_counter() - start
+            if self.handle is not None and self.handle.counters.compile_failures > failures:
+                self.eager_buckets.append(bucket)
+                logger.warning("fastcache: %s failed to compile; it is served by the eager runtime.", bucket)
+            bar.set_postfix_str(f"{bucket}: {seconds[bucket]:.1f} s")
+            logger.info("fastcache: warmed %s in %.1f s", bucket, seconds[bucket])
+        return seconds
+
+    # -- the worker thread -----------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="fastcache-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 600.0) -> None:
+        """Finish every queued request, then end the worker thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                results = self.run(batch)
+            except Exception as error:  # the requests fail, the engine keeps serving
+                logger.exception("fastcache: a batch of %d requests failed", len(batch))
+                for request in batch:
+                    request.future.set_exception(error)
+                continue
+            for request, images in zip(batch, results, strict=True):
+                request.future.set_result(images)
+
+    def _next_batch(self) -> list[ImageRequest] | None:
+        """The oldest request and the requests that can join it, after waiting for company at most ``max_delay_s``
+        from its arrival; ``None`` once stopping with nothing queued."""
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            deadline = first.arrived + self.config.max_delay_s
+            while not self._stopping and self._joinable(first) < self.config.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, total = [], 0
+            for request in list(self._queue):
+                if request.batch_key == first.batch_key and total + request.n <= self.config.max_batch:
+                    batch.append(request)
+                    total += request.n
+                    self._queue.remove(request)
+            self._waiting_images -= total
+            return batch
+
+    def _joinable(self, first: ImageRequest) -> int:
+        return sum(request.n for request in self._queue if request.batch_key == first.batch_key)

@@ -1,0 +1,130 @@
+"""Scale-out on Ray Serve: N replicas of the same HTTP service behind Ray's HTTP proxy.
+
+Each replica is one ``Service`` (one GPU on CUDA) that warms up in its constructor, from the shared ``--cache-dir``,
+so that Ray routes requests to warmed replicas only; the API is ``server.make_app``'s, unchanged. Without an address
+a local Ray is started on 127.0.0.1 alone (every Ray process listens on loopback); with one (``auto``,
+``ray://HOST:10001``) the deployment joins that cluster. ``/metrics`` through the proxy answers for the replica
+that took the request; Ray exports its own per-replica metrics too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+
+import httpx
+
+from .server import make_app
+from .service import Service, ServiceOptions
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "fastcache"
+
+
+def _replica_class():
+    """The deployment class, built on first use so that importing this module does not need Ray."""
+    from ray import serve
+
+    @serve.deployment(name="FastcacheReplica", health_check_period_s=10, health_check_timeout_s=30)
+    @serve.ingress()
+    class FastcacheReplica:
+        def __init__(self, options: ServiceOptions, loopback: bool):
+            if loopback:
+                _loopback_replica_grpc()
+            self.service = Service(options)
+            self.service.warm_up(progress=False)
+            self.service.engine.start()
+
+        def __serve_build_asgi_app__(self):  # Serve asks each replica for its app after __init__
+            return make_app(self.service, warm_up=False)
+
+        def check_health(self):
+            thread = self.service.engine._thread
+            if thread is None or not thread.is_alive():
+                raise RuntimeError("the engine's worker thread is not running")
+
+    return FastcacheReplica
+
+
+def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", port: int = 8000,
+          address: str | None = None, timeout: float = 3600.0) -> str:
+    """Deploy ``replicas`` replicas and wait (at most ``timeout`` seconds) until the proxy answers ``/ready``; the
+    service's URL."""
+    import ray
+    from ray import serve
+
+    loopback = address is None
+    if loopback:
+        # NOTE: without this, Ray binds its GCS, raylet and agents to the host's routable address
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    cuda = options.device.startswith("cuda")
+    if cuda:  # Ray gives each replica its own GPU as cuda:0
+        options = dataclasses.replace(options, device="cuda")
+    resources = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": min(1.0, (os.cpu_count() or 1) / replicas)}
+    serve.start(http_options={"host": host, "port": port})
+    deployment = _replica_class().options(num_replicas=replicas, ray_actor_options=resources)
+    serve.run_many([serve.RunTarget(deployment.bind(options, loopback), name=APP_NAME, route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError("the Ray Serve deployment failed: " +
+                               "; ".join(d.message for d in status.deployments.values()))
+        if status is not None and status.status == "RUNNING":
+            try:
+                if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
+                    logger.info("fastcache: %d replicas ready behind Ray Serve at %s", replicas, url)
+                    return url
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Ray Serve replicas were not ready within {timeout} s ({status})")
+        time.sleep(0.5)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def run_replicas(options: ServiceOptions, replicas: int, *, host: str, port: int, address: str | None) -> int:
+    """``fastcache serve --replicas N``: deploy, serve until SIGTERM or Ctrl-C, then shut Ray Serve down."""
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        start(options, replicas, host=host, port=port, address=address)
+        done.wait()
+    finally:
+        stop()
+    return 0
+
+
+def _loopback_replica_grpc() -> None:
+    """Each replica opens a gRPC server for calls between deployments (unused here) on ``[::]``; a local loopback
+    cluster moves it to 127.0.0.1. Private Ray API, so guarded: nothing happens where it is missing."""
+    try:
+        import ray.serve._private.replica as replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(replica, "_fastcache_loopback", False):
+        return
+    replica._fastcache_loopback = True
+    replica.add_port_to_grpc_server = lambda server, address: original(server, address.replace("[::]", "127.0.0.1"))

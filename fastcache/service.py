@@ -1,0 +1,111 @@
+"""One serving process: the pipeline, its fastcache handle, the engine, the metrics, and the warm-up.
+
+``fastcache serve`` and each Ray Serve replica build one ``Service`` from the same ``ServiceOptions``; the warm-up
+runs every declared bucket through the serving path, loading and then saving the persistent compile cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import compile_cache
+from .compile_cache import CompileCache
+from .engine import Engine, EngineConfig
+from .handle import compile_pipeline
+from .metrics import ServeMetrics
+from .models import has_text_encoder, open_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """What to serve and how; every field is a ``fastcache serve`` option."""
+
+    model: str | None = None  # a diffusers folder or hub id; None: the preset
+    preset: str = "tiny-sd"
+    device: str = "cpu"
+    interval: int = 3
+    branch: int = 0
+    schedule: str = "uniform"
+    compile: bool = True
+    mode: str = "reduce-overhead"
+    cache_dir: str | None = None  # persistent compile cache
+    seed: int = 0  # of the preset's random weights
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.startswith("cuda") else torch.float32
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.preset
+
+
+class Service:
+    """Everything one process serves with. ``warm_up()`` then ``engine.ready`` is set."""
+
+    def __init__(self, options: ServiceOptions):
+        self.options = options
+        # the compile cache's folders are set before anything compiles
+        self.cache = CompileCache(options.cache_dir, self.identity()) if options.cache_dir else None
+        self.pipe, self.label = open_pipeline(options.model, options.preset, device=options.device,
+                                              dtype=options.dtype, seed=options.seed)
+        self.handle = compile_pipeline(self.pipe, options.interval, options.branch, schedule=options.schedule,
+                                       compile=options.compile, mode=options.mode)
+        self.metrics = ServeMetrics(self.handle)
+        self.engine = Engine(self.pipe, options.engine, self.handle, self.metrics.on_batch)
+        self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
+        self.warmup_seconds: float | None = None
+        logger.info("fastcache: serving %s on %s (%s)", self.label, options.device, options.dtype)
+
+    def identity(self) -> dict:
+        """What the compiled code depends on: the compile cache of another process is reused only if all match."""
+        options = asdict(self.options)
+        del options["cache_dir"]
+        options["engine"] = {key: options["engine"][key] for key in ("batch_sizes", "sizes", "guidance", "steps")}
+        return dict(options, **self.environment())
+
+    def environment(self) -> dict:
+        """Card and versions, for ``/v1/models`` and the load benchmark's report."""
+        import platform
+
+        import diffusers
+
+        from . import __version__
+
+        cuda = self.options.device.startswith("cuda")
+        return dict(card=torch.cuda.get_device_name(self.options.device) if cuda else (
+            platform.processor() or platform.machine()), device=self.options.device, torch=torch.__version__,
+            diffusers=diffusers.__version__, fastcache=__version__, python=platform.python_version(),
+            cuda=torch.version.cuda if cuda else None)
+
+    @property
+    def text_encoder(self) -> bool:
+        return has_text_encoder(self.pipe)
+
+    def warm_up(self, progress: bool = True) -> dict:
+        """Compile and capture every bucket (from the compile cache where it has them), then mark the engine ready;
+        a report: seconds in all and per bucket, the cache's state, its hits, the environment."""
+        loaded = self.cache.load() if self.cache else False
+        start = time.perf_counter()
+        per_bucket = self.engine.warm_up(progress)
+        self.warmup_seconds = seconds = time.perf_counter() - start
+        state = "warm" if loaded else "cold"
+        self.metrics.warmup_seconds.labels(state).set(seconds)
+        self.metrics.eager_buckets.set(len(self.engine.eager_buckets))
+        saved = self.cache.save() if self.cache else 0
+        hits = compile_cache.hits()
+        logger.info("fastcache: warm-up of %d buckets done in %.1f s (%s compile cache; %s)", len(per_bucket), seconds,
+                    state, ", ".join(f"{name} {count}" for name, count in hits.items()))
+        self.engine.ready.set()
+        return dict(seconds=seconds, cache=state, artifacts_loaded=self.cache.loaded if self.cache else 0,
+                    artifacts_saved=saved, buckets={str(bucket): s for bucket, s in per_bucket.items()},
+                    eager_buckets=[str(bucket) for bucket in self.engine.eager_buckets], model=self.options.model_name,
+                    interval=self.options.interval, branch=self.options.branch, compile=self.options.compile and (
+                        self.options.mode), **hits, **self.environment())

@@ -1,0 +1,121 @@
+"""The ``fastcache`` command and ``python -m fastcache``: every bad argument is one line and exit code 2, before any
+model is built; help explains every option; a folder saved from a preset loads and runs."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastcache import cli
+from fastcache.__main__ import parse_args as main_job_args
+from fastcache.models import build_pipeline
+
+BAD = [
+    (["generate", "x", "--interval", "0"], "--interval must be >= 1"),
+    (["generate", "x", "--branch", "99"], "--branch must be between 0 and 8"),
+    (["generate", "x", "--branch", "-1"], "--branch must be between 0 and 8"),
+    (["generate", "x", "--size", "33"], "multiples of 8 pixels"),
+    (["generate", "x", "--size", "0"], "multiples of 8 pixels"),
+    (["generate", "x", "--size", "32x"], "N or WIDTHxHEIGHT"),
+    (["generate", "x", "--steps", "0"], "--steps must be >= 1"),
+    (["generate", "x", "--steps", "30", "--interval", "2", "--schedule", "quad-center"], "valid intervals"),
+    (["generate", "x", "--batch", "0"], "--batch must be >= 1"),
+    (["generate", "x", "--model", "/no/such/folder"], "no such folder"),
+    (["generate", "x", "--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["generate", "x", "--steps", "many"], "invalid int value"),
+    (["generate"], "required: PROMPT"),
+    (["serve", "--sizes", "30"], "multiples of 8 pixels"),
+    (["serve", "--batch-sizes", "0"], "--batch-sizes values must be >= 1"),
+    (["serve", "--batch-sizes", "1,two"], "comma-separated integers"),
+    (["serve", "--port", "70000"], "--port must be between 1 and 65535"),
+    (["serve", "--batch-sizes", "1,8", "--max-queue", "4"], "--max-queue must be at least"),
+    (["serve", "--steps", "30", "--max-steps", "20"], "--max-steps must be >= --steps"),
+    (["warmup", "--guidance-modes", "maybe"], "invalid choice"),
+    (["bench", "nothing"], "invalid choice"),
+    (["dance"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(argv) for argv, _ in BAD])
+def test_a_bad_argument_is_one_line_and_exit_code_2(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)  # all of this is known before any model
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "x", "--device", "cuda"])
+    assert exit_info.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--interval", "0"], "--interval must be >= 1"), (["--branch", "99"], "--branch must be between 0 and 8"),
+    (["--size", "33"], "multiples of 8"), (["--steps", "0"], "--steps must be >= 1"),
+    (["--model", "./missing"], "no such folder"), (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--output", "/no/such/dir/x.png"], "its folder does not exist"),
+])
+def test_the_main_job_checks_every_argument_first(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main_job_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_help_explains_every_option_with_its_default(capsys):
+    parser = cli.build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for expected in ("(default: 25)", "(default: 127.0.0.1)", "(default: tiny-sd)", "--cache-dir", "(default: 0)"):
+        assert expected in text
+
+
+def test_a_folder_saved_from_a_preset_loads_and_generates(tmp_path, caplog):
+    for preset in ("tiny-sd", "tiny-sdxl"):
+        folder = tmp_path / preset
+        build_pipeline(preset).save_pretrained(folder)
+        out = tmp_path / f"{preset}-images"
+        assert cli.main(["generate", "a red house", "a blue boat", "--model", str(folder), "--steps", "3",
+                         "--no-compile", "--batch", "2", "--seed", "4", "--output-dir", str(out)]) == 0
+        files = sorted(p.name for p in out.iterdir())
+        assert files == ["fastcache-000-seed4.png", "fastcache-000-seed5.png", "fastcache-001-seed4.png",
+                         "fastcache-001-seed5.png"]
+        images = [np.asarray(Image.open(out / name), dtype=np.float64) for name in files]
+        assert images[0].shape == (32, 32, 3)
+        # different seeds and different prompts give different images
+        assert np.abs(images[0] - images[1]).mean() > 1 and np.abs(images[0] - images[2]).mean() > 1
+
+
+def test_the_main_job_uses_the_prompt_for_presets(tmp_path):
+    from fastcache.__main__ import main
+
+    results = [main(["--prompt", prompt, "--steps", "2", "--repeat", "1", "--variant", "fastcache-eager",
+                     "--output", str(tmp_path / f"{i}.png")]) for i, prompt in enumerate(("a cat", "a dog"))]
+    images = [np.asarray(Image.open(r["output"]), dtype=np.float64) for r in results]
+    assert np.abs(images[0] - images[1]).mean() > 1
+
+
+def test_bench_runs_a_script_of_bench(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "compare", "--help"])
+    assert exit_info.value.code == 0 and "--peers" in capsys.readouterr().out
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was built before the arguments were checked")
+
+
+def test_parser_errors_are_argparse_compatible():
+    assert issubclass(cli.Parser, argparse.ArgumentParser)

@@ -1,0 +1,160 @@
+"""The serving engine: batching, per-image seeds, padding to warmed batch sizes, queue limits, draining."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from fastcache import compile_pipeline
+from fastcache.engine import Engine, EngineConfig, ImageRequest, InvalidRequest, QueueFull, pipeline_kwargs
+from fastcache.models import build_pipeline
+
+SIZE = 32
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = build_pipeline("tiny-sd")
+    handle = compile_pipeline(pipe, 2, 0, compile=False)
+    yield pipe
+    handle.disable()
+
+
+def request(prompt="a cat", n=1, seed=0, guidance=7.5, size=SIZE, steps=STEPS, negative=""):
+    return ImageRequest(prompt, size, size, steps, guidance, n=n, seed=seed, negative_prompt=negative)
+
+
+def direct(pipe, req: ImageRequest) -> np.ndarray:
+    """The request as one plain pipeline call of its own (no batching, no padding)."""
+    return pipe(**pipeline_kwargs(pipe, [req])).images
+
+
+def rel_l2(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def test_a_batch_of_requests_gives_each_its_own_images(pipe):
+    batches = []
+    engine = Engine(pipe, EngineConfig(batch_sizes=(1, 2, 4), sizes=((SIZE, SIZE),), steps=STEPS),
+                    on_batch=lambda images, padded: batches.append((images, padded)))
+    first, second = request("a cat", n=1, seed=5), request("a dog", n=2, seed=7, negative="blurry")
+    results = engine.run([first, second])
+    assert batches == [(3, 4)]  # three images, padded to the warmed batch of four
+    assert [len(images) for images in results] == [1, 2]
+    for req, images in zip((first, second), results, strict=True):
+        expected = direct(pipe, req)
+        for got, want in zip(images, expected, strict=True):
+            assert rel_l2(got, want) < 1e-4
+    # image i of a request is seed + i: the second image is the one-image request with seed 8
+    alone = direct(pipe, request("a dog", seed=8, negative="blurry"))[0]
+    assert rel_l2(results[1][1], alone) < 1e-4
+    assert rel_l2(results[1][0], alone) > 0.01  # and not the first one
+
+
+def test_same_prompt_and_seed_same_image_different_seed_different_image(pipe):
+    engine = Engine(pipe, EngineConfig(batch_sizes=(2,), sizes=((SIZE, SIZE),), steps=STEPS))
+    a, b, c = engine.run([request(seed=1), request(seed=1)])[0][0], *(
+        images[0] for images in engine.run([request(seed=1), request(seed=2)]))
+    assert rel_l2(a, b) < 1e-5 and rel_l2(a, c) > 0.01
+
+
+def test_concurrent_submissions_are_batched_and_exact(pipe):
+    batches = []
+    config = EngineConfig(batch_sizes=(1, 2, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=1.0)
+    engine = Engine(pipe, config, on_batch=lambda images, padded: batches.append(images)).start()
+    requests = [request(f"prompt {i}", seed=100 + i) for i in range(8)]
+    try:
+        threads = [threading.Thread(target=engine.submit, args=(r,)) for r in requests]
+        for thread in threads:
+            thread.start()
+        images = [r.future.result(timeout=120)[0] for r in requests]
+    finally:
+        engine.stop(timeout=60)
+    assert sum(batches) == 8 and max(batches) > 1  # batching happened
+    for req, got in zip(requests, images, strict=True):
+        assert rel_l2(got, direct(pipe, req)[0]) < 1e-4
+
+
+def test_only_requests_with_the_same_size_steps_and_guidance_share_a_call(pipe):
+    calls = []
+    config = EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=0.5)
+    engine = Engine(pipe, config, on_batch=lambda images, padded: calls.append((images, padded)))
+    for req in (request(seed=1), request(steps=3), request(guidance=5.0), request(seed=2)):
+        engine.submit(req)
+    engine.start().stop(timeout=120)
+    assert sorted(calls) == [(1, 1), (1, 1), (2, 4)]
+
+
+@pytest.mark.parametrize("bad, param", [
+    (dict(n=5), "n"), (dict(n=0), "n"), (dict(steps=0), "num_inference_steps"), (dict(steps=51), "num_inference_steps"),
+    (dict(size=64), "size"), (dict(guidance=1.0), "guidance_scale"),
+])
+def test_requests_outside_the_warmed_buckets_are_refused_naming_what_is_served(pipe, bad, param):
+    engine = Engine(pipe, EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_steps=50))
+    with pytest.raises(InvalidRequest) as error:
+        engine.submit(request(**bad))
+    assert error.value.param == param
+    assert engine.queue_depth == 0
+
+
+def test_on_demand_serves_unwarmed_sizes(pipe):
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, on_demand=True))
+    engine.check(request(size=48))
+
+
+def test_a_full_queue_refuses_and_a_stopping_engine_drains(pipe):
+    engine = Engine(pipe, EngineConfig(batch_sizes=(1, 2), sizes=((SIZE, SIZE),), steps=STEPS, max_queue=3))
+    queued = [request(seed=1, n=2), request(seed=2)]
+    for req in queued:
+        engine.submit(req)
+    with pytest.raises(QueueFull):
+        engine.submit(request(seed=3))
+    assert engine.queue_depth == 2
+    engine.start().stop(timeout=120)  # drains: both answered before the thread ends
+    assert [len(req.future.result(timeout=0)) for req in queued] == [2, 1]
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit(request())
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(pipe, monkeypatch):
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=0)).start()
+    try:
+        original = engine.run
+        monkeypatch.setattr(engine, "run", lambda requests: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.submit(request()).result(timeout=60)
+        monkeypatch.setattr(engine, "run", original)
+        assert len(engine.submit(request()).result(timeout=120)) == 1
+    finally:
+        engine.stop(timeout=60)
+
+
+def test_warm_up_runs_every_bucket_and_serves_a_failed_compile_eagerly(monkeypatch):
+    pipe = build_pipeline("tiny-sd")
+    handle = compile_pipeline(pipe, 2, 0, compile=True)
+
+    def fail_at_batch_four(**inputs):  # stands in for the compiled full path: inductor fails at one shape
+        if inputs["sample"].shape[0] == 4:
+            raise RuntimeError("compilation failed")
+        return handle.paths.eager(True, inputs)
+
+    monkeypatch.setattr(handle.paths, "full", fail_at_batch_four)
+    monkeypatch.setattr(handle.paths, "shallow", lambda **inputs: handle.paths.eager(False, inputs))
+    config = EngineConfig(batch_sizes=(1, 2), sizes=((SIZE, SIZE),), guidance=(True, False), steps=3)
+    engine = Engine(pipe, config, handle)
+    try:
+        seconds = engine.warm_up(progress=False)
+        assert list(seconds) == config.buckets() and len(seconds) == 4
+        # batch 2 with guidance is 4 UNet samples, whose full path failed to compile: served eagerly
+        assert [str(b) for b in engine.eager_buckets] == ["batch 2, 32x32, guidance on"]
+        assert handle.counters.compile_failures == 1
+        got = np.stack(engine.run([request(n=2, seed=9)])[0])
+    finally:
+        handle.disable()
+    eager = compile_pipeline(pipe, 2, 0, compile=False)
+    try:
+        expected = pipe(**pipeline_kwargs(pipe, [request(n=2, seed=9)])).images
+    finally:
+        eager.disable()
+    assert rel_l2(got, expected) < 1e-5

@@ -1,0 +1,247 @@
+"""The HTTP service, as a real uvicorn server on a loopback port (tiny model, eager runtime, every wait bounded)."""
+
+import asyncio
+import base64
+import io
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastcache import compile_pipeline
+from fastcache.engine import EngineConfig, ImageRequest, pipeline_kwargs
+from fastcache.models import build_pipeline
+from fastcache.server import make_app
+from fastcache.service import Service, ServiceOptions
+
+HOST = "127.0.0.1"
+STEPS = 4
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not happen within {timeout} s")
+
+
+class ServerProcess:
+    """``fastcache serve`` in a subprocess, bound to 127.0.0.1."""
+
+    def __init__(self, *args: str, ready_timeout: float = 300):
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log = io.BytesIO()
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastcache.cli", "serve", "--host", HOST, "--port",
+                                      str(self.port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read_output, daemon=True).start()
+        try:
+            wait_until(lambda: self.proc.poll() is not None or httpx.get(f"{self.url}/ready").status_code == 200,
+                       ready_timeout, "the server's warm-up")
+            assert self.proc.poll() is None, self.output()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_output(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+
+    def output(self) -> str:
+        return self.log.getvalue().decode(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics").text
+        return {_name(sample): sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def _name(sample) -> str:
+    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k != "le") if sample.labels else ""
+    le = sample.labels.get("le") if sample.labels else None
+    return sample.name + (f"{{{labels}}}" if labels else "") + (f"[le={le}]" if le else "")
+
+
+def png_array(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ServerProcess("--preset", "tiny-sd", "--no-compile", "--sizes", "32", "--batch-sizes", "1,2,4",
+                           "--steps", str(STEPS), "--max-steps", "50", "--max-delay-ms", "300", "--max-queue", "64")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Direct pipeline calls with the server's model and cache settings (interval 3, branch 0, eager)."""
+    pipe = build_pipeline("tiny-sd")
+    handle = compile_pipeline(pipe, 3, 0, compile=False)
+
+    def image(prompt: str, seed: int, negative: str = "", n: int = 1) -> list[np.ndarray]:
+        request = ImageRequest(prompt, 32, 32, STEPS, 7.5, n=n, seed=seed, negative_prompt=negative)
+        images = pipe(**pipeline_kwargs(pipe, [request])).images
+        return [(im * 255).round().astype(np.int16) for im in images]
+
+    yield image
+    handle.disable()
+
+
+async def post_all(url: str, bodies: list, timeout: float = 300) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        return await asyncio.gather(*(client.post(f"{url}/v1/images/generations", json=b) for b in bodies))
+
+
+def test_32_concurrent_requests_are_batched_and_equal_direct_calls(server, reference):
+    before = server.metrics()
+    bodies = [{"prompt": f"prompt {i % 5}", "seed": 1000 + i, "n": 1 + (i % 3 == 0), "negative_prompt": "blurry"}
+              for i in range(32)]
+    responses = asyncio.run(post_all(server.url, bodies))
+    assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
+    for body, response in zip(bodies, responses, strict=True):
+        data = response.json()["data"]
+        assert len(data) == body["n"] and [d["seed"] for d in data] == [body["seed"] + i for i in range(body["n"])]
+        for got, want in zip(data, reference(body["prompt"], body["seed"], "blurry", body["n"]), strict=True):
+            diff = np.abs(png_array(got["b64_json"]) - want)
+            assert diff.max() <= 1 and diff.mean() < 0.01  # equal up to the PNG's rounding of float noise
+    after = server.metrics()
+    images = sum(b["n"] for b in bodies)
+    calls = after["fastcache_batch_images_count"] - before.get("fastcache_batch_images_count", 0)
+    assert after["fastcache_images_total"] - before.get("fastcache_images_total", 0) == images
+    assert calls < 32  # batching happened: fewer pipeline calls than requests
+    assert after['fastcache_requests_total{status="200"}'] - before.get('fastcache_requests_total{status="200"}',
+                                                                          0) == 32
+    assert after['fastcache_unet_steps_total{path="shallow"}'] > before['fastcache_unet_steps_total{path="shallow"}']
+    assert after["fastcache_request_seconds_count"] - before["fastcache_request_seconds_count"] == 32
+
+
+BAD_REQUESTS = [
+    ("{not json", "not valid JSON"),
+    ([1, 2], "valid dictionary"),
+    ({}, "prompt"),
+    ({"prompt": "   "}, "prompt must be a non-empty string"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x", "size": "64x64"}, "served sizes: 32x32"),
+    ({"prompt": "x", "size": "big"}, "'WIDTHxHEIGHT'"),
+    ({"prompt": "x", "n": 0}, "n must be between 1 and 4"),
+    ({"prompt": "x", "n": 99}, "n must be between 1 and 4"),
+    ({"prompt": "x", "n": "2"}, "n: Input should be a valid integer"),
+    ({"prompt": "x", "num_inference_steps": 0}, "between 1 and 50"),
+    ({"prompt": "x", "num_inference_steps": 51}, "between 1 and 50"),
+    ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale must be between 0 and 50"),
+    ({"prompt": "x", "guidance_scale": 1.0}, "classifier-free guidance off"),
+    ({"prompt": "x", "seed": 1.5}, "seed"),
+    ({"prompt": "x", "seed": -1}, "seed must be between 0"),
+    ({"prompt": "x", "response_format": "url"}, "response_format must be 'b64_json'"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[str(b)[:40] for b, _ in BAD_REQUESTS])
+def test_bad_input_gets_a_400_naming_what_is_valid_and_the_service_keeps_serving(server, body, message):
+    url = f"{server.url}/v1/images/generations"
+    if isinstance(body, str):
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        response = httpx.post(url, json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    good = httpx.post(url, json={"prompt": "still serving", "seed": 1}, timeout=120)
+    assert good.status_code == 200 and len(good.json()["data"]) == 1
+
+
+def test_models_health_and_metrics(server):
+    model = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+    assert model["id"] == "tiny-sd" and "derived deterministically from the prompt text" in model["prompt_embeddings"]
+    assert model["sizes"] == ["32x32"] and model["batch_sizes"] == [1, 2, 4]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    metrics = server.metrics()
+    assert metrics['fastcache_warmup_seconds{cache="cold"}'] > 0
+    assert "fastcache_queue_depth" in metrics and "fastcache_unet_fallbacks_total" in metrics
+    assert "derived from the prompt text" in server.output()  # said in the logs too
+
+
+def test_ready_is_503_until_the_warm_up_is_done():
+    service = Service(ServiceOptions(compile=False, engine=EngineConfig(sizes=((32, 32),), steps=2)))
+    gate = threading.Event()
+    warm_up = service.warm_up
+    service.warm_up = lambda: (gate.wait(60), warm_up(progress=False))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(service), host=HOST, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_until(lambda: server.started, 60, "uvicorn's start")
+        assert httpx.get(f"{url}/health").status_code == 200
+        response = httpx.get(f"{url}/ready")
+        assert response.status_code == 503 and response.headers["retry-after"]
+        early = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x"})
+        assert early.status_code == 503 and early.headers["retry-after"]
+        gate.set()
+        wait_until(lambda: httpx.get(f"{url}/ready").status_code == 200, 120, "ready")
+        assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "x"}, timeout=60).status_code == 200
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_a_full_queue_answers_429_and_sigterm_drains_in_flight_requests():
+    server = ServerProcess("--preset", "tiny-sd", "--no-compile", "--sizes", "32", "--batch-sizes", "1,2",
+                           "--steps", "2", "--max-queue", "2", "--max-delay-ms", "0")
+    try:
+        # distinct step counts never share a call: the queue fills
+        flood = asyncio.run(post_all(server.url, [{"prompt": "x", "num_inference_steps": 30 + i} for i in range(12)]))
+        codes = [r.status_code for r in flood]
+        assert codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+        assert all(r.headers["retry-after"] for r in flood if r.status_code == 429)
+        after = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "after"}, timeout=120)
+        assert after.status_code == 200
+
+        async def drain():
+            async with httpx.AsyncClient(timeout=300) as client:
+                tasks = [asyncio.create_task(client.post(f"{server.url}/v1/images/generations",
+                                                         json={"prompt": "y", "num_inference_steps": 40 + i}))
+                         for i in range(2)]  # within --max-queue
+                await asyncio.to_thread(wait_until, lambda: server.metrics()["fastcache_queue_depth"] >= 1, 60,
+                                        "requests queued")
+                server.proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        drained = asyncio.run(drain())
+        assert [r.status_code for r in drained] == [200] * 2
+        assert server.proc.wait(timeout=120) == 0, server.output()
+    finally:
+        server.stop()
