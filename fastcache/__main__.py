@@ -21,13 +21,14 @@ from .cli import (
     Parser,
     add_cache_options,
     add_model_options,
+    check_finite,
     check_model_options,
     check_steps,
     model_errors,
     parse_size,
 )
 from .handle import compile_pipeline
-from .models import open_pipeline, prompt_inputs
+from .models import default_dtype, open_pipeline, prompt_inputs
 from .variants import VARIANTS
 
 logger = logging.getLogger("fastcache")
@@ -60,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     geometry = check_model_options(p, args)
     check_steps(p, args, args.steps)
     args.size = parse_size(p, args.size, geometry) if args.size is not None else None
+    check_finite(p, args.guidance, "--guidance")
     if args.repeat < 1:
         p.error(f"--repeat must be >= 1; got {args.repeat}")
     if args.seed < 0:
@@ -92,7 +94,7 @@ def time_pipeline(pipe, call_kwargs: dict, repeat: int, seed: int) -> Timing:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    dtype = default_dtype(args.device)
     with model_errors(args.parser, args):
         pipe, label = open_pipeline(args.model, args.preset, device=args.device, dtype=dtype, seed=args.seed)
         # a hub model's branch range is known only now: checked before the plain pipeline runs

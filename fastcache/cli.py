@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +27,8 @@ from transformers.utils import logging as transformers_logging
 # the one-line errors of a bad argument; quiet while importing only.
 _verbosity = transformers_logging.get_verbosity()
 transformers_logging.set_verbosity_error()
-from .models import PRESETS, Geometry, model_geometry  # noqa: E402
+from .graphs import COMPILE_MODES  # noqa: E402
+from .models import PRESETS, Geometry, default_dtype, model_geometry  # noqa: E402
 from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
 
 transformers_logging.set_verbosity(_verbosity)
@@ -64,8 +68,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="a local diffusers pipeline folder or a hub id (loaded with from_pretrained); "
                                        "default: --preset")
     group.add_argument("--preset", default="tiny-sd", choices=sorted(PRESETS),
-                       help="an architecture built from its config with RANDOM weights (images are noise; speed "
-                            "equals the real model's); prompt embeddings are derived from the prompt text")
+                       help="an architecture built from its config with RANDOM weights (images are noise; sd15, sd21 "
+                            "and sdxl run at the real models' speed, tiny-* are small stand-ins); prompt embeddings "
+                            "are derived from the prompt text")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="cpu, cuda or cuda:N (float16 on CUDA, float32 on CPU)")
 
@@ -80,6 +85,9 @@ def add_cache_options(parser: argparse.ArgumentParser, compile_flag: bool = True
     if compile_flag:
         group.add_argument("--compile", default=True, action=argparse.BooleanOptionalAction,
                            help="compile the two UNet paths (CUDA graphs on CUDA); --no-compile runs them eagerly")
+        group.add_argument("--mode", choices=COMPILE_MODES,
+                           help="torch.compile mode (default: reduce-overhead); static-cudagraphs: CUDA graphs "
+                                "captured by hand (see README)")
 
 
 def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
@@ -106,7 +114,32 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--branch must be between 0 and {geometry.branches - 1} for this model; got {args.branch}")
     if args.branch < 0:
         parser.error(f"--branch must be >= 0; got {args.branch}")
+    if hasattr(args, "compile"):
+        if args.mode is not None and not args.compile:
+            parser.error("--mode needs --compile (--no-compile runs the paths eagerly)")
+        args.mode = args.mode or "reduce-overhead"
     return geometry
+
+
+def check_finite(parser: argparse.ArgumentParser, value: float, flag: str, low: float = float("-inf"),
+                 high: float = float("inf")) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        parser.error(f"{flag} must be a finite number" + (f" from {low:g} to {high:g}" if math.isfinite(low) and
+                                                          math.isfinite(high) else "") + f"; got {value}")
+
+
+def check_writable(parser: argparse.ArgumentParser, path: str, flag: str, folder: bool = False) -> None:
+    """``path`` (a folder, or a file whose folder exists) can be created or written."""
+    target = Path(path).expanduser().resolve()
+    if folder and target.exists() and not target.is_dir():
+        parser.error(f"{flag} {path}: not a folder")
+    existing = target if folder else target.parent
+    while not existing.exists():
+        if not folder:
+            parser.error(f"{flag} {path}: the folder {existing} does not exist")
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        parser.error(f"{flag} {path}: {existing} is not a writable folder")
 
 
 @contextmanager
@@ -151,7 +184,8 @@ def parse_int_list(parser: argparse.ArgumentParser, text: str, flag: str) -> tup
 
 # -- commands ------------------------------------------------------------------------------------------------------
 
-def build_parser() -> Parser:
+def build_parser() -> tuple[Parser, dict[str, Parser]]:
+    """The ``fastcache`` parser, and its commands' parsers by name."""
     parser = Parser(prog="fastcache", description="DeepCache and torch.compile with CUDA graphs for diffusers UNet "
                                                   "pipelines: generate images, warm up, serve, benchmark.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -178,8 +212,9 @@ def build_parser() -> Parser:
                                                        "(default: the model's native size)")
         sub.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (images per pipeline call) "
                                                             "to warm up; requests are batched up to the largest")
-        sub.add_argument("--guidance-modes", default="on", choices=("on", "off", "on,off"),
-                         help="warm up buckets with classifier-free guidance on (guidance_scale > 1), off, or both")
+        sub.add_argument("--guidance-modes", default="on",
+                         help="warm up buckets with classifier-free guidance on (guidance_scale > 1), off, or both: "
+                              "on, off or on,off")
         sub.add_argument("--steps", type=int, default=25, help="steps of the warm-up and of requests that give none")
         sub.add_argument("--max-steps", type=int, default=100, help="the most steps a request may ask for")
         sub.add_argument("--cache-dir", help="persistent compile cache: a restart with the same model, options, "
@@ -196,6 +231,8 @@ def build_parser() -> Parser:
             sub.add_argument("--on-demand", action="store_true",
                              help="serve sizes that were not warmed up (compiled on their first request) instead "
                                   "of answering 400")
+            sub.add_argument("--max-size", type=int, default=2048,
+                             help="with --on-demand: the largest width or height served, in pixels")
             sub.add_argument("--drain-seconds", type=float, default=300.0,
                              help="on SIGTERM, how long in-flight requests may take to finish")
             sub.add_argument("--replicas", type=int, default=0,
@@ -211,7 +248,7 @@ def build_parser() -> Parser:
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS),
                        help="compare: the peers side by side on one model; serve-load: load on a running server")
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed to the script")
-    return parser
+    return parser, commands.choices
 
 
 def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -231,19 +268,31 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if serving and not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535; got {args.port}")
     batch_sizes = parse_int_list(parser, args.batch_sizes, "--batch-sizes")
-    engine = EngineConfig(batch_sizes=batch_sizes, sizes=sizes,
-                          guidance=tuple(mode == "on" for mode in args.guidance_modes.split(",")), steps=args.steps,
-                          max_steps=args.max_steps)
+    modes = args.guidance_modes.split(",")
+    if not modes or not set(modes) <= {"on", "off"} or len(set(modes)) != len(modes):
+        parser.error(f"--guidance-modes must be on, off or on,off; got {args.guidance_modes!r}")
+    if args.cache_dir:
+        check_writable(parser, args.cache_dir, "--cache-dir", folder=True)
+    if getattr(args, "report", None):
+        check_writable(parser, args.report, "--report")
+    engine = EngineConfig(batch_sizes=batch_sizes, sizes=sizes, guidance=tuple(mode == "on" for mode in modes),
+                          steps=args.steps,
+                          max_steps=args.max_steps, pixel_multiple=geometry.pixel_multiple if geometry else 8)
     if serving:
         if args.max_queue < max(batch_sizes):
             parser.error(f"--max-queue must be at least the largest batch size ({max(batch_sizes)})")
-        if args.max_delay_ms < 0 or args.replicas < 0:
-            parser.error("--max-delay-ms and --replicas must be >= 0")
-        engine = EngineConfig(**{**vars(engine), "max_queue": args.max_queue, "max_delay_s": args.max_delay_ms / 1000,
-                                 "on_demand": args.on_demand})
+        check_finite(parser, args.max_delay_ms, "--max-delay-ms", 0, 60_000)
+        check_finite(parser, args.drain_seconds, "--drain-seconds", 0, 86_400)
+        if args.replicas < 0:
+            parser.error(f"--replicas must be >= 0; got {args.replicas}")
+        multiple = engine.pixel_multiple
+        if args.max_size < multiple or args.max_size < max(max(size) for size in sizes):
+            parser.error(f"--max-size must be at least {multiple} and the largest of --sizes; got {args.max_size}")
+        engine = replace(engine, max_queue=args.max_queue, max_delay_s=args.max_delay_ms / 1000,
+                         on_demand=args.on_demand, max_size=args.max_size)
     return ServiceOptions(model=args.model, preset=args.preset, device=args.device, interval=args.interval,
-                          branch=args.branch, schedule=args.schedule, compile=args.compile, cache_dir=args.cache_dir,
-                          engine=engine)
+                          branch=args.branch, schedule=args.schedule, compile=args.compile, mode=args.mode,
+                          cache_dir=args.cache_dir, engine=engine)
 
 
 def generate(parser, args) -> int:
@@ -257,15 +306,16 @@ def generate(parser, args) -> int:
         parser.error(f"--batch must be >= 1; got {args.batch}")
     if args.size is not None:
         width, height = parse_size(parser, args.size, geometry)
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0; got {args.seed}")
+    if not 0 <= args.seed <= 2**63 - args.batch:
+        parser.error(f"--seed must be between 0 and {2**63 - args.batch} (image i uses SEED + i); got {args.seed}")
+    check_finite(parser, args.guidance, "--guidance", 0, 50)
+    check_writable(parser, args.output_dir, "--output-dir", folder=True)
     output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        parser.error(f"--output-dir {output}: not a folder")
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    dtype = default_dtype(args.device)
     with model_errors(parser, args):
         pipe, label = open_pipeline(args.model, args.preset, device=args.device, dtype=dtype)
-        compile_pipeline(pipe, args.interval, args.branch, schedule=args.schedule, compile=args.compile)
+        compile_pipeline(pipe, args.interval, args.branch, schedule=args.schedule, compile=args.compile,
+                         mode=args.mode)
     if args.size is None:
         width = height = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=False, desc="denoising")
@@ -309,15 +359,27 @@ def serve(parser, args) -> int:
     from .server import make_app
     from .service import Service
 
+    sock = _bind(parser, args.host, args.port)  # a busy port fails now, not after the model is built
     with model_errors(parser, args):
         service = Service(options)
-    app = make_app(service)
+    app = make_app(service, drain_seconds=args.drain_seconds)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, runs the app's shutdown (the engine's queue), then raises
     # the signal again with the handler it found: after a drained SIGTERM, that one exits 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_seconds,
-                log_level="info")
+    config = uvicorn.Config(app, timeout_graceful_shutdown=args.drain_seconds, log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _bind(parser: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        parser.error(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})")
+    return sock
 
 
 def bench(parser, args) -> int:
@@ -332,12 +394,11 @@ def bench(parser, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser, commands = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = {"generate": generate, "warmup": warmup, "serve": serve, "bench": bench}[args.command]
-    sub = parser._subparsers._group_actions[0].choices[args.command]
-    return command(sub, args)
+    run = {"generate": generate, "warmup": warmup, "serve": serve, "bench": bench}[args.command]
+    return run(commands[args.command], args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ class QueueFull(RuntimeError):
     """More images wait than the engine's ``max_queue``: the caller should retry later."""
 
 
+class ShuttingDown(RuntimeError):
+    """The engine is draining its queue before the process exits: the caller should go elsewhere."""
+
+
 class InvalidRequest(ValueError):
     """A request that cannot be served as asked; the message names what is valid, ``param`` the field at fault."""
 
@@ -65,6 +69,8 @@ class EngineConfig:
     max_queue: int = 64  # images waiting; one more is refused (HTTP 429)
     max_delay_s: float = 0.05  # how long the first request of a batch waits for others
     on_demand: bool = False  # serve sizes that were not warmed (compiled on their first request) instead of refusing
+    pixel_multiple: int = 8  # of every size (the VAE's scale times the UNet's downsampling)
+    max_size: int = 2048  # pixels, the largest width or height served on demand
 
     @property
     def max_batch(self) -> int:
@@ -96,8 +102,9 @@ class ImageRequest:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share a pipeline call."""
-        return self.width, self.height, self.steps, float(self.guidance_scale)
+        """Requests with equal keys can share a pipeline call. Empty and given negative prompts do not mix: without
+        any, a text-encoder pipeline gets ``negative_prompt=None``, as in a direct call (SDXL then uses zeros)."""
+        return self.width, self.height, self.steps, float(self.guidance_scale), bool(self.negative_prompt)
 
 
 def pipeline_kwargs(pipe, requests: list[ImageRequest], pad_to: int | None = None) -> dict:
@@ -111,9 +118,10 @@ def pipeline_kwargs(pipe, requests: list[ImageRequest], pad_to: int | None = Non
         negatives += [request.negative_prompt] * request.n
         seeds += [request.seed + i for i in range(request.n)]
     padding = (pad_to or len(prompts)) - len(prompts)
-    prompts, negatives, seeds = prompts + prompts[:1] * padding, negatives + negatives[:1] * padding, seeds + [
-        seeds[0]] * padding
-    return dict(prompt_inputs(pipe, prompts, negatives), num_inference_steps=first.steps,
+    prompts += prompts[:1] * padding
+    negatives += negatives[:1] * padding
+    seeds += seeds[:1] * padding
+    return dict(prompt_inputs(pipe, prompts, negatives if any(negatives) else None), num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale, width=first.width, height=first.height,
                 num_images_per_prompt=1, output_type="np",
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds])
@@ -148,6 +156,12 @@ class Engine:
         if not 1 <= request.steps <= config.max_steps:
             raise InvalidRequest(f"num_inference_steps must be between 1 and {config.max_steps}; got {request.steps}.",
                                  "num_inference_steps")
+        size_ok = all(config.pixel_multiple <= side <= config.max_size and side % config.pixel_multiple == 0
+                      for side in (request.width, request.height))
+        if not size_ok:
+            raise InvalidRequest(f"width and height must be multiples of {config.pixel_multiple} pixels, from "
+                                 f"{config.pixel_multiple} to {config.max_size}; got {request.width}x{request.height}.",
+                                 "size")
         if config.on_demand:
             return
         if (request.width, request.height) not in config.sizes:
@@ -165,7 +179,7 @@ class Engine:
         self.check(request)
         with self._cond:
             if self._stopping:
-                raise QueueFull("the server is shutting down.")
+                raise ShuttingDown("the server is shutting down.")
             if self._waiting_images + request.n > self.config.max_queue:
                 raise QueueFull(f"{self._waiting_images} images are waiting (at most {self.config.max_queue}).")
             self._queue.append(request)
@@ -175,8 +189,13 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a pipeline call."""
-        return len(self._queue)
+        """Images waiting for a pipeline call (what ``max_queue`` bounds)."""
+        return self._waiting_images
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (started and not stopped)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def run(self, requests: list[ImageRequest], record: bool = True) -> list[list[np.ndarray]]:
         """One pipeline call for ``requests`` (same batch key), padded to a warmed batch size; the images of each
@@ -204,6 +223,9 @@ class Engine:
         buckets = self.config.buckets()
         bar = tqdm(buckets, desc="fastcache warm-up", unit="bucket", disable=not progress)
         for bucket in bar:
+            if self._stopping:  # shutting down: the remaining buckets are not needed
+                logger.info("fastcache: warm-up stopped before %s", bucket)
+                break
             failures = self.handle.counters.compile_failures if self.handle is not None else 0
             start = time.perf_counter()
             request = ImageRequest(WARMUP_PROMPT, bucket.width, bucket.height, self.config.steps,
@@ -228,7 +250,8 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 600.0) -> None:
-        """Finish every queued request, then end the worker thread."""
+        """Finish every queued request (at most ``timeout`` seconds), then end the worker thread; a warm-up in
+        progress stops after its current bucket."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -240,15 +263,30 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            try:
-                results = self.run(batch)
-            except Exception as error:  # the requests fail, the engine keeps serving
-                logger.exception("fastcache: a batch of %d requests failed", len(batch))
-                for request in batch:
-                    request.future.set_exception(error)
+            if not batch:  # every request of it was cancelled while queued
                 continue
-            for request, images in zip(batch, results, strict=True):
-                request.future.set_result(images)
+            try:
+                self._answer(batch)
+            except Exception:  # never let the thread die: requests would wait forever
+                logger.exception("fastcache: the engine failed to answer a batch")
+
+    def _answer(self, batch: list[ImageRequest]) -> None:
+        """Run a batch and resolve its futures. If it fails, its requests run one by one, so that a request that
+        cannot be served (say, a prompt the tokenizer rejects) fails alone."""
+        try:
+            results = self.run(batch)
+        except Exception as error:
+            if len(batch) > 1:
+                logger.warning("fastcache: a batch of %d requests failed (%s); running them one by one", len(batch),
+                               error)
+                for request in batch:
+                    self._answer([request])
+                return
+            logger.exception("fastcache: a request failed")
+            _resolve(batch[0].future, error=error)
+            return
+        for request, images in zip(batch, results, strict=True):
+            _resolve(request.future, images)
 
     def _next_batch(self) -> list[ImageRequest] | None:
         """The oldest request and the requests that can join it, after waiting for company at most ``max_delay_s``
@@ -268,11 +306,22 @@ class Engine:
             batch, total = [], 0
             for request in list(self._queue):
                 if request.batch_key == first.batch_key and total + request.n <= self.config.max_batch:
-                    batch.append(request)
-                    total += request.n
                     self._queue.remove(request)
-            self._waiting_images -= total
+                    self._waiting_images -= request.n
+                    if request.future.set_running_or_notify_cancel():  # False: its client gave up while queued
+                        batch.append(request)
+                        total += request.n
             return batch
 
     def _joinable(self, first: ImageRequest) -> int:
         return sum(request.n for request in self._queue if request.batch_key == first.batch_key)
+
+
+def _resolve(future: Future, images=None, error: BaseException | None = None) -> None:
+    """Set a running future's outcome (it cannot be cancelled any more once taken off the queue)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(images)

@@ -7,6 +7,7 @@ and GPU memory from torch, so nothing is counted twice.
 
 from __future__ import annotations
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -15,8 +16,8 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 # Counters fields exported, as (metric suffix, label or None, help)
 _RUNTIME = {
-    "full": ("unet_steps", "full", "UNet evaluations by path"),
-    "shallow": ("unet_steps", "shallow", "UNet evaluations by path"),
+    "full": ("unet_steps", "full", "UNet evaluations by path, since start (warm-up included)"),
+    "shallow": ("unet_steps", "shallow", "UNet evaluations by path, since start (warm-up included)"),
     "fallbacks": ("unet_fallbacks", None, "UNet evaluations that ran the original forward (unsupported arguments)"),
     "compile_failures": ("compile_failures", None, "(shape, path) pairs whose compile or capture failed; they run "
                                                    "eagerly"),
@@ -30,11 +31,13 @@ class ServeMetrics:
 
     def __init__(self, handle=None):
         self.registry = registry = CollectorRegistry()
-        self.latency = Histogram("fastcache_request_seconds", "Time from request to response, seconds",
+        self.latency = Histogram("fastcache_request_seconds", "Time from request to response of answered "
+                                 "generations (200), seconds",
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.requests = Counter("fastcache_requests", "Image requests answered, by HTTP status", ["status"],
                                 registry=registry)
-        self.queue_depth = Gauge("fastcache_queue_depth", "Requests waiting for a pipeline call", registry=registry)
+        self.queue_depth = Gauge("fastcache_queue_depth", "Images waiting for a pipeline call (--max-queue bounds it)",
+                                 registry=registry)
         self.batch_images = Histogram("fastcache_batch_images", "Images per pipeline call (without padding)",
                                       buckets=BATCH_BUCKETS, registry=registry)
         self.padded_images = Counter("fastcache_padding_images", "Images computed only to fill a warmed batch size",
@@ -64,7 +67,7 @@ class _RuntimeCollector:
 
     def collect(self):
         if self.handle is not None:
-            families = {}
+            families = {}  # one family per metric name, a sample per path
             for name, (suffix, path, help_text) in _RUNTIME.items():
                 if suffix not in families:
                     families[suffix] = CounterMetricFamily(f"fastcache_{suffix}", help_text,
@@ -72,8 +75,6 @@ class _RuntimeCollector:
                 value = getattr(self.handle.counters, name)
                 families[suffix].add_metric([path] if path else [], value)
             yield from families.values()
-        import torch
-
         if torch.cuda.is_available():
             memory = GaugeMetricFamily("fastcache_gpu_memory_bytes", "GPU memory held by torch", labels=["kind"])
             memory.add_metric(["allocated"], torch.cuda.memory_allocated())

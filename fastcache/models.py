@@ -80,6 +80,11 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
                     set_alpha_to_one=False, steps_offset=1)
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """float16 on CUDA, float32 elsewhere (CPU kernels are slow or missing in half precision)."""
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
 def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    seed: int = 0) -> DiffusionPipeline:
     """A pipeline of the ``preset`` architecture with random weights and no text encoder."""
@@ -177,15 +182,16 @@ def has_text_encoder(pipe: DiffusionPipeline) -> bool:
 def prompt_inputs(pipe: DiffusionPipeline, prompts: list[str], negative_prompts: list[str] | None = None) -> dict:
     """The pipeline's prompt arguments for one image per entry of ``prompts``.
 
-    A pipeline with a text encoder gets the texts. One without (the presets, folders saved from them) gets
-    embeddings derived from each text alone (a seed from its SHA-256), so equal texts give equal images, in any
-    batch: stand-ins that carry no meaning, as the presets' random weights do.
+    A pipeline with a text encoder gets the texts (``negative_prompts=None`` passes ``None``, as a call without a
+    negative prompt does: SDXL then uses zeros). One without (the presets, folders saved from them) gets embeddings
+    derived from each text alone (a seed from its SHA-256), so equal texts give equal images, in any batch:
+    stand-ins that carry no meaning, as the presets' random weights do.
     """
-    negative_prompts = negative_prompts or [""] * len(prompts)
-    if len(negative_prompts) != len(prompts):
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
         raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts.")
     if has_text_encoder(pipe):
-        return dict(prompt=list(prompts), negative_prompt=list(negative_prompts))
+        return dict(prompt=list(prompts), negative_prompt=None if negative_prompts is None else list(negative_prompts))
+    negative_prompts = negative_prompts or [""] * len(prompts)
     positive = [_text_embeds(pipe, text) for text in prompts]
     negative = [_text_embeds(pipe, text) for text in negative_prompts]
     kwargs = dict(prompt_embeds=torch.cat([p[0] for p in positive]),

@@ -52,9 +52,9 @@ def _replica_class():
 
 
 def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", port: int = 8000,
-          address: str | None = None, timeout: float = 3600.0) -> str:
-    """Deploy ``replicas`` replicas and wait (at most ``timeout`` seconds) until the proxy answers ``/ready``; the
-    service's URL."""
+          address: str | None = None, timeout: float = 3600.0, cancel: threading.Event | None = None) -> str:
+    """Deploy ``replicas`` replicas and wait (at most ``timeout`` seconds, or until ``cancel`` is set) until the
+    proxy answers ``/ready``; the service's URL. ``RuntimeError`` if the deployment fails."""
     import ray
     from ray import serve
 
@@ -89,7 +89,9 @@ def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", po
             except httpx.HTTPError:
                 pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the Ray Serve replicas were not ready within {timeout} s ({status})")
+            raise RuntimeError(f"the Ray Serve replicas were not ready within {timeout} s ({status})")
+        if cancel is not None and cancel.is_set():
+            raise RuntimeError("stopped before the replicas were ready")
         time.sleep(0.5)
 
 
@@ -104,13 +106,18 @@ def stop() -> None:
 
 
 def run_replicas(options: ServiceOptions, replicas: int, *, host: str, port: int, address: str | None) -> int:
-    """``fastcache serve --replicas N``: deploy, serve until SIGTERM or Ctrl-C, then shut Ray Serve down."""
+    """``fastcache serve --replicas N``: deploy, serve until SIGTERM or Ctrl-C (also while starting), then shut Ray
+    Serve down; 1 if the deployment failed (said in one line)."""
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     try:
-        start(options, replicas, host=host, port=port, address=address)
+        start(options, replicas, host=host, port=port, address=address, cancel=done)
         done.wait()
+    except RuntimeError as error:
+        if not done.is_set():
+            logger.error("fastcache: %s", error)
+            return 1
     finally:
         stop()
     return 0

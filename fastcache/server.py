@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 
-from .engine import ImageRequest, InvalidRequest, QueueFull
+from .engine import ImageRequest, InvalidRequest, QueueFull, ShuttingDown
 from .service import Service
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 GENERATIONS = "/v1/images/generations"
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
+DISCONNECT_POLL_S = 0.5  # how often a waiting request checks whether its client is still there
 
 
 class GenerationBody(BaseModel):
@@ -44,22 +45,27 @@ class GenerationBody(BaseModel):
     response_format: StrictStr = "b64_json"
     negative_prompt: StrictStr = ""
     num_inference_steps: StrictInt | None = None  # default: the server's --steps
-    guidance_scale: StrictFloat | StrictInt = 7.5
+    guidance_scale: StrictFloat = 7.5  # integers are numbers too
     seed: StrictInt | None = None  # image i of the request uses seed + i; default: random
 
 
-def make_app(service: Service, *, warm_up: bool = True) -> FastAPI:
+def make_app(service: Service, *, warm_up: bool = True, drain_seconds: float = 600.0) -> FastAPI:
     """The FastAPI app serving ``service``. With ``warm_up``, its lifespan starts the warm-up on a thread (``/ready``
-    answers 503 until it is done) and the engine; on shutdown it finishes the queued requests."""
-    engine, metrics, config = service.engine, service.metrics, service.options.engine
+    answers 503 until it is done) and the engine; on shutdown it finishes the queued requests (at most
+    ``drain_seconds``) and stops a warm-up in progress after its current bucket."""
+    engine, metrics, config = service.engine, service.metrics, service.engine.config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        warming = None
         if warm_up and not engine.ready.is_set():
-            threading.Thread(target=_warm_up, args=(service,), name="fastcache-warmup", daemon=True).start()
+            warming = threading.Thread(target=_warm_up, args=(service,), name="fastcache-warmup", daemon=True)
+            warming.start()
         yield
-        await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(engine.stop, drain_seconds)
+        if warming is not None:
+            await asyncio.to_thread(warming.join, drain_seconds)
 
     app = FastAPI(title="fastcache", lifespan=lifespan)
 
@@ -67,18 +73,15 @@ def make_app(service: Service, *, warm_up: bool = True) -> FastAPI:
     async def invalid(request: Request, error: RequestValidationError):
         return _error(400, _describe(error), _param(error))
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        if request.url.path != GENERATIONS:
-            return await call_next(request)
-        start = time.perf_counter()
-        response = await call_next(request)
-        metrics.latency.observe(time.perf_counter() - start)
-        metrics.requests.labels(str(response.status_code)).inc()
-        return response
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        logger.exception("fastcache: %s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error: {type(error).__name__}")
+
+    app.add_middleware(_Measure, metrics=metrics)
 
     @app.post(GENERATIONS)
-    async def generations(body: GenerationBody):
+    async def generations(body: GenerationBody, http: Request):
         if not engine.ready.is_set():
             return _error(503, "the server is warming up; retry shortly.", retry_after=5)
         try:
@@ -88,7 +91,21 @@ def make_app(service: Service, *, warm_up: bool = True) -> FastAPI:
             return _error(400, str(error), error.param)
         except QueueFull as error:
             return _error(429, f"too many requests: {error}", retry_after=1)
-        images = await asyncio.wrap_future(future)
+        except ShuttingDown as error:
+            return _error(503, str(error))
+        waiter = asyncio.wrap_future(future)
+        try:
+            while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S))[0]:
+                if await http.is_disconnected():  # a queued request is dropped; a running batch finishes without it
+                    future.cancel()
+                    return _error(499, "the client closed the request.")
+        except asyncio.CancelledError:  # the server cancelled the handler (Ray Serve does when a client leaves)
+            future.cancel()
+            raise
+        try:
+            images = waiter.result()
+        except Exception as error:  # logged by the engine, which keeps serving
+            return _error(500, f"the generation failed: {type(error).__name__}: {error}")
         data = await asyncio.to_thread(lambda: [_png_b64(image) for image in images])
         return {"created": int(time.time()),
                 "data": [{"b64_json": png, "seed": request.seed + i} for i, png in enumerate(data)]}
@@ -103,7 +120,8 @@ def make_app(service: Service, *, warm_up: bool = True) -> FastAPI:
                 "derived deterministically from the prompt text (no text encoder)"),
             "sizes": [f"{w}x{h}" for w, h in config.sizes], "batch_sizes": list(config.batch_sizes),
             "guidance": ["on" if g else "off" for g in config.guidance], "steps": config.steps,
-            "max_steps": config.max_steps, "interval": options.interval, "branch": options.branch,
+            "max_steps": config.max_steps, "max_delay_ms": config.max_delay_s * 1000,
+            "interval": options.interval, "branch": options.branch,
             "compile": options.mode if options.compile else "eager",
             "runtime": service.environment(),
         }]}
@@ -114,7 +132,7 @@ def make_app(service: Service, *, warm_up: bool = True) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        if engine.ready.is_set():
+        if engine.ready.is_set() and engine.alive:
             return {"status": "ready", "warmup_seconds": service.warmup_seconds}
         return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "5"})
 
@@ -125,6 +143,32 @@ def make_app(service: Service, *, warm_up: bool = True) -> FastAPI:
     return app
 
 
+class _Measure:
+    """Latency and status of every generations request, as plain ASGI middleware: FastAPI's ``@app.middleware``
+    wraps ``receive`` so that a handler no longer sees its client disconnect."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != GENERATIONS:
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            if status == 200:  # the latency of generations; errors are counted by status alone
+                self.metrics.latency.observe(time.perf_counter() - start)
+            self.metrics.requests.labels(str(status)).inc()
+
+
 def _warm_up(service: Service) -> None:
     try:
         service.warm_up()
@@ -133,9 +177,14 @@ def _warm_up(service: Service) -> None:
 
 
 def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
-    config = service.options.engine
+    config = service.engine.config
     if not body.prompt.strip():
         raise InvalidRequest("prompt must be a non-empty string.", "prompt")
+    for name in ("prompt", "negative_prompt"):
+        try:
+            getattr(body, name).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{name} must be valid Unicode text (it has unpaired surrogates).", name) from None
     if body.response_format != "b64_json":
         raise InvalidRequest(f"response_format must be 'b64_json' (this server keeps no image files); "
                          f"got {body.response_format!r}.", "response_format")
@@ -143,11 +192,11 @@ def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
     if not 0 <= body.guidance_scale <= MAX_GUIDANCE:
         raise InvalidRequest(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}; got {body.guidance_scale}.",
                          "guidance_scale")
-    if body.seed is not None and not 0 <= body.seed <= MAX_SEED - body.n:
-        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED - body.n}; got {body.seed}.", "seed")
+    if body.seed is not None and not 0 <= body.seed <= MAX_SEED:
+        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}; got {body.seed}.", "seed")
     width, height = config.sizes[0]
     if body.size is not None:
-        match = re.fullmatch(r"(\d+)x(\d+)", body.size)
+        match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", body.size)
         sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
         if match is None:
             raise InvalidRequest(f"size must be 'WIDTHxHEIGHT', one of: {sizes}; got {body.size!r}.", "size")
@@ -176,14 +225,15 @@ def _describe(error: RequestValidationError) -> str:
 
 def _param(error: RequestValidationError) -> str | None:
     for item in error.errors():
-        loc = [part for part in item.get("loc", ()) if part != "body"]
+        loc = [part for part in item.get("loc", ()) if part != "body" and item.get("type") != "json_invalid"]
         if loc:
             return str(loc[0])
     return None
 
 
 def _error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> JSONResponse:
-    kind = {429: "rate_limit_error", 503: "server_unavailable"}.get(status, "invalid_request_error")
+    kind = {429: "rate_limit_error", 499: "client_closed", 500: "server_error", 503: "server_unavailable"}.get(
+        status, "invalid_request_error")
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status,
                         headers=headers)

@@ -7,8 +7,9 @@ runs every declared bucket through the serving path, loading and then saving the
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -17,14 +18,15 @@ from .compile_cache import CompileCache
 from .engine import Engine, EngineConfig
 from .handle import compile_pipeline
 from .metrics import ServeMetrics
-from .models import has_text_encoder, open_pipeline
+from .models import default_dtype, has_text_encoder, open_pipeline
+from .partition import downsampling_factor
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    """What to serve and how; every field is a ``fastcache serve`` option."""
+    """What to serve and how (``fastcache serve``'s options)."""
 
     model: str | None = None  # a diffusers folder or hub id; None: the preset
     preset: str = "tiny-sd"
@@ -40,7 +42,7 @@ class ServiceOptions:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float16 if self.device.startswith("cuda") else torch.float32
+        return default_dtype(self.device)
 
     @property
     def model_name(self) -> str:
@@ -59,16 +61,28 @@ class Service:
         self.handle = compile_pipeline(self.pipe, options.interval, options.branch, schedule=options.schedule,
                                        compile=options.compile, mode=options.mode)
         self.metrics = ServeMetrics(self.handle)
-        self.engine = Engine(self.pipe, options.engine, self.handle, self.metrics.on_batch)
+        self.engine = Engine(self.pipe, self._engine_config(), self.handle, self.metrics.on_batch)
         self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
         self.warmup_seconds: float | None = None
         logger.info("fastcache: serving %s on %s (%s)", self.label, options.device, options.dtype)
 
+    def _engine_config(self) -> EngineConfig:
+        """The engine's options, with the loaded model's real pixel multiple (a hub model's is known only now)."""
+        config = self.options.engine
+        multiple = self.pipe.vae_scale_factor * downsampling_factor(self.pipe.unet)
+        wrong = [f"{w}x{h}" for w, h in config.sizes if w % multiple or h % multiple]
+        if wrong:
+            raise ValueError(f"sizes must be multiples of {multiple} pixels for this model; got {', '.join(wrong)}.")
+        return replace(config, pixel_multiple=multiple)
+
     def identity(self) -> dict:
         """What the compiled code depends on: the compile cache of another process is reused only if all match."""
         options = asdict(self.options)
-        del options["cache_dir"]
-        options["engine"] = {key: options["engine"][key] for key in ("batch_sizes", "sizes", "guidance", "steps")}
+        for unrelated in ("cache_dir", "seed"):  # the weights' values are graph inputs, not code
+            del options[unrelated]
+        if self.options.model and os.path.isdir(self.options.model):
+            options["model"] = os.path.abspath(self.options.model)
+        options["engine"] = {key: options["engine"][key] for key in ("batch_sizes", "sizes", "guidance")}
         return dict(options, **self.environment())
 
     def environment(self) -> dict:

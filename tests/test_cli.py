@@ -32,7 +32,19 @@ BAD = [
     (["serve", "--port", "70000"], "--port must be between 1 and 65535"),
     (["serve", "--batch-sizes", "1,8", "--max-queue", "4"], "--max-queue must be at least"),
     (["serve", "--steps", "30", "--max-steps", "20"], "--max-steps must be >= --steps"),
-    (["warmup", "--guidance-modes", "maybe"], "invalid choice"),
+    (["warmup", "--guidance-modes", "maybe"], "--guidance-modes must be on, off or on,off"),
+    (["warmup", "--guidance-modes", "on,on"], "--guidance-modes must be on, off or on,off"),
+    (["warmup", "--report", "/no/such/dir/r.jsonl"], "does not exist"),
+    (["warmup", "--cache-dir", "/etc/passwd"], "not a folder"),
+    (["generate", "x", "--output-dir", "/etc/passwd/x"], "is not a writable folder"),
+    (["generate", "x", "--seed", str(2**64)], "--seed must be between 0 and"),
+    (["generate", "x", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["generate", "x", "--no-compile", "--mode", "default"], "--mode needs --compile"),
+    (["serve", "--max-delay-ms", "inf"], "--max-delay-ms must be a finite number from 0 to 60000"),
+    (["serve", "--max-delay-ms", "nan"], "--max-delay-ms must be a finite number"),
+    (["serve", "--drain-seconds", "-1"], "--drain-seconds must be a finite number"),
+    (["serve", "--replicas", "-1"], "--replicas must be >= 0"),
+    (["serve", "--sizes", "64", "--max-size", "32"], "--max-size must be at least"),
     (["bench", "nothing"], "invalid choice"),
     (["dance"], "invalid choice"),
 ]
@@ -60,6 +72,7 @@ def test_cuda_without_cuda_is_refused(capsys):
     (["--size", "33"], "multiples of 8"), (["--steps", "0"], "--steps must be >= 1"),
     (["--model", "./missing"], "no such folder"), (["--repeat", "0"], "--repeat must be >= 1"),
     (["--output", "/no/such/dir/x.png"], "its folder does not exist"),
+    (["--guidance", "inf"], "--guidance must be a finite number"),
 ])
 def test_the_main_job_checks_every_argument_first(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -70,9 +83,8 @@ def test_the_main_job_checks_every_argument_first(argv, message, capsys):
 
 
 def test_help_explains_every_option_with_its_default(capsys):
-    parser = cli.build_parser()
-    subparsers = parser._subparsers._group_actions[0].choices
-    for name, sub in subparsers.items():
+    _, commands = cli.build_parser()
+    for name, sub in commands.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
     with pytest.raises(SystemExit):
@@ -119,3 +131,18 @@ def _no_model(*args, **kwargs):
 
 def test_parser_errors_are_argparse_compatible():
     assert issubclass(cli.Parser, argparse.ArgumentParser)
+
+
+def test_a_busy_port_is_one_line_before_any_model(capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", "--port", str(port), "--no-compile"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot listen there" in err

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from fastcache import compile_pipeline
-from fastcache.engine import Engine, EngineConfig, ImageRequest, InvalidRequest, QueueFull, pipeline_kwargs
+from fastcache.engine import (
+    Engine,
+    EngineConfig,
+    ImageRequest,
+    InvalidRequest,
+    QueueFull,
+    ShuttingDown,
+    pipeline_kwargs,
+)
 from fastcache.models import build_pipeline
 
 SIZE = 32
@@ -76,19 +84,20 @@ def test_concurrent_submissions_are_batched_and_exact(pipe):
         assert rel_l2(got, direct(pipe, req)[0]) < 1e-4
 
 
-def test_only_requests_with_the_same_size_steps_and_guidance_share_a_call(pipe):
+def test_only_requests_with_the_same_size_steps_guidance_and_negative_kind_share_a_call(pipe):
     calls = []
     config = EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=0.5)
     engine = Engine(pipe, config, on_batch=lambda images, padded: calls.append((images, padded)))
-    for req in (request(seed=1), request(steps=3), request(guidance=5.0), request(seed=2)):
+    for req in (request(seed=1), request(steps=3), request(guidance=5.0), request(seed=2), request(negative="x"),
+                request(negative="y")):
         engine.submit(req)
     engine.start().stop(timeout=120)
-    assert sorted(calls) == [(1, 1), (1, 1), (2, 4)]
+    assert sorted(calls) == [(1, 1), (1, 1), (2, 4), (2, 4)]
 
 
 @pytest.mark.parametrize("bad, param", [
     (dict(n=5), "n"), (dict(n=0), "n"), (dict(steps=0), "num_inference_steps"), (dict(steps=51), "num_inference_steps"),
-    (dict(size=64), "size"), (dict(guidance=1.0), "guidance_scale"),
+    (dict(size=64), "size"), (dict(size=36), "size"), (dict(guidance=1.0), "guidance_scale"),
 ])
 def test_requests_outside_the_warmed_buckets_are_refused_naming_what_is_served(pipe, bad, param):
     engine = Engine(pipe, EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_steps=50))
@@ -98,9 +107,45 @@ def test_requests_outside_the_warmed_buckets_are_refused_naming_what_is_served(p
     assert engine.queue_depth == 0
 
 
-def test_on_demand_serves_unwarmed_sizes(pipe):
-    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, on_demand=True))
+def test_on_demand_serves_unwarmed_sizes_within_bounds(pipe):
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, on_demand=True, max_size=64))
     engine.check(request(size=48))
+    for size in (0, 36, 72):
+        with pytest.raises(InvalidRequest, match="multiples of 8 pixels, from 8 to 64"):
+            engine.check(request(size=size))
+
+
+def test_a_request_cancelled_while_queued_is_dropped_and_the_engine_keeps_serving(pipe):
+    served = []
+    engine = Engine(pipe, EngineConfig(batch_sizes=(1, 2), sizes=((SIZE, SIZE),), steps=STEPS),
+                    on_batch=lambda images, padded: served.append(images))
+    gone, kept = engine.submit(request(seed=1)), engine.submit(request(seed=2))
+    assert gone.cancel()  # its client disconnected
+    engine.start()
+    try:
+        assert len(kept.result(timeout=120)) == 1
+        assert served == [1] and engine.alive
+        assert len(engine.submit(request(seed=3)).result(timeout=120)) == 1
+    finally:
+        engine.stop(timeout=60)
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(pipe):
+    engine = Engine(pipe, EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=1.0))
+    good = [request("fine", seed=i) for i in range(2)]
+    bad = request("\ud800")  # a lone surrogate: no text encoding takes it
+    futures = [engine.submit(r) for r in (good[0], bad, good[1])]
+    engine.start()
+    try:
+        with pytest.raises(UnicodeEncodeError):
+            futures[1].result(timeout=120)
+        images = [future.result(timeout=120)[0] for future in (futures[0], futures[2])]
+        assert engine.alive
+    finally:
+        engine.stop(timeout=60)
+    # direct calls only now: a pipeline object's scheduler is per call, so one thread at a time drives it
+    for req, image in zip(good, images, strict=True):
+        assert rel_l2(image, direct(pipe, req)[0]) < 1e-4
 
 
 def test_a_full_queue_refuses_and_a_stopping_engine_drains(pipe):
@@ -110,10 +155,10 @@ def test_a_full_queue_refuses_and_a_stopping_engine_drains(pipe):
         engine.submit(req)
     with pytest.raises(QueueFull):
         engine.submit(request(seed=3))
-    assert engine.queue_depth == 2
+    assert engine.queue_depth == 3  # images
     engine.start().stop(timeout=120)  # drains: both answered before the thread ends
     assert [len(req.future.result(timeout=0)) for req in queued] == [2, 1]
-    with pytest.raises(QueueFull, match="shutting down"):
+    with pytest.raises(ShuttingDown):
         engine.submit(request())
 
 

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -149,12 +150,18 @@ BAD_REQUESTS = [
     ([1, 2], "valid dictionary"),
     ({}, "prompt"),
     ({"prompt": "   "}, "prompt must be a non-empty string"),
+    ({"prompt": "\ud800"}, "prompt must be valid Unicode"),
+    ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt must be valid Unicode"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": "x", "size": "64x64"}, "served sizes: 32x32"),
     ({"prompt": "x", "size": "big"}, "'WIDTHxHEIGHT'"),
+    ({"prompt": "x", "size": "9" * 5000 + "x1"}, "'WIDTHxHEIGHT'"),
+    ({"prompt": "x", "size": "\uff13\uff12x\uff13\uff12"}, "'WIDTHxHEIGHT'"),  # full-width digits
     ({"prompt": "x", "n": 0}, "n must be between 1 and 4"),
     ({"prompt": "x", "n": 99}, "n must be between 1 and 4"),
     ({"prompt": "x", "n": "2"}, "n: Input should be a valid integer"),
+    ({"prompt": "x", "n": True}, "n: Input should be a valid integer"),
+    ({"prompt": "x", "n": 10**23, "seed": 1}, "n must be between 1 and 4"),
     ({"prompt": "x", "num_inference_steps": 0}, "between 1 and 50"),
     ({"prompt": "x", "num_inference_steps": 51}, "between 1 and 50"),
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
@@ -162,6 +169,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "guidance_scale": 1.0}, "classifier-free guidance off"),
     ({"prompt": "x", "seed": 1.5}, "seed"),
     ({"prompt": "x", "seed": -1}, "seed must be between 0"),
+    ({"prompt": "x", "seed": 2**64}, "seed must be between 0"),
     ({"prompt": "x", "response_format": "url"}, "response_format must be 'b64_json'"),
 ]
 
@@ -169,10 +177,8 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[str(b)[:40] for b, _ in BAD_REQUESTS])
 def test_bad_input_gets_a_400_naming_what_is_valid_and_the_service_keeps_serving(server, body, message):
     url = f"{server.url}/v1/images/generations"
-    if isinstance(body, str):
-        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
-    else:
-        response = httpx.post(url, json=body, timeout=30)
+    content = body if isinstance(body, str) else json.dumps(body)  # ASCII: lone surrogates travel as escapes
+    response = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert message in error["message"] and error["type"] == "invalid_request_error"
@@ -245,3 +251,42 @@ def test_a_full_queue_answers_429_and_sigterm_drains_in_flight_requests():
         assert server.proc.wait(timeout=120) == 0, server.output()
     finally:
         server.stop()
+
+
+def test_clients_that_disconnect_are_dropped_and_the_service_keeps_serving():
+    server = ServerProcess("--preset", "tiny-sd", "--no-compile", "--sizes", "32", "--batch-sizes", "1",
+                           "--steps", "2", "--max-delay-ms", "0")
+    try:
+        async def give_up():
+            async with httpx.AsyncClient(timeout=0.5) as client:
+                for i in range(4):
+                    try:
+                        await client.post(f"{server.url}/v1/images/generations",
+                                          json={"prompt": "gone", "num_inference_steps": 40 + i})
+                    except httpx.TimeoutException:
+                        pass
+
+        asyncio.run(give_up())
+        wait_until(lambda: server.metrics().get('fastcache_requests_total{status="499"}', 0) >= 1, 120,
+                   "a disconnected request dropped")
+        good = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "here"}, timeout=120)
+        assert good.status_code == 200 and httpx.get(f"{server.url}/ready").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_sigterm_during_the_warm_up_exits_0():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fastcache.cli", "serve", "--host", HOST, "--port", str(port),
+                             "--preset", "tiny-sd", "--no-compile", "--sizes", "32,48,64", "--batch-sizes", "1,2,4,8",
+                             "--guidance-modes", "on,off", "--steps", "20"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: httpx.get(f"http://{HOST}:{port}/ready").status_code == 503, 120, "the warm-up's start")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert "warm-up stopped before" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
