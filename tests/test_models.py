@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastcache.models import PRESETS, build_pipeline, load_pipeline, random_prompt_embeds
+from fastcache.models import PRESETS, build_pipeline, load_pipeline, model_geometry, prompt_inputs, random_prompt_embeds
 
 
 def test_presets_are_the_published_architectures():
@@ -28,3 +28,35 @@ def test_random_prompt_embeds_fit_the_unet():
     embeds = random_prompt_embeds(pipe, batch_size=2)
     assert embeds["prompt_embeds"].shape == (2, 77, 32)
     assert embeds["pooled_prompt_embeds"].shape == (2, 32)
+
+
+def test_prompt_inputs_give_a_text_encoder_pipeline_its_texts():
+    class WithEncoder:
+        text_encoder, tokenizer = object(), object()
+
+    assert prompt_inputs(WithEncoder(), ["a", "b"]) == dict(prompt=["a", "b"], negative_prompt=None)
+    assert prompt_inputs(WithEncoder(), ["a"], ["blurry"]) == dict(prompt=["a"], negative_prompt=["blurry"])
+
+
+def test_derived_prompt_embeddings_depend_on_the_text_alone():
+    pipe = build_pipeline("tiny-sdxl")
+    batch = prompt_inputs(pipe, ["a cat", "a dog", "a cat"], ["", "blurry", ""])
+    alone = prompt_inputs(pipe, ["a dog"], ["blurry"])
+    for name, value in batch.items():
+        assert value.shape[0] == 3
+        assert torch.equal(value[0], value[2])  # equal texts, equal embeddings, anywhere in a batch
+        assert torch.equal(value[1], alone[name][0])
+    assert not torch.equal(batch["prompt_embeds"][0], batch["prompt_embeds"][1])
+
+
+def test_a_folder_saved_from_a_preset_loads_without_its_missing_components(tmp_path):
+    build_pipeline("tiny-sd").save_pretrained(tmp_path)
+    loaded = load_pipeline(str(tmp_path), dtype=torch.float32, device="cpu")
+    assert loaded.text_encoder is None and loaded.safety_checker is None
+    geometry = model_geometry(str(tmp_path))
+    assert geometry == model_geometry(None, "tiny-sd") and geometry.branches == 9
+
+
+def test_a_folder_without_model_index_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
