@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 GENERATIONS = "/v1/images/generations"
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
+MAX_PROMPT_CHARS = 10_000
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks whether its client is still there
 
 
@@ -181,8 +182,11 @@ def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
     if not body.prompt.strip():
         raise InvalidRequest("prompt must be a non-empty string.", "prompt")
     for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name)
+        if len(text) > MAX_PROMPT_CHARS:  # text encoders read 77 tokens; this only bounds the work a request asks
+            raise InvalidRequest(f"{name} must be at most {MAX_PROMPT_CHARS} characters; got {len(text)}.", name)
         try:
-            getattr(body, name).encode()
+            text.encode()
         except UnicodeEncodeError:
             raise InvalidRequest(f"{name} must be valid Unicode text (it has unpaired surrogates).", name) from None
     if body.response_format != "b64_json":
@@ -199,7 +203,7 @@ def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
         match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", body.size)
         sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
         if match is None:
-            raise InvalidRequest(f"size must be 'WIDTHxHEIGHT', one of: {sizes}; got {body.size!r}.", "size")
+            raise InvalidRequest(f"size must be 'WIDTHxHEIGHT', one of: {sizes}; got {body.size[:40]!r}.", "size")
         width, height = int(match[1]), int(match[2])
     return ImageRequest(body.prompt, width, height, steps, float(body.guidance_scale), n=body.n,
                         negative_prompt=body.negative_prompt, seed=body.seed)

@@ -151,6 +151,7 @@ BAD_REQUESTS = [
     ({}, "prompt"),
     ({"prompt": "   "}, "prompt must be a non-empty string"),
     ({"prompt": "\ud800"}, "prompt must be valid Unicode"),
+    ({"prompt": "x" * 10_001}, "prompt must be at most 10000 characters"),
     ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt must be valid Unicode"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": "x", "size": "64x64"}, "served sizes: 32x32"),
