@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 from fastcache import compile_pipeline
 from fastcache.counters import Counters
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, CompiledPaths, Paths, compile_options
-from fastcache.partition import UNetPartition
+from fastcache.partition import UNetPartition, feature_shape
 from fastcache.static_graphs import StaticGraphPaths
 from fastcache.variants import speed_switches
 from fastcache.weights_watch import WeightsWatch
@@ -105,3 +105,28 @@ def test_static_graphs_are_dropped_at_the_next_call_once_the_weights_moved(sd_ru
     paths.start_call()
     assert paths.graphs == {} and paths.pool is None
 
+
+
+def test_a_shape_whose_compile_fails_runs_eagerly_from_then_on(sd_runner, monkeypatch):
+    partition = UNetPartition(sd_runner.pipe.unet, 0)
+    counters = Counters()
+    paths = CompiledPaths(partition, counters, "default")
+    attempts = []
+
+    def failing_compile(**inputs):  # stands in for inductor failing at this shape
+        attempts.append(1)
+        raise RuntimeError("inductor failed")
+
+    monkeypatch.setattr(paths, "full", failing_compile)
+    unet = sd_runner.pipe.unet
+    inputs = dict(sample=torch.randn(2, 4, 16, 16), timestep=torch.tensor(10), encoder_hidden_states=torch.randn(
+        2, 77, unet.config.cross_attention_dim), added_cond_kwargs=None, timestep_cond=None, class_labels=None,
+        down_block_additional_residuals=None, mid_block_additional_residual=None,
+        cache=torch.empty(feature_shape(unet, partition.boundary, (2, 4, 16, 16))))
+    with torch.no_grad():
+        expected = partition.full(**dict(inputs, cache=inputs["cache"].clone()))
+        first = paths(True, "key", inputs)
+        second = paths(True, "key", inputs)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert attempts == [1]  # not compiled again at every call
+    assert counters.compile_failures == 1 and counters.compiles == 0
