@@ -76,6 +76,18 @@ def fastcache_run(runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
         handle.disable()
 
 
+def unet_inputs(model, batch=2, size=16, seed=0) -> dict:
+    """Random inputs of a UNet (or a ControlNet made from one) at ``size`` latents, SDXL's added conditions included."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(sample=torch.randn(batch, 4, size, size, generator=g), timestep=torch.tensor(501),
+                  encoder_hidden_states=torch.randn(batch, 77, model.config.cross_attention_dim, generator=g))
+    if model.config.addition_embed_type == "text_time":
+        pooled = model.config.projection_class_embeddings_input_dim - 6 * model.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
+                                           time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch))
+    return inputs
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

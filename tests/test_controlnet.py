@@ -3,7 +3,7 @@ against the DeepCache helper on the same ControlNet pipeline (fp32, tiny configs
 
 import pytest
 import torch
-from conftest import SIZE, STEPS, ControlNetRunner, deepcache_helper, helper_run, rel_l2
+from conftest import SIZE, STEPS, ControlNetRunner, deepcache_helper, helper_run, rel_l2, unet_inputs
 from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from torch._dynamo.utils import counters as dynamo_counters
@@ -18,14 +18,8 @@ BRANCHES = range(9)  # the tiny UNets have three down blocks of two layers
 
 
 def controlnet_inputs(net, batch=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = dict(sample=torch.randn(batch, 4, 16, 16, generator=generator), timestep=torch.tensor(501),
-                  encoder_hidden_states=torch.randn(batch, 77, 32, generator=generator),
-                  controlnet_cond=torch.rand(batch, 3, 32, 32, generator=generator))
-    if net.config.addition_embed_type == "text_time":
-        pooled = net.config.projection_class_embeddings_input_dim - 6 * net.config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=generator),
-                                           time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch))
+    inputs = unet_inputs(net, batch, seed=seed)
+    inputs["controlnet_cond"] = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
     return inputs
 
 

@@ -1,20 +1,10 @@
 import pytest
 import torch
+from conftest import unet_inputs
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from fastcache.models import PRESETS
 from fastcache.partition import UNetPartition, branch_positions, check_unet, feature_shape, resolve_branch
-
-
-def unet_inputs(unet, batch=2, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    inputs = dict(sample=torch.randn(batch, 4, size, size, generator=g), timestep=torch.tensor(501),
-                  encoder_hidden_states=torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g))
-    if unet.config.addition_embed_type == "text_time":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
-                                           time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch))
-    return inputs
 
 
 @pytest.fixture(params=["tiny-sd", "tiny-sdxl"])
