@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -45,6 +44,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 from torch._inductor.utils import clear_caches as clear_inductor_caches
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastcache.environment import environment
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_decoder, compile_options, cudagraph_recordings
 from fastcache.models import build_pipeline, random_prompt_embeds, with_controlnet
 from fastcache.variants import VARIANTS, speed_switches
@@ -100,25 +100,6 @@ class Result:
     psnr_db: float | None = None
     peak_mem_gib: float | None = None  # reserved during the timed calls, CUDA-graph pools included
     extra: dict = field(default_factory=dict)
-
-
-def environment(device: str) -> dict:
-    import diffusers
-
-    env = dict(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
-               device=device, weights="random, models built from config")
-    if device.startswith("cuda"):
-        env["card"] = torch.cuda.get_device_name()
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception as error:  # nvidia-ml-py missing or NVML unavailable: say so, keep going
-            env["driver"] = f"unknown ({type(error).__name__})"
-    else:
-        env["card"] = platform.processor() or platform.machine()
-    return env
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -411,7 +392,7 @@ def main(argv=None) -> list[Result]:
     elif device == "cpu":
         p.error("the full benchmark needs a CUDA device; use --smoke on CPU")
     dtype = torch.float16 if device == "cuda" else torch.float32
-    env = environment(device)
+    env = dict(environment(device), weights="random, models built from config")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("environment: %s; inductor cache: %s", env, CACHE_MODES[args.cache_mode])

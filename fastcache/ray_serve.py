@@ -44,8 +44,7 @@ def _replica_class():
             return make_app(self.service, warm_up=False)
 
         def check_health(self):
-            thread = self.service.engine._thread
-            if thread is None or not thread.is_alive():
+            if not self.service.engine.alive:
                 raise RuntimeError("the engine's worker thread is not running")
 
     return FastcacheReplica

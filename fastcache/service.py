@@ -16,6 +16,7 @@ import torch
 from . import compile_cache
 from .compile_cache import CompileCache
 from .engine import Engine, EngineConfig
+from .environment import environment
 from .handle import compile_pipeline
 from .metrics import ServeMetrics
 from .models import default_dtype, has_text_encoder, open_pipeline
@@ -86,18 +87,8 @@ class Service:
         return dict(options, **self.environment())
 
     def environment(self) -> dict:
-        """Card and versions, for ``/v1/models`` and the load benchmark's report."""
-        import platform
-
-        import diffusers
-
-        from . import __version__
-
-        cuda = self.options.device.startswith("cuda")
-        return dict(card=torch.cuda.get_device_name(self.options.device) if cuda else (
-            platform.processor() or platform.machine()), device=self.options.device, torch=torch.__version__,
-            diffusers=diffusers.__version__, fastcache=__version__, python=platform.python_version(),
-            cuda=torch.version.cuda if cuda else None)
+        """Card and versions, for ``/v1/models``, the warm-up report and the compile cache's identity."""
+        return environment(self.options.device)
 
     @property
     def text_encoder(self) -> bool:
