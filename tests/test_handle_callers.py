@@ -4,6 +4,7 @@ Slower, never wrong: an evaluation that cannot be placed in a loop takes the ful
 feature another loop or call wrote.
 """
 
+import functools
 import threading
 
 import pytest
@@ -164,19 +165,24 @@ def test_loops_that_cannot_be_followed_run_every_step_full(sd_runner, case):
     assert handle.counters.shallow == 0
 
 
-def run_in_lockstep(runners, **kwargs) -> list[torch.Tensor]:
+def run_in_lockstep(runners, staggered: bool = False, **kwargs) -> list[torch.Tensor]:
     """Call each runner in its own thread, all advancing one denoising step at a time, so their UNet evaluations
-    interleave; every wait is bounded."""
+    interleave; every wait is bounded. ``staggered``: each runner starts once the one before it finished its first
+    step (runners sharing one scheduler object: the next call's ``set_timesteps`` replaces its ``timesteps``)."""
     barrier = threading.Barrier(len(runners), timeout=TIMEOUT_S)
     results, errors = [None] * len(runners), []
+    first_step = [threading.Event() for _ in runners]
 
-    def step_together(pipe, step, timestep, callback_kwargs):
+    def step_together(i, pipe, step, timestep, callback_kwargs):
+        first_step[i].set()
         barrier.wait()
         return callback_kwargs
 
     def work(i):
         try:
-            results[i] = runners[i](callback_on_step_end=step_together, **kwargs)
+            if staggered and i > 0 and not first_step[i - 1].wait(TIMEOUT_S):
+                raise TimeoutError(f"runner {i - 1} did not finish its first step in time")
+            results[i] = runners[i](callback_on_step_end=functools.partial(step_together, i), **kwargs)
         except Exception as error:  # noqa: BLE001 - reported below, in the test's thread
             errors.append(error)
             barrier.abort()
@@ -206,7 +212,10 @@ def test_two_threads_calling_one_pipeline_get_exactly_their_own_results(sd_runne
     differs between two calls of the same settings, so only fastcache's state could mix them up."""
     handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
     alone = [sd_runner(seed=1), sd_runner(seed=2)]
-    together = run_in_lockstep([lambda **kw: sd_runner(seed=1, **kw), lambda **kw: sd_runner(seed=2, **kw)])
+    # staggered: otherwise the second call's set_timesteps may replace the shared scheduler's timesteps before the
+    # first call's first UNet evaluation, whose loop then has no owning scheduler and runs full (slower, not wrong)
+    together = run_in_lockstep([lambda **kw: sd_runner(seed=1, **kw), lambda **kw: sd_runner(seed=2, **kw)],
+                               staggered=True)
     assert all(torch.equal(t, a) for t, a in zip(together, alone, strict=True))
     assert handle.counters.restores >= 6
 
