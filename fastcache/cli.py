@@ -253,8 +253,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
 
 def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Validated ``ServiceOptions`` for ``warmup`` and ``serve``."""
-    from .engine import EngineConfig
-    from .service import ServiceOptions
+    from .serving.engine import EngineConfig
+    from .serving.service import ServiceOptions
 
     geometry = check_model_options(parser, args)
     check_steps(parser, args, args.steps)
@@ -296,9 +296,9 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 def generate(parser, args) -> int:
-    from .engine import ImageRequest, pipeline_kwargs
     from .handle import compile_pipeline
     from .models import open_pipeline
+    from .serving.engine import ImageRequest, pipeline_kwargs
 
     geometry = check_model_options(parser, args)
     check_steps(parser, args, args.steps)
@@ -336,7 +336,7 @@ def generate(parser, args) -> int:
 
 
 def warmup(parser, args) -> int:
-    from .service import Service
+    from .serving.service import Service
 
     options = service_options(parser, args)
     with model_errors(parser, args):
@@ -351,13 +351,13 @@ def warmup(parser, args) -> int:
 def serve(parser, args) -> int:
     options = service_options(parser, args)
     if args.replicas:
-        from .ray_serve import run_replicas
+        from .serving.ray_serve import run_replicas
 
         return run_replicas(options, args.replicas, host=args.host, port=args.port, address=args.ray_address)
     import uvicorn
 
-    from .server import make_app
-    from .service import Service
+    from .serving.server import make_app
+    from .serving.service import Service
 
     sock = _bind(parser, args.host, args.port)  # a busy port fails now, not after the model is built
     with model_errors(parser, args):

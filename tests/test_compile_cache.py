@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from fastcache.compile_cache import CompileCache
+from fastcache.serving.compile_cache import CompileCache
 
 WARMUP = [sys.executable, "-m", "fastcache.cli", "warmup", "--preset", "tiny-sd", "--sizes", "32", "--batch-sizes",
           "1", "--guidance-modes", "off", "--steps", "2", "--interval", "1"]  # one bucket, the full path only

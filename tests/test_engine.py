@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fastcache import compile_pipeline
-from fastcache.engine import (
+from fastcache.models import build_pipeline
+from fastcache.serving.engine import (
     Engine,
     EngineConfig,
     ImageRequest,
@@ -15,7 +16,6 @@ from fastcache.engine import (
     ShuttingDown,
     pipeline_kwargs,
 )
-from fastcache.models import build_pipeline
 
 SIZE = 32
 STEPS = 4

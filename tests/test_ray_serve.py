@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from fastcache import compile_pipeline
-from fastcache.engine import EngineConfig, ImageRequest, pipeline_kwargs
 from fastcache.models import build_pipeline
-from fastcache.service import ServiceOptions
+from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
+from fastcache.serving.service import ServiceOptions
 
-ray_serve = pytest.importorskip("fastcache.ray_serve")
+ray_serve = pytest.importorskip("fastcache.serving.ray_serve")
 pytest.importorskip("ray.serve")
 
 STEPS = 2

@@ -18,10 +18,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastcache import compile_pipeline
-from fastcache.engine import EngineConfig, ImageRequest, pipeline_kwargs
 from fastcache.models import build_pipeline
-from fastcache.server import make_app
-from fastcache.service import Service, ServiceOptions
+from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
+from fastcache.serving.server import make_app
+from fastcache.serving.service import Service, ServiceOptions
 
 HOST = "127.0.0.1"
 STEPS = 4

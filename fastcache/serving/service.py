@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..environment import environment
+from ..handle import compile_pipeline
+from ..models import default_dtype, has_text_encoder, open_pipeline
+from ..partition import downsampling_factor
 from . import compile_cache
 from .compile_cache import CompileCache
 from .engine import Engine, EngineConfig
-from .environment import environment
-from .handle import compile_pipeline
 from .metrics import ServeMetrics
-from .models import default_dtype, has_text_encoder, open_pipeline
-from .partition import downsampling_factor
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models import prompt_inputs
+from ..models import prompt_inputs
 
 logger = logging.getLogger(__name__)
 
