@@ -52,7 +52,7 @@ from fastcache.variants import VARIANTS, speed_switches
 logger = logging.getLogger("bench")
 
 
-FASTCACHE = {name: v for name, v in VARIANTS.items() if v.compile}  # fastcache-eager is DeepCache's speed
+FASTCACHE = {name: v for name, v in VARIANTS.items() if v.config.compile}  # fastcache-eager is DeepCache's speed
 PEERS = ("eager", "deepcache", "compile", "compile-tuned", *FASTCACHE)
 DEFAULT_PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-static-fused", "fastcache-tuned")
 SMOKE_PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-tuned")

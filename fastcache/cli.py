@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,9 +26,11 @@ from transformers.utils import logging as transformers_logging
 # the one-line errors of a bad argument; quiet while importing only.
 _verbosity = transformers_logging.get_verbosity()
 transformers_logging.set_verbosity_error()
+from .config import FastCacheConfig  # noqa: E402
 from .graphs import COMPILE_MODES  # noqa: E402
-from .models import PRESETS, Geometry, default_dtype, model_geometry  # noqa: E402
+from .models import PRESETS, Geometry, check_device, default_dtype, model_geometry  # noqa: E402
 from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
+from .serving.engine import size_problem  # noqa: E402
 
 transformers_logging.set_verbosity(_verbosity)
 
@@ -93,8 +94,8 @@ def add_cache_options(parser: argparse.ArgumentParser, compile_flag: bool = True
 def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
     """Validate the model and cache options; the model's geometry where its configs are readable."""
     device = args.device
-    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        parser.error(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+    with field_errors(parser):
+        check_device(device)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             parser.error(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
@@ -117,8 +118,35 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if hasattr(args, "compile"):
         if args.mode is not None and not args.compile:
             parser.error("--mode needs --compile (--no-compile runs the paths eagerly)")
-        args.mode = args.mode or "reduce-overhead"
+        args.mode = args.mode or FastCacheConfig.mode
     return geometry
+
+
+def cache_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FastCacheConfig:
+    """The cache options as a ``FastCacheConfig`` (which checks them); a bad one: one line, exit code 2."""
+    options = dict(interval=args.interval, branch=args.branch, schedule=args.schedule)
+    if hasattr(args, "compile"):
+        options.update(compile=args.compile, mode=args.mode)
+    with field_errors(parser):
+        return FastCacheConfig(**options)
+
+
+# flags whose name is not the field's (the fields of FastCacheConfig, EngineConfig and image requests)
+FLAGS = {"guidance": "--guidance-modes", "guidance_scale": "--guidance", "n": "--batch",
+         "num_inference_steps": "--steps", "prompt": "PROMPT"}
+
+
+@contextmanager
+def field_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """A dataclass's own check, said with the command line's flag: 'max_queue must ...' becomes '--max-queue must
+    ...'. The dataclasses name the field first in every message."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        field = getattr(error, "param", None) or message.split(" ", 1)[0]
+        flag = FLAGS.get(field, "--" + field.replace("_", "-"))
+        parser.error(flag + message[len(field):] if message.startswith(field) else message)
 
 
 def check_finite(parser: argparse.ArgumentParser, value: float, flag: str, low: float = float("-inf"),
@@ -167,7 +195,7 @@ def parse_size(parser: argparse.ArgumentParser, text: str, geometry: Geometry | 
         parser.error(f"a size is N or WIDTHxHEIGHT in pixels; got {text!r}")
     width, height = int(parts[0]), int(parts[-1])
     multiple = geometry.pixel_multiple if geometry else 8
-    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+    if size_problem(width, height, multiple):
         parser.error(f"sizes must be positive multiples of {multiple} pixels for this model; got {text!r}")
     return width, height
 
@@ -252,15 +280,15 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
 
 
 def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """Validated ``ServiceOptions`` for ``warmup`` and ``serve``."""
+    """Validated ``ServiceOptions`` for ``warmup`` and ``serve``: the command line's own checks (parsing, files,
+    ports), then the dataclasses' (``EngineConfig``, ``ServiceOptions``), said with the flags' names."""
     from .serving.engine import EngineConfig
     from .serving.service import ServiceOptions
 
     geometry = check_model_options(parser, args)
+    cache = cache_config(parser, args)
     check_steps(parser, args, args.steps)
-    if args.max_steps < args.steps:
-        parser.error(f"--max-steps must be >= --steps ({args.steps}); got {args.max_steps}")
-    sizes = tuple(dict.fromkeys(parse_size(parser, text, geometry) for text in args.sizes.split(","))) if (
+    sizes = tuple(parse_size(parser, text, geometry) for text in args.sizes.split(",")) if (
         args.sizes) else ((geometry.native_size,) * 2,) if geometry else None
     if sizes is None:
         parser.error("--sizes is needed for a hub model (its native size is not known before loading)")
@@ -275,47 +303,44 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
         check_writable(parser, args.cache_dir, "--cache-dir", folder=True)
     if getattr(args, "report", None):
         check_writable(parser, args.report, "--report")
-    engine = EngineConfig(batch_sizes=batch_sizes, sizes=sizes, guidance=tuple(mode == "on" for mode in modes),
-                          steps=args.steps,
-                          max_steps=args.max_steps, pixel_multiple=geometry.pixel_multiple if geometry else 8)
+    engine = dict(batch_sizes=batch_sizes, sizes=sizes, guidance=tuple(mode == "on" for mode in modes),
+                  steps=args.steps, max_steps=args.max_steps, pixel_multiple=geometry.pixel_multiple if geometry else 8)
     if serving:
-        if args.max_queue < max(batch_sizes):
-            parser.error(f"--max-queue must be at least the largest batch size ({max(batch_sizes)})")
-        check_finite(parser, args.max_delay_ms, "--max-delay-ms", 0, 60_000)
-        check_finite(parser, args.drain_seconds, "--drain-seconds", 0, 86_400)
         if args.replicas < 0:
             parser.error(f"--replicas must be >= 0; got {args.replicas}")
-        multiple = engine.pixel_multiple
-        if args.max_size < multiple or args.max_size < max(max(size) for size in sizes):
-            parser.error(f"--max-size must be at least {multiple} and the largest of --sizes; got {args.max_size}")
-        engine = replace(engine, max_queue=args.max_queue, max_delay_s=args.max_delay_ms / 1000,
-                         on_demand=args.on_demand, max_size=args.max_size)
-    return ServiceOptions(model=args.model, preset=args.preset, device=args.device, interval=args.interval,
-                          branch=args.branch, schedule=args.schedule, compile=args.compile, mode=args.mode,
-                          cache_dir=args.cache_dir, engine=engine)
+        check_finite(parser, args.drain_seconds, "--drain-seconds", 0, 86_400)
+        engine.update(max_queue=args.max_queue, max_delay_ms=args.max_delay_ms, on_demand=args.on_demand,
+                      max_size=args.max_size)
+    else:  # warm-up only: the largest size warmed bounds nothing else
+        engine.update(max_size=max(max(size) for size in sizes))
+    with field_errors(parser):
+        return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
+                              cache_dir=args.cache_dir, engine=EngineConfig(**engine))
 
 
 def generate(parser, args) -> int:
     from .handle import compile_pipeline
     from .models import open_pipeline
-    from .serving.engine import ImageRequest, pipeline_kwargs
+    from .serving.engine import ImageRequest, pipeline_kwargs, request_problem
 
     geometry = check_model_options(parser, args)
+    cache = cache_config(parser, args)
     check_steps(parser, args, args.steps)
     if args.batch < 1:
         parser.error(f"--batch must be >= 1; got {args.batch}")
     if args.size is not None:
         width, height = parse_size(parser, args.size, geometry)
-    if not 0 <= args.seed <= 2**63 - args.batch:
-        parser.error(f"--seed must be between 0 and {2**63 - args.batch} (image i uses SEED + i); got {args.seed}")
-    check_finite(parser, args.guidance, "--guidance", 0, 50)
+    for prompt in args.prompts:
+        problem = request_problem(prompt, args.negative_prompt, args.batch, args.guidance, args.seed)
+        if problem:
+            with field_errors(parser):
+                raise ValueError(problem[0])
     check_writable(parser, args.output_dir, "--output-dir", folder=True)
     output = Path(args.output_dir)
     dtype = default_dtype(args.device)
     with model_errors(parser, args):
         pipe, label = open_pipeline(args.model, args.preset, device=args.device, dtype=dtype)
-        compile_pipeline(pipe, args.interval, args.branch, schedule=args.schedule, compile=args.compile,
-                         mode=args.mode)
+        compile_pipeline(pipe, config=cache)
     if args.size is None:
         width = height = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=False, desc="denoising")

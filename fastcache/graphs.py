@@ -10,6 +10,7 @@ output memory.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,15 +26,44 @@ logger = logging.getLogger(__name__)
 # hand into one torch.cuda.CUDAGraph (vLLM's pattern), to cut the per-call host cost of cudagraph trees.
 COMPILE_MODES = ("reduce-overhead", "static-cudagraphs", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
-# Every (batch, height, width, guidance) shape is one cache entry per path; serving a handful of shapes must not
-# hit dynamo's default limit of 8 and fall back to eager.
-MIN_RECOMPILE_LIMIT = 64
 
 # The inductor settings PyTorch's and diffusers' SDXL speed-up guides apply to UNets (with fused QKV projections and
 # channels_last weights, which are the pipeline's own switches). Opt-in through ``inductor_options`` until the
 # benchmark shows what each is worth here; coordinate-descent tuning lengthens the cold compile.
 UNET_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
                          "coordinate_descent_check_all_directions": True}
+
+
+class RecompileLimit:
+    """Dynamo's recompile limit (process-wide), raised while any compiled handle is enabled and put back after the
+    last one is disabled, unless someone else changed it meanwhile.
+
+    Every (batch, height, width, guidance) shape is one cache entry per path; serving a handful of shapes must not
+    hit dynamo's default limit of 8 and fall back to eager.
+    """
+
+    def __init__(self, minimum: int = 64):
+        self.minimum = minimum
+        self._holders = 0
+        self._saved = self._raised = None
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                config = torch._dynamo.config
+                self._saved = config.recompile_limit
+                self._raised = config.recompile_limit = max(self._saved, self.minimum)
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and torch._dynamo.config.recompile_limit == self._raised:
+                torch._dynamo.config.recompile_limit = self._saved
+
+
+RECOMPILE_LIMIT = RecompileLimit()
 
 
 def compile_options(mode: str, inductor_options: Mapping[str, Any] | None) -> dict:
@@ -78,8 +108,6 @@ class CompiledPaths(Paths):
     def __init__(self, partition, counters: Counters, mode: str,
                  inductor_options: Mapping[str, Any] | None = None):
         options = dict(compile_options(mode, inductor_options), fullgraph=True, dynamic=False)  # validates first
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MIN_RECOMPILE_LIMIT)
         super().__init__(partition, counters)
         self.full, self.shallow = torch.compile(partition.full, **options), torch.compile(partition.shallow, **options)
         self.mode = mode

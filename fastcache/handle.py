@@ -6,7 +6,7 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +14,13 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from .config import FastCacheConfig
 from .controlnet import ControlNetPartition, SplitControlNet, check_controlnet, controlnet_nets
 from .counters import Counters
 from .dispatch import Decision, StepDispatcher
-from .graphs import COMPILE_MODES, CompiledPaths, Paths, compile_decoder, compile_options
+from .graphs import RECOMPILE_LIMIT, CompiledPaths, Paths, compile_decoder
 from .partition import UNetPartition, downsampling_factor
-from .schedule import Schedule, make_schedule
+from .schedule import Schedule
 from .shapes import FeatureBuffers, on_device, shape_key, signature
 from .static_graphs import StaticGraphPaths
 
@@ -69,6 +70,7 @@ class FastCacheHandle:
     """
 
     pipe: Any = field(repr=False)
+    config: FastCacheConfig
     partition: UNetPartition = field(repr=False)
     schedule: Schedule
     paths: Paths | StaticGraphPaths = field(repr=False)
@@ -107,6 +109,8 @@ class FastCacheHandle:
                 self._attach(self.controlnet.module, _Hook(self._controlnet_forward))
             if self.decoder is not None:
                 self._attach(self.pipe.vae.decoder, _Hook(self._decode))
+            if self.config.compile:
+                RECOMPILE_LIMIT.hold()
             self.enabled = True
             return self
 
@@ -123,6 +127,8 @@ class FastCacheHandle:
                 self.dispatcher.reset()
                 if self.controlnet is not None:
                     self.controlnet.reset()
+                if self.config.compile:
+                    RECOMPILE_LIMIT.release()
                 self.enabled = False
             return self
 
@@ -271,39 +277,21 @@ def _is_set(value: Any) -> bool:
     return value is not None and not (isinstance(value, dict) and not value)
 
 
-def compile_pipeline(
-    pipe: Any,
-    interval: int = 3,
-    branch: int = 0,
-    *,
-    schedule: str | Sequence[int] = "uniform",
-    center: int = 15,
-    pow: float = 1.4,
-    compile: bool = True,
-    mode: str = "reduce-overhead",
-    inductor_options: Mapping[str, Any] | None = None,
-    compile_vae: bool = False,
-) -> FastCacheHandle:
+def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None = None, *,
+                     config: FastCacheConfig | None = None, **options: Any) -> FastCacheHandle:
     """Make ``pipe`` run DeepCache with its full and shallow UNet paths compiled as two graphs.
 
     Args:
         pipe: a diffusers pipeline with a ``UNet2DConditionModel`` as ``pipe.unet`` (SD 1.x/2.x, SDXL, ...).
-        interval: full UNet every ``interval`` steps (1 = no caching, same output as the plain pipeline).
-        branch: DeepCache branch id; 0 (shallowest, fastest) to ``3 * len(unet.down_blocks) - 1`` for the
-            usual two layers per block.
-        schedule: ``"uniform"``, ``"quad-center"`` (DeepCache's non-uniform schedule, with ``center`` and
-            ``pow``) or an explicit list of full-step indices (must contain 0).
-        compile: compile both paths with ``torch.compile`` (CUDA graphs on CUDA with the default ``mode``);
-            ``False`` runs the same runtime eagerly.
-        mode: a ``torch.compile`` mode, or ``"static-cudagraphs"`` (CUDA graphs captured by hand); see
-            ``graphs.COMPILE_MODES``.
-        inductor_options: extra ``torch._inductor.config`` settings for both paths (and the VAE decoder), e.g.
-            ``graphs.UNET_INDUCTOR_OPTIONS``; merged into ``mode``'s own.
-        compile_vae: also compile ``pipe.vae.decoder`` (without CUDA graphs); removed again by ``disable()``.
+        interval, branch, **options: ``FastCacheConfig``'s fields (``schedule``, ``compile``, ``mode``,
+            ``inductor_options``, ``compile_vae``, ...), which document them; defaults are its defaults.
+        config: a ``FastCacheConfig`` to start from (the keywords given override its fields).
 
     Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing changes, on the pipeline or in
     torch's process-wide settings, if an argument is invalid: every check runs first.
     """
+    given = {name: value for name, value in (("interval", interval), ("branch", branch)) if value is not None}
+    config = (config or FastCacheConfig()).replace(**given, **options)
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(getattr(pipe, "scheduler", None), "timesteps"):
         raise ValueError(
@@ -320,47 +308,35 @@ def compile_pipeline(
         raise ValueError("pipe.unet is already torch.compile'd; pass the plain UNet: fastcache compiles it itself.")
     if hasattr(unet, "_hf_hook"):
         raise ValueError("fastcache keeps the UNet on one device: disable model CPU offload (accelerate hooks) first.")
-    for name, value in (("compile", compile), ("compile_vae", compile_vae)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False; got {value!r}.")
-    if inductor_options is not None and not isinstance(inductor_options, Mapping):
-        raise TypeError(f"inductor_options must be a mapping of torch._inductor.config settings to values, or None; "
-                        f"got {type(inductor_options).__name__}.")
-    if not compile and (inductor_options or compile_vae):
-        raise ValueError("inductor_options and compile_vae need compile=True.")
-    if compile and mode not in COMPILE_MODES:
-        raise ValueError(f"mode must be one of {COMPILE_MODES}; got {mode!r}.")
-    if compile:
-        compile_options(mode, inductor_options)  # unknown inductor options raise here
-    if compile_vae and not hasattr(getattr(pipe, "vae", None), "decoder"):
+    if config.compile_vae and not hasattr(getattr(pipe, "vae", None), "decoder"):
         raise ValueError(f"compile_vae needs a pipeline with a VAE decoder (pipe.vae.decoder); "
                          f"{type(pipe).__name__} has none.")
-    plan = make_schedule(schedule, interval, center, pow)
-    partition = UNetPartition(unet, branch)
+    plan = config.plan
+    partition = UNetPartition(unet, config.branch)
 
-    # every argument is valid: from here on, settings change (dynamo's recompile limit) and things are built
+    # every argument is valid: from here on, things are built (and enable() changes dynamo's recompile limit)
     counters = Counters()
-    paths = _build_paths(partition, unet, counters, compile, mode, inductor_options)
+    paths = _build_paths(partition, unet, counters, config)
     split_controlnet = None
     if nets:
         controlnet_partition = ControlNetPartition(nets, partition.boundary)
-        split_controlnet = SplitControlNet(controlnet, nets, controlnet_partition, _build_paths(
-            controlnet_partition, controlnet, counters, compile, mode, inductor_options))
-    decoder = compile_decoder(pipe.vae.decoder, inductor_options) if compile_vae else None
-    handle = FastCacheHandle(pipe, partition, plan, paths, StepDispatcher(plan), FeatureBuffers(partition), counters,
-                             decoder, split_controlnet)
+        split_controlnet = SplitControlNet(controlnet, nets, controlnet_partition,
+                                           _build_paths(controlnet_partition, controlnet, counters, config))
+    decoder = compile_decoder(pipe.vae.decoder, config.inductor_options) if config.compile_vae else None
+    handle = FastCacheHandle(pipe, config, partition, plan, paths, StepDispatcher(plan), FeatureBuffers(partition),
+                             counters, decoder, split_controlnet)
     handle.enable()
-    logger.info("fastcache: enabled on %s (interval=%d, branch=%d, schedule=%s, compile=%s, inductor_options=%s, "
-                "compile_vae=%s)", type(pipe).__name__, plan.interval, partition.boundary.branch, plan.kind,
-                paths.mode if compile else False, dict(inductor_options or {}), compile_vae)
+    logger.info("fastcache: enabled on %s (%s)", type(pipe).__name__, config.describe())
     return handle
 
 
-def _build_paths(partition, model: torch.nn.Module, counters: Counters, compile: bool, mode: str,
-                 inductor_options: Mapping[str, Any] | None) -> Paths | StaticGraphPaths:
-    """A partition's paths: eager, or each compiled on its own in ``mode`` (hand-captured CUDA graphs wrap them)."""
-    if not compile:
+def _build_paths(partition, model: torch.nn.Module, counters: Counters,
+                 config: FastCacheConfig) -> Paths | StaticGraphPaths:
+    """A partition's paths: eager, or each compiled on its own in ``config.mode`` (hand-captured CUDA graphs wrap
+    them)."""
+    if not config.compile:
         return Paths(partition, counters)
-    if mode == "static-cudagraphs":
-        return StaticGraphPaths(CompiledPaths(partition, counters, mode, inductor_options), model, counters)
-    return CompiledPaths(partition, counters, mode, inductor_options)
+    compiled = CompiledPaths(partition, counters, config.mode, config.inductor_options)
+    if config.mode == "static-cudagraphs":
+        return StaticGraphPaths(compiled, model, counters)
+    return compiled

@@ -85,6 +85,14 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
+def check_device(device: str) -> None:
+    """``ValueError`` unless ``device`` is ``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is known only
+    where it runs)."""
+    if not isinstance(device, str) or not (device in ("cpu", "cuda") or (device.startswith("cuda:")
+                                                                          and device[5:].isdigit())):
+        raise ValueError(f"device must be cpu, cuda or cuda:N; got {device!r}.")
+
+
 def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    seed: int = 0) -> DiffusionPipeline:
     """A pipeline of the ``preset`` architecture with random weights and no text encoder."""

@@ -1,7 +1,7 @@
 """Named fastcache configurations: what the benchmark and the profiler compare, and a place for users to start.
 
-A variant is ``compile_pipeline``'s arguments plus two switches outside it: the fused scheduler step
-(``fused_step.fused_scheduler``) and the pipeline's own speed switches (fused QKV projections, channels_last
+A variant is ``compile_pipeline``'s options (a ``FastCacheConfig``) plus two switches outside it: the fused scheduler
+step (``fused_step.fused_scheduler``) and the pipeline's own speed switches (fused QKV projections, channels_last
 weights), which PyTorch's and diffusers' SDXL guides turn on before ``torch.compile``. Which of them pays off on a
 GPU is for the benchmark to show; the defaults of ``compile_pipeline`` stay plain until it has.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers.models.attention_processor import Attention
 
+from .config import FastCacheConfig
 from .graphs import UNET_INDUCTOR_OPTIONS
 from .handle import FastCacheHandle, compile_pipeline
 
@@ -72,14 +73,11 @@ def _params(layers) -> list[torch.nn.Parameter]:
 
 @dataclass(frozen=True)
 class Variant:
-    """How to run fastcache on a pipeline, beyond interval and branch."""
+    """How to run fastcache on a pipeline: ``compile_pipeline``'s options, plus two switches outside it."""
 
-    compile: bool = True
-    mode: str = "reduce-overhead"
+    config: FastCacheConfig = FastCacheConfig()  # interval, branch and schedule come with each application
     fused_step: bool = False  # the scheduler's step as one Triton launch
     switches: bool = False  # speed_switches: fused QKV, channels_last
-    inductor_options: dict | None = None
-    compile_vae: bool = False
 
     @contextmanager
     def applied(self, pipe, interval: int, branch: int, schedule: str = "uniform") -> Iterator[FastCacheHandle]:
@@ -89,9 +87,7 @@ class Variant:
             if self.fused_step:
                 pipe.scheduler = _fused_scheduler()(scheduler)
             try:
-                handle = compile_pipeline(pipe, interval, branch, schedule=schedule, compile=self.compile,
-                                          mode=self.mode, inductor_options=self.inductor_options,
-                                          compile_vae=self.compile_vae)
+                handle = compile_pipeline(pipe, interval, branch, schedule=schedule, config=self.config)
                 try:
                     yield handle
                 finally:
@@ -108,15 +104,17 @@ def _fused_scheduler():
     return fused_scheduler
 
 
-_STATIC_FUSED = Variant(mode="static-cudagraphs", fused_step=True)
+_STATIC = FastCacheConfig(mode="static-cudagraphs")
+_STATIC_FUSED = Variant(_STATIC, fused_step=True)
 # "tuned": every switch whose cost is paid once, no autotuning (the cold compile stays as it is);
 # "autotune" adds the guides' coordinate-descent tuning (a longer cold compile).
-_TUNED = replace(_STATIC_FUSED, switches=True, inductor_options={"conv_1x1_as_mm": True}, compile_vae=True)
+_TUNED = Variant(_STATIC.replace(inductor_options={"conv_1x1_as_mm": True}, compile_vae=True), fused_step=True,
+                 switches=True)
 VARIANTS: dict[str, Variant] = {
-    "fastcache-eager": Variant(compile=False),
+    "fastcache-eager": Variant(FastCacheConfig(compile=False)),
     "fastcache": Variant(),
-    "fastcache-static": Variant(mode="static-cudagraphs"),
+    "fastcache-static": Variant(_STATIC),
     "fastcache-static-fused": _STATIC_FUSED,
     "fastcache-tuned": _TUNED,
-    "fastcache-autotune": replace(_TUNED, inductor_options=UNET_INDUCTOR_OPTIONS),
+    "fastcache-autotune": replace(_TUNED, config=_TUNED.config.replace(inductor_options=UNET_INDUCTOR_OPTIONS)),
 }

@@ -31,7 +31,7 @@ BAD = [
     (["serve", "--batch-sizes", "1,two"], "comma-separated integers"),
     (["serve", "--port", "70000"], "--port must be between 1 and 65535"),
     (["serve", "--batch-sizes", "1,8", "--max-queue", "4"], "--max-queue must be at least"),
-    (["serve", "--steps", "30", "--max-steps", "20"], "--max-steps must be >= --steps"),
+    (["serve", "--steps", "30", "--max-steps", "20"], "--max-steps must be >= steps (30)"),
     (["warmup", "--guidance-modes", "maybe"], "--guidance-modes must be on, off or on,off"),
     (["warmup", "--guidance-modes", "on,on"], "--guidance-modes must be on, off or on,off"),
     (["warmup", "--report", "/no/such/dir/r.jsonl"], "does not exist"),

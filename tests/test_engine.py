@@ -69,7 +69,7 @@ def test_same_prompt_and_seed_same_image_different_seed_different_image(pipe):
 
 def test_concurrent_submissions_are_batched_and_exact(pipe):
     batches = []
-    config = EngineConfig(batch_sizes=(1, 2, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=1.0)
+    config = EngineConfig(batch_sizes=(1, 2, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_ms=1000)
     engine = Engine(pipe, config, on_batch=lambda images, padded: batches.append(images)).start()
     requests = [request(f"prompt {i}", seed=100 + i) for i in range(8)]
     try:
@@ -86,7 +86,7 @@ def test_concurrent_submissions_are_batched_and_exact(pipe):
 
 def test_only_requests_with_the_same_size_steps_guidance_and_negative_kind_share_a_call(pipe):
     calls = []
-    config = EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=0.5)
+    config = EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_ms=500)
     engine = Engine(pipe, config, on_batch=lambda images, padded: calls.append((images, padded)))
     for req in (request(seed=1), request(steps=3), request(guidance=5.0), request(seed=2), request(negative="x"),
                 request(negative="y")):
@@ -131,9 +131,10 @@ def test_a_request_cancelled_while_queued_is_dropped_and_the_engine_keeps_servin
 
 
 def test_a_request_that_breaks_its_batch_fails_alone(pipe):
-    engine = Engine(pipe, EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=1.0))
+    engine = Engine(pipe, EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_ms=1000))
     good = [request("fine", seed=i) for i in range(2)]
-    bad = request("\ud800")  # a lone surrogate: no text encoding takes it
+    bad = request("fails")
+    bad.prompt = "\ud800"  # a lone surrogate, put past the request's own check: no text encoding takes it
     futures = [engine.submit(r) for r in (good[0], bad, good[1])]
     engine.start()
     try:
@@ -163,7 +164,7 @@ def test_a_full_queue_refuses_and_a_stopping_engine_drains(pipe):
 
 
 def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(pipe, monkeypatch):
-    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, max_delay_s=0)).start()
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, max_delay_ms=0)).start()
     try:
         original = engine.run
         monkeypatch.setattr(engine, "run", lambda requests: (_ for _ in ()).throw(RuntimeError("boom")))
@@ -203,3 +204,42 @@ def test_warm_up_runs_every_bucket_and_serves_a_failed_compile_eagerly(monkeypat
     finally:
         eager.disable()
     assert rel_l2(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(batch_sizes=()), "batch_sizes must be integers >= 1"),
+    (dict(batch_sizes=(1, 0)), "batch_sizes must be integers >= 1"),
+    (dict(sizes=((30, 32),)), "sizes must be multiples of 8 pixels for this model; got 30x32"),
+    (dict(sizes=((32, 32),), pixel_multiple=64), "max_size must be at least 64"),
+    (dict(sizes=((4096, 4096),)), "max_size must be at least 8 and the largest of sizes"),
+    (dict(guidance=(True, True)), "guidance must be True, False or both"),
+    (dict(guidance=("on",)), "guidance must be True, False or both"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(steps=30, max_steps=20), "max_steps must be >= steps (30)"),
+    (dict(batch_sizes=(1, 8), max_queue=4), "max_queue must be at least the largest batch size (8)"),
+    (dict(max_delay_ms=float("nan")), "max_delay_ms must be a finite number from 0 to 60000"),
+    (dict(max_delay_ms=-1), "max_delay_ms must be a finite number from 0 to 60000"),
+])
+def test_an_engine_config_checks_itself_naming_the_field(fields, message):
+    with pytest.raises(ValueError) as error:
+        EngineConfig(**fields)
+    assert str(error.value).startswith(message), error.value
+
+
+def test_an_engine_config_normalises_what_it_holds():
+    config = EngineConfig(batch_sizes=[4, 1, 4], sizes=[[32, 32], (32, 32)], guidance=[True, False])
+    assert (config.batch_sizes, config.sizes, config.guidance) == ((1, 4), ((32, 32),), (True, False))
+    assert hash(config) == hash(EngineConfig(batch_sizes=(1, 4), sizes=((32, 32),), guidance=(True, False)))
+
+
+@pytest.mark.parametrize("fields, param", [
+    (dict(prompt=" "), "prompt"), (dict(prompt="\ud800"), "prompt"), (dict(negative_prompt="x" * 10_001),
+                                                                        "negative_prompt"),
+    (dict(guidance_scale=float("inf")), "guidance_scale"), (dict(guidance_scale=51.0), "guidance_scale"),
+    (dict(seed=-1), "seed"), (dict(seed=2**63 - 1, n=2), "seed"),  # image 1 would use seed 2**63
+])
+def test_an_image_request_checks_what_no_server_could_serve(fields, param):
+    arguments = dict(prompt="a cat", width=SIZE, height=SIZE, steps=STEPS, guidance_scale=7.5) | fields
+    with pytest.raises(InvalidRequest) as error:
+        ImageRequest(**arguments)
+    assert error.value.param == param

@@ -130,3 +130,21 @@ def test_a_shape_whose_compile_fails_runs_eagerly_from_then_on(sd_runner, monkey
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert attempts == [1]  # not compiled again at every call
     assert counters.compile_failures == 1 and counters.compiles == 0
+
+
+def test_the_recompile_limit_is_raised_while_compiled_handles_are_enabled_and_then_put_back():
+    first, second = Runner("tiny-sd"), Runner("tiny-sd")
+    with torch._dynamo.config.patch(recompile_limit=8):
+        eager = compile_pipeline(first.pipe, 3, 0, compile=False)
+        assert torch._dynamo.config.recompile_limit == 8, "an eager handle compiles nothing"
+        eager.disable()
+        handles = [compile_pipeline(runner.pipe, 3, 0) for runner in (first, second)]  # nothing compiles yet
+        assert torch._dynamo.config.recompile_limit == 64
+        handles[0].disable()
+        assert torch._dynamo.config.recompile_limit == 64, "the second handle is still enabled"
+        handles[1].disable()
+        assert torch._dynamo.config.recompile_limit == 8
+        handles[0].enable()
+        torch._dynamo.config.recompile_limit = 100  # the user's own setting wins over ours
+        handles[0].disable()
+        assert torch._dynamo.config.recompile_limit == 100

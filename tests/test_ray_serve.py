@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastcache import compile_pipeline
+from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
 from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
 from fastcache.serving.service import ServiceOptions
@@ -28,7 +28,8 @@ def free_port() -> int:
 
 
 def test_two_replicas_answer_through_rays_proxy():
-    options = ServiceOptions(compile=False, engine=EngineConfig(batch_sizes=(1, 2), sizes=((32, 32),), steps=STEPS))
+    options = ServiceOptions(cache=FastCacheConfig(compile=False),
+                             engine=EngineConfig(batch_sizes=(1, 2), sizes=((32, 32),), steps=STEPS))
     try:
         url = ray_serve.start(options, 2, host="127.0.0.1", port=free_port(), timeout=300)
 

@@ -17,7 +17,7 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastcache import compile_pipeline
+from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
 from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
 from fastcache.serving.server import make_app
@@ -166,7 +166,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "num_inference_steps": 0}, "between 1 and 50"),
     ({"prompt": "x", "num_inference_steps": 51}, "between 1 and 50"),
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
-    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale must be between 0 and 50"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale must be a finite number between 0 and 50"),
     ({"prompt": "x", "guidance_scale": 1.0}, "classifier-free guidance off"),
     ({"prompt": "x", "seed": 1.5}, "seed"),
     ({"prompt": "x", "seed": -1}, "seed must be between 0"),
@@ -199,7 +199,8 @@ def test_models_health_and_metrics(server):
 
 
 def test_ready_is_503_until_the_warm_up_is_done():
-    service = Service(ServiceOptions(compile=False, engine=EngineConfig(sizes=((32, 32),), steps=2)))
+    service = Service(ServiceOptions(cache=FastCacheConfig(compile=False), engine=EngineConfig(sizes=((32, 32),),
+                                                                                              steps=2)))
     gate = threading.Event()
     warm_up = service.warm_up
     service.warm_up = lambda: (gate.wait(60), warm_up(progress=False))

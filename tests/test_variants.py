@@ -39,7 +39,8 @@ def test_every_variant_attaches_and_leaves_the_pipeline_as_it_was(sd_runner, nam
 
 def test_switches_and_fused_step_compute_what_the_helper_computes(runner):
     """The tuned variant's computation, eagerly: fused QKV + channels_last + the fused step vs the helper."""
-    variant = replace(VARIANTS["fastcache-tuned"], compile=False, inductor_options=None, compile_vae=False)
+    tuned = VARIANTS["fastcache-tuned"]
+    variant = replace(tuned, config=tuned.config.replace(compile=False, inductor_options=None, compile_vae=False))
     baseline = runner()
     with speed_switches(runner.pipe):
         expected = helper_run(runner, 3, 1)

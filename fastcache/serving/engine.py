@@ -1,7 +1,7 @@
 """The serving engine: one compiled pipeline, its declared buckets, and a worker thread that batches requests.
 
 Requests that share a size, step count and guidance scale are run as one pipeline call, up to the largest warmed
-batch, after waiting at most ``max_delay_s`` for company. A batch is padded to the smallest warmed batch size that
+batch, after waiting at most ``max_delay_ms`` for company. A batch is padded to the smallest warmed batch size that
 holds it, so that every call runs a shape compiled during warm-up. Each image has its own generator
 (``seed + i`` for the ``i``-th image of a request), so an image does not depend on what it was batched with.
 """
@@ -9,6 +9,7 @@ holds it, so that every call runs a shape compiled during warm-up. Each image ha
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -44,6 +45,48 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+MAX_SEED = 2**63 - 1  # image i of a request uses seed + i: the last of them must fit too
+MAX_GUIDANCE = 50.0
+MAX_PROMPT_CHARS = 10_000  # text encoders read 77 tokens; this only bounds the work a request asks
+MAX_DELAY_MS = 60_000.0
+
+
+def size_problem(width: int, height: int, multiple: int, max_size: int | None = None) -> str | None:
+    """Why ``width`` x ``height`` pixels cannot be generated (each side a multiple of the model's pixel multiple, the
+    VAE's scale times the UNet's downsampling, and at most ``max_size``), or ``None``. The one place this is said."""
+    largest = max_size if max_size is not None else max(width, height, multiple)
+    if all(multiple <= side <= largest and side % multiple == 0 for side in (width, height)):
+        return None
+    return f"width and height must be multiples of {multiple} pixels, from {multiple} to {largest}; got " \
+           f"{width}x{height}."
+
+
+def request_problem(prompt, negative_prompt: str = "", n: int = 1, guidance_scale: float = 7.5,
+                    seed: int | None = None) -> tuple[str, str] | None:
+    """``(message, field)`` for the first field of an image request that no server could serve, or ``None``.
+    ``ImageRequest`` checks itself with it, the command line its arguments before a model is built; the ranges a
+    server serves (``n``, steps, sizes) are ``Engine.check``'s."""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            return f"{name} must be a string; got {type(text).__name__}.", name
+        if len(text) > MAX_PROMPT_CHARS:
+            return f"{name} must be at most {MAX_PROMPT_CHARS} characters; got {len(text)}.", name
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return f"{name} must be valid Unicode text (it has unpaired surrogates).", name
+    if not prompt.strip():
+        return "prompt must be a non-empty string.", "prompt"
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)
+            and 0 <= guidance_scale <= MAX_GUIDANCE):
+        return (f"guidance_scale must be a finite number between 0 and {MAX_GUIDANCE:g}; got {guidance_scale!r}.",
+                "guidance_scale")
+    last = MAX_SEED - (n - 1) if isinstance(n, int) and 1 <= n <= MAX_SEED else MAX_SEED  # n: Engine.check
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last):
+        return f"seed must be between 0 and {last} (image i uses seed + i); got {seed!r}.", "seed"
+    return None
+
+
 @dataclass(frozen=True)
 class Bucket:
     """One shape compiled and captured during warm-up: images per call, pixels, classifier-free guidance on/off."""
@@ -59,7 +102,8 @@ class Bucket:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the engine warms up and serves (``fastcache serve``'s options)."""
+    """What the engine warms up and serves (``fastcache serve``'s options). ``ValueError`` at construction names the
+    field at fault and what is valid, so a Python or Ray caller gets every check the command line makes."""
 
     batch_sizes: tuple[int, ...] = (1,)
     sizes: tuple[tuple[int, int], ...] = ((512, 512),)  # (width, height)
@@ -67,23 +111,66 @@ class EngineConfig:
     steps: int = 25  # default steps per request, and the warm-up's
     max_steps: int = 100
     max_queue: int = 64  # images waiting; one more is refused (HTTP 429)
-    max_delay_s: float = 0.05  # how long the first request of a batch waits for others
+    max_delay_ms: float = 50.0  # how long the first request of a batch waits for others
     on_demand: bool = False  # serve sizes that were not warmed (compiled on their first request) instead of refusing
     pixel_multiple: int = 8  # of every size (the VAE's scale times the UNet's downsampling)
     max_size: int = 2048  # pixels, the largest width or height served on demand
 
+    def __post_init__(self):
+        def fail(field: str, message: str):
+            raise ValueError(f"{field} {message}")
+
+        batch_sizes = tuple(self.batch_sizes)
+        if not batch_sizes or not all(_is_int(b) and b >= 1 for b in batch_sizes):
+            fail("batch_sizes", f"must be integers >= 1; got {self.batch_sizes!r}")
+        object.__setattr__(self, "batch_sizes", tuple(sorted(set(batch_sizes))))
+        if not _is_int(self.pixel_multiple) or self.pixel_multiple < 1:
+            fail("pixel_multiple", f"must be an integer >= 1; got {self.pixel_multiple!r}")
+        sizes = tuple(tuple(size) for size in self.sizes)
+        if not sizes or not all(len(size) == 2 and all(_is_int(side) for side in size) for size in sizes):
+            fail("sizes", f"must be (width, height) pairs of integers; got {self.sizes!r}")
+        object.__setattr__(self, "sizes", tuple(dict.fromkeys(sizes)))
+        if not _is_int(self.max_size) or self.max_size < max(self.pixel_multiple, *(max(s) for s in sizes)):
+            fail("max_size", f"must be at least {self.pixel_multiple} and the largest of sizes; got {self.max_size!r}")
+        for width, height in sizes:
+            problem = size_problem(width, height, self.pixel_multiple, self.max_size)
+            if problem:
+                fail("sizes", f"must be multiples of {self.pixel_multiple} pixels for this model; got {width}x{height}")
+        guidance = tuple(self.guidance)
+        if not guidance or len(set(guidance)) != len(guidance) or not all(isinstance(g, bool) for g in guidance):
+            fail("guidance", f"must be True, False or both, once each; got {self.guidance!r}")
+        object.__setattr__(self, "guidance", guidance)
+        if not _is_int(self.steps) or self.steps < 1:
+            fail("steps", f"must be >= 1; got {self.steps!r}")
+        if not _is_int(self.max_steps) or self.max_steps < self.steps:
+            fail("max_steps", f"must be >= steps ({self.steps}); got {self.max_steps!r}")
+        if not _is_int(self.max_queue) or self.max_queue < max(batch_sizes):
+            fail("max_queue", f"must be at least the largest batch size ({max(batch_sizes)}); got {self.max_queue!r}")
+        if not (isinstance(self.max_delay_ms, (int, float)) and math.isfinite(self.max_delay_ms)
+                and 0 <= self.max_delay_ms <= MAX_DELAY_MS):
+            fail("max_delay_ms", f"must be a finite number from 0 to {MAX_DELAY_MS:g}; got {self.max_delay_ms!r}")
+
     @property
     def max_batch(self) -> int:
         return max(self.batch_sizes)
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000
 
     def buckets(self) -> list[Bucket]:
         return [Bucket(batch, width, height, guidance) for width, height in self.sizes
                 for guidance in self.guidance for batch in sorted(self.batch_sizes)]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class ImageRequest:
-    """One request: ``n`` images of one prompt; image ``i`` is generated from ``seed + i``."""
+    """One request: ``n`` images of one prompt; image ``i`` is generated from ``seed + i``. Fields no server could
+    serve raise ``InvalidRequest`` at construction; what this server serves is ``Engine.check``'s."""
 
     prompt: str
     width: int
@@ -97,6 +184,9 @@ class ImageRequest:
     arrived: float = field(default_factory=time.monotonic, repr=False)
 
     def __post_init__(self):
+        problem = request_problem(self.prompt, self.negative_prompt, self.n, self.guidance_scale, self.seed)
+        if problem:
+            raise InvalidRequest(*problem)
         if self.seed is None:
             self.seed = secrets.randbits(31)
 
@@ -156,17 +246,13 @@ class Engine:
         if not 1 <= request.steps <= config.max_steps:
             raise InvalidRequest(f"num_inference_steps must be between 1 and {config.max_steps}; got {request.steps}.",
                                  "num_inference_steps")
-        size_ok = all(config.pixel_multiple <= side <= config.max_size and side % config.pixel_multiple == 0
-                      for side in (request.width, request.height))
-        if not size_ok:
-            raise InvalidRequest(f"width and height must be multiples of {config.pixel_multiple} pixels, from "
-                                 f"{config.pixel_multiple} to {config.max_size}; got {request.width}x{request.height}.",
-                                 "size")
         if config.on_demand:
-            return
-        if (request.width, request.height) not in config.sizes:
+            problem = size_problem(request.width, request.height, config.pixel_multiple, config.max_size)
+            if problem:
+                raise InvalidRequest(problem, "size")
+        elif (request.width, request.height) not in config.sizes:
             sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
-            raise InvalidRequest(f"size {request.width}x{request.height} was not warmed up; served sizes: {sizes}.",
+            raise InvalidRequest(f"size {request.width}x{request.height} is not served; served sizes: {sizes}.",
                                  "size")
         guidance = request.guidance_scale > 1
         if guidance not in config.guidance:

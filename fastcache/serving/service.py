@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..config import FastCacheConfig
 from ..environment import environment
 from ..handle import compile_pipeline
-from ..models import default_dtype, has_text_encoder, open_pipeline
+from ..models import PRESETS, check_device, default_dtype, has_text_encoder, open_pipeline
 from ..partition import downsampling_factor
 from . import compile_cache
 from .compile_cache import CompileCache
@@ -27,19 +28,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    """What to serve and how (``fastcache serve``'s options)."""
+    """What to serve and how (``fastcache serve``'s options). Checks itself at construction (``ValueError`` naming the
+    field and what is valid), so a Python or Ray caller gets the command line's checks; what needs the model's
+    configs (the branch's range, the pixel multiple) is checked once the model is loaded."""
 
     model: str | None = None  # a diffusers folder or hub id; None: the preset
     preset: str = "tiny-sd"
     device: str = "cpu"
-    interval: int = 3
-    branch: int = 0
-    schedule: str = "uniform"
-    compile: bool = True
-    mode: str = "reduce-overhead"
+    cache: FastCacheConfig = field(default_factory=FastCacheConfig)  # compile_pipeline's options
     cache_dir: str | None = None  # persistent compile cache
     seed: int = 0  # of the preset's random weights
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        if self.model is None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}.")
+        check_device(self.device)
+        for name, kind in (("cache", FastCacheConfig), ("engine", EngineConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}; got {type(getattr(self, name)).__name__}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0; got {self.seed!r}.")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,8 +68,7 @@ class Service:
         self.cache = CompileCache(options.cache_dir, self.identity()) if options.cache_dir else None
         self.pipe, self.label = open_pipeline(options.model, options.preset, device=options.device,
                                               dtype=options.dtype, seed=options.seed)
-        self.handle = compile_pipeline(self.pipe, options.interval, options.branch, schedule=options.schedule,
-                                       compile=options.compile, mode=options.mode)
+        self.handle = compile_pipeline(self.pipe, config=options.cache)
         self.metrics = ServeMetrics(self.handle)
         self.engine = Engine(self.pipe, self._engine_config(), self.handle, self.metrics.on_batch)
         self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
@@ -69,12 +77,8 @@ class Service:
 
     def _engine_config(self) -> EngineConfig:
         """The engine's options, with the loaded model's real pixel multiple (a hub model's is known only now)."""
-        config = self.options.engine
         multiple = self.pipe.vae_scale_factor * downsampling_factor(self.pipe.unet)
-        wrong = [f"{w}x{h}" for w, h in config.sizes if w % multiple or h % multiple]
-        if wrong:
-            raise ValueError(f"sizes must be multiples of {multiple} pixels for this model; got {', '.join(wrong)}.")
-        return replace(config, pixel_multiple=multiple)
+        return replace(self.options.engine, pixel_multiple=multiple)  # checks the sizes against it
 
     def identity(self) -> dict:
         """What the compiled code depends on: the compile cache of another process is reused only if all match."""
@@ -102,6 +106,7 @@ class Service:
         per_bucket = self.engine.warm_up(progress)
         self.warmup_seconds = seconds = time.perf_counter() - start
         state = "warm" if loaded else "cold"
+        cache = self.options.cache
         self.metrics.warmup_seconds.labels(state).set(seconds)
         self.metrics.eager_buckets.set(len(self.engine.eager_buckets))
         saved = self.cache.save() if self.cache else 0
@@ -112,5 +117,5 @@ class Service:
         return dict(seconds=seconds, cache=state, artifacts_loaded=self.cache.loaded if self.cache else 0,
                     artifacts_saved=saved, buckets={str(bucket): s for bucket, s in per_bucket.items()},
                     eager_buckets=[str(bucket) for bucket in self.engine.eager_buckets], model=self.options.model_name,
-                    interval=self.options.interval, branch=self.options.branch, compile=self.options.compile and (
-                        self.options.mode), **hits, **self.environment())
+                    interval=cache.interval, branch=cache.branch, compile=cache.compile and cache.mode, **hits,
+                    **self.environment())
