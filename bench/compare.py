@@ -3,7 +3,8 @@
 All peers run in one process on one card, on pipelines built from the real configs with random weights (speed is
 the real models'; images are noise). For each configuration it prints and writes:
 time per pipeline call (VAE decode included), speed-ups as ratios, fidelity of each cached run against the
-uncached output of the same seed (relative L2 of the final latents, PSNR of the decoded images), cold
+uncached output of the same seed (relative L2 of the final latents, PSNR of the decoded images; with --fidelity
+also their SSIM, so that every speed claim carries its quality cost), cold
 compile/warm-up seconds, peak GPU memory (reserved during the timed calls; the warm-up's peak is in the JSON), and
 the dynamo graphs and CUDA graphs recorded after warm-up (both must stay flat). Output: ``results.jsonl``,
 ``results.md`` and ``results.png`` under --out.
@@ -15,6 +16,7 @@ the dynamo graphs and CUDA graphs recorded after warm-up (both must stay flat). 
     python bench/compare.py --smoke                   # tiny configs on CPU (CI)
     python bench/compare.py --peers all               # every peer, the tuned and autotuned variants included
     python bench/compare.py --cache-mode shared       # one inductor cache for all peers: shorter, warm-ups less cold
+    python bench/compare.py --fidelity                # PSNR and SSIM of the decoded images against the uncached ones
 
 The fastcache peers are ``fastcache.variants.VARIANTS``: plain, hand-captured CUDA graphs ("static"), the fused
 scheduler step ("fused"), and "tuned"/"autotune" with the speed switches of PyTorch's and diffusers' SDXL guides
@@ -45,6 +47,7 @@ from torch._inductor.utils import clear_caches as clear_inductor_caches
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastcache.environment import environment
+from fastcache.fidelity import psnr, ssim
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_decoder, compile_options, cudagraph_recordings
 from fastcache.models import build_pipeline, random_prompt_embeds, with_controlnet
 from fastcache.variants import VARIANTS, speed_switches
@@ -97,14 +100,10 @@ class Result:
     seconds: float  # median time per pipeline call
     warmup_s: float  # first call, compilation and capture included
     rel_l2_latents: float | None = None  # vs the uncached (eager) run of the same seed
-    psnr_db: float | None = None
+    psnr_db: float | None = None  # mean over images of each decoded image's PSNR against the uncached image
+    ssim: float | None = None  # the same for SSIM (with --fidelity)
     peak_mem_gib: float | None = None  # reserved during the timed calls, CUDA-graph pools included
     extra: dict = field(default_factory=dict)
-
-
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 class Runner:
@@ -221,7 +220,7 @@ def empty_compile_cache(path: str) -> None:
 
 
 def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
-               cache_root: str, cache_mode: str = "per-peer") -> Iterator[Result]:
+               cache_root: str, cache_mode: str = "per-peer", fidelity: bool = False) -> Iterator[Result]:
     """Each peer's result as soon as it is measured, so that a run cut short by a lease keeps what it measured.
 
     A peer that fails (out of memory at a large shape, say) is logged with its traceback and skipped.
@@ -249,7 +248,9 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
             logger.exception("%s failed at %s; going on with the next peer", peer, config.name)
             continue
         result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
-        result.psnr_db = psnr(images, base_images)
+        result.psnr_db = statistics.fmean(psnr(images, base_images))
+        if fidelity:
+            result.ssim = statistics.fmean(ssim(images, base_images))
         result.extra.update(speedup_vs_eager=base.seconds / result.seconds, compile_cache=CACHE_MODES[cache_mode])
         if config.controlnets and peer in FLOP_PEERS:
             result.extra["tflop_per_call"] = tflop_per_call(runner, pipe, peer)
@@ -321,11 +322,19 @@ def measure_compile(runner: Runner, pipe, peer: str, tuned: bool):
             vars(decoder).pop("forward", None)
 
 
+# the first line of the table: every model here has random weights
+FIDELITY_NOTE = ("RANDOM WEIGHTS: speed is the real models', but the fidelity columns (rel L2, PSNR, SSIM) say nothing "
+                 "about real models")
+
+
 def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> str:
-    lines = [f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers {env['diffusers']} "
+    with_ssim = any(r.ssim is not None for r in results)
+    lines = [FIDELITY_NOTE,
+             f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers {env['diffusers']} "
              f"| weights: {env['weights']} | inductor cache: {CACHE_MODES[cache_mode]}", "",
              "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
-             "| warm-up s | peak reserved GiB | TFLOP/call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             + ("| SSIM " if with_ssim else "") + "| warm-up s | peak reserved GiB | TFLOP/call |",
+             "|---" * (11 + with_ssim) + "|"]
     by_config: dict[str, dict[str, Result]] = {}
     for r in results:
         by_config.setdefault(r.config, {})[r.peer] = r
@@ -338,7 +347,8 @@ def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> 
 
             lines.append(f"| {config} | {peer} | {r.seconds:.3f} | {fmt(ratio['eager'], '.2f')}x | "
                          f"{fmt(ratio['deepcache'], '.2f')}x | {fmt(ratio['compile'], '.2f')}x | "
-                         f"{fmt(r.rel_l2_latents, '.2e')} | {fmt(r.psnr_db, '.1f')} | {r.warmup_s:.1f} | "
+                         f"{fmt(r.rel_l2_latents, '.2e')} | {fmt(r.psnr_db, '.1f')} | "
+                         + (f"{fmt(r.ssim, '.4f')} | " if with_ssim else "") + f"{r.warmup_s:.1f} | "
                          f"{fmt(r.peak_mem_gib, '.2f')} | {fmt(r.extra.get('tflop_per_call'), '.3f')} |")
     return "\n".join(lines)
 
@@ -375,6 +385,8 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--out", default="out/bench")
     p.add_argument("--cache-dir", help="keep the inductor caches under CACHE_DIR for a later run to reuse: CACHE_DIR/"
                                        "PEER, emptied before the peer runs, or CACHE_DIR/shared, emptied at the start")
+    p.add_argument("--fidelity", action="store_true",
+                   help="also the SSIM of each peer's decoded images against the uncached (eager) ones, beside PSNR")
     p.add_argument("--cache-mode", default="per-peer", choices=sorted(CACHE_MODES),
                    help="per-peer: each compiled peer cold in its own inductor cache; shared: one cache for the run, "
                         "so later peers may reuse earlier peers' kernels (warm-ups shorter, still reported)")
@@ -409,7 +421,8 @@ def main(argv=None) -> list[Result]:
                 pipe = build_pipeline(config.preset, dtype=dtype, device=device)
                 pipes[model] = with_controlnet(pipe, config.controlnets) if config.controlnets else pipe
             logger.info("== %s", config.name)
-            for r in run_config(pipes[model], config, peers, args.steps, args.repeat, cache_root, args.cache_mode):
+            for r in run_config(pipes[model], config, peers, args.steps, args.repeat, cache_root, args.cache_mode,
+                                  args.fidelity):
                 results.append(r)
                 jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
                 jsonl.flush()

@@ -156,3 +156,29 @@ def _fresh_dynamo():
     """Compiled tests must not see each other's dynamo caches or stance."""
     yield
     torch._dynamo.reset()
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A CLIP model with random weights and a letters-only tokenizer, saved as a local folder (what --clip-model
+    takes): enough to check the CLIP score's arithmetic without downloading a real one."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter], vocab[letter + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    layers = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(layers, vocab_size=len(vocab), max_position_embeddings=77,
+                                                     bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(layers, image_size=32, patch_size=8), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+

@@ -70,6 +70,18 @@ def test_shared_mode_compiles_every_peer_into_one_cache_emptied_once(compare, tm
     assert f"inductor cache: {mode}" in (tmp_path / "results.md").read_text()
 
 
+def test_fidelity_adds_ssim_beside_psnr_under_a_random_weights_first_line(compare, tmp_path):
+    results = compare.main(["--smoke", "--peers", "eager,deepcache", "--fidelity", "--out", str(tmp_path)])
+    by_peer = {r.peer: r for r in results}
+    assert by_peer["eager"].ssim is None and by_peer["eager"].psnr_db is None  # the reference itself
+    cached = by_peer["deepcache"]
+    assert 0 < cached.ssim < 1 and 0 < cached.psnr_db < float("inf")
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0] == compare.FIDELITY_NOTE and table[0].startswith("RANDOM WEIGHTS")
+    assert "| PSNR dB | SSIM |" in table[3] and f"| {cached.ssim:.4f} |" in table[-1]
+    assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])["ssim"] == cached.ssim
+
+
 def test_the_full_benchmark_refuses_to_run_on_cpu(compare, tmp_path):
     with pytest.raises(SystemExit):
         compare.main(["--subset", "gpu-check", "--out", str(tmp_path)])
