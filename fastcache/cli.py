@@ -1,4 +1,4 @@
-"""The ``fastcache`` command: ``generate``, ``warmup``, ``serve`` and ``bench``.
+"""The ``fastcache`` command: ``generate``, ``warmup``, ``serve``, ``tune`` and ``bench``.
 
 Every argument is checked before a model is built, against the model's own configs where they can be read without
 weights (presets, local folders); a bad one gets one line and exit code 2.
@@ -76,23 +76,45 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="cpu, cuda or cuda:N (float16 on CUDA, float32 on CPU)")
 
 
-def add_cache_options(parser: argparse.ArgumentParser, compile_flag: bool = True) -> None:
+# the cache options' defaults; warmup and serve leave them unset on the command line so that --tuned can fill them
+CACHE_DEFAULTS = {name: getattr(FastCacheConfig, name) for name in ("interval", "branch", "schedule")}
+
+
+def add_cache_options(parser: argparse.ArgumentParser, compile_flag: bool = True, tuned: bool = False) -> None:
     group = parser.add_argument_group("cache")
-    group.add_argument("--interval", type=int, default=3, help="a full UNet step every INTERVAL steps (1: no caching)")
-    group.add_argument("--branch", type=int, default=0,
-                       help="DeepCache branch: how deep the shallow path goes (0: shallowest, fastest)")
-    group.add_argument("--schedule", default="uniform", choices=SCHEDULE_KINDS,
-                       help="which steps are full: every INTERVAL-th, or DeepCache's quad-center schedule")
+    default = ("default: %s, or the --tuned file's pick" if tuned else "default: %s")
+    group.add_argument("--interval", type=int, default=None if tuned else CACHE_DEFAULTS["interval"],
+                       help=f"a full UNet step every INTERVAL steps (1: no caching) ({default % 3})")
+    group.add_argument("--branch", type=int, default=None if tuned else CACHE_DEFAULTS["branch"],
+                       help=f"DeepCache branch: how deep the shallow path goes (0: shallowest, fastest) "
+                            f"({default % 0})")
+    group.add_argument("--schedule", default=None if tuned else CACHE_DEFAULTS["schedule"], choices=SCHEDULE_KINDS,
+                       help=f"which steps are full: every INTERVAL-th, or DeepCache's quad-center schedule "
+                            f"({default % 'uniform'})")
+    if tuned:
+        group.add_argument("--tuned", metavar="FILE",
+                           help="use the pick of a `fastcache tune` run (its tune.json) for --interval, --branch and "
+                                "--schedule; refused if it was made for another model, size or steps")
     if compile_flag:
-        group.add_argument("--compile", default=True, action=argparse.BooleanOptionalAction,
-                           help="compile the two UNet paths (CUDA graphs on CUDA); --no-compile runs them eagerly")
-        group.add_argument("--mode", choices=COMPILE_MODES,
-                           help="torch.compile mode (default: reduce-overhead); static-cudagraphs: CUDA graphs "
-                                "captured by hand (see README)")
+        add_compile_options(group)
 
 
-def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
-    """Validate the model and cache options; the model's geometry where its configs are readable."""
+def add_compile_options(group) -> None:
+    group.add_argument("--compile", default=True, action=argparse.BooleanOptionalAction,
+                       help="compile the two UNet paths (CUDA graphs on CUDA); --no-compile runs them eagerly")
+    group.add_argument("--mode", choices=COMPILE_MODES,
+                       help="torch.compile mode (default: reduce-overhead); static-cudagraphs: CUDA graphs "
+                            "captured by hand (see README)")
+
+
+def check_compile_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.mode is not None and not args.compile:
+        parser.error("--mode needs --compile (--no-compile runs the paths eagerly)")
+    args.mode = args.mode or FastCacheConfig.mode
+
+
+def check_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
+    """Validate --device and --model; the model's geometry where its configs are readable."""
     device = args.device
     with field_errors(parser):
         check_device(device)
@@ -108,7 +130,12 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         hub_id = not args.model.startswith((".", "/", "~")) and args.model.count("/") <= 1
         if not path.exists() and (not hub_id or os.environ.get("HF_HUB_OFFLINE")):
             parser.error(f"--model {args.model}: no such folder")
-    geometry = model_geometry(str(Path(args.model).expanduser()) if args.model else None, args.preset)
+    return model_geometry(str(Path(args.model).expanduser()) if args.model else None, args.preset)
+
+
+def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
+    """Validate the model and cache options; the model's geometry where its configs are readable."""
+    geometry = check_model(parser, args)
     if args.interval < 1:
         parser.error(f"--interval must be >= 1 (1 means no caching); got {args.interval}")
     if geometry is not None and not 0 <= args.branch < geometry.branches:
@@ -116,9 +143,7 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.branch < 0:
         parser.error(f"--branch must be >= 0; got {args.branch}")
     if hasattr(args, "compile"):
-        if args.mode is not None and not args.compile:
-            parser.error("--mode needs --compile (--no-compile runs the paths eagerly)")
-        args.mode = args.mode or FastCacheConfig.mode
+        check_compile_options(parser, args)
     return geometry
 
 
@@ -215,7 +240,7 @@ def parse_int_list(parser: argparse.ArgumentParser, text: str, flag: str) -> tup
 def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The ``fastcache`` parser, and its commands' parsers by name."""
     parser = Parser(prog="fastcache", description="DeepCache and torch.compile with CUDA graphs for diffusers UNet "
-                                                  "pipelines: generate images, warm up, serve, benchmark.")
+                                                  "pipelines: generate images, warm up, serve, tune, benchmark.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="prompts to PNG files", description="Generate images with "
@@ -235,7 +260,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                        ("serve", "the OpenAI-style HTTP images API")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_model_options(sub)
-        add_cache_options(sub)
+        add_cache_options(sub, tuned=True)
         sub.add_argument("--sizes", default=None, help="comma-separated sizes to serve, N or WIDTHxHEIGHT "
                                                        "(default: the model's native size)")
         sub.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (images per pipeline call) "
@@ -270,6 +295,10 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                              help="with --replicas: an existing Ray cluster ('auto' or ray://HOST:PORT); default: "
                                   "a local Ray on 127.0.0.1")
 
+    from .tune_command import add_tune_command
+
+    add_tune_command(commands)
+
     bench = commands.add_parser("bench", help="run a benchmark of bench/ (compare, serve-load)",
                                 description="Run a benchmark script of the source tree's bench/ folder; arguments "
                                             "after the name go to the script (try: fastcache bench compare --help).")
@@ -285,6 +314,7 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     from .serving.engine import EngineConfig
     from .serving.service import ServiceOptions
 
+    tuned_size = apply_tuned(parser, args)
     geometry = check_model_options(parser, args)
     cache = cache_config(parser, args)
     check_steps(parser, args, args.steps)
@@ -292,6 +322,8 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
         args.sizes) else ((geometry.native_size,) * 2,) if geometry else None
     if sizes is None:
         parser.error("--sizes is needed for a hub model (its native size is not known before loading)")
+    if tuned_size and tuned_size not in sizes:
+        parser.error(f"--tuned {args.tuned} was tuned at {tuned_size[0]}x{tuned_size[1]}, which --sizes leaves out")
     serving = args.command == "serve"
     if serving and not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535; got {args.port}")
@@ -316,6 +348,33 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     with field_errors(parser):
         return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
                               cache_dir=args.cache_dir, engine=EngineConfig(**engine))
+
+
+def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, int] | None:
+    """Fill --interval, --branch and --schedule: from the pick of the --tuned file (one made for this model and
+    steps; its size becomes --sizes if none is given), else their defaults. Returns the tuned size."""
+    given = [f"--{name}" for name in CACHE_DEFAULTS if getattr(args, name) is not None]
+    if not args.tuned:
+        for name, value in CACHE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        return None
+    from .tune import tuned_pick
+
+    if given:
+        parser.error(f"--tuned sets --interval, --branch and --schedule from its pick; drop {', '.join(given)}")
+    try:
+        pick = tuned_pick(args.tuned, model=args.model, preset=args.preset, size=None, steps=args.steps)
+    except ValueError as error:
+        parser.error(f"--tuned {error}")
+    args.interval, args.branch, args.schedule = pick.interval, pick.branch, pick.schedule
+    args.sizes = args.sizes or "{}x{}".format(*pick.size)
+    logger.info("%s", pick.note)
+    levels = "; ".join(f"I{level}: {labels['speedup']:.2f}x, PSNR {labels['psnr_db']:.2f} dB"
+                       for level, labels in pick.levels.items())
+    logger.info("--tuned %s: interval %d, branch %d, schedule %s; measured levels: %s", args.tuned, pick.interval,
+                pick.branch, pick.schedule, levels)
+    return pick.size
 
 
 def generate(parser, args) -> int:
@@ -422,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run = {"generate": generate, "warmup": warmup, "serve": serve, "bench": bench}[args.command]
+    from .tune_command import tune
+
+    run = {"generate": generate, "warmup": warmup, "serve": serve, "bench": bench, "tune": tune}[args.command]
     return run(commands[args.command], args)
 
 

@@ -182,3 +182,19 @@ def save_tiny_clip(folder: Path) -> Path:
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
+
+# fastcache tune on the tiny preset: 32 px, 4 steps, 2 prompts, I1 and I2 at branches 0 and 1, eager, with CLIP
+TINY_TUNE = ["tune", "--size", "32", "--steps", "4", "--num-prompts", "2", "--intervals", "1,2", "--branches", "0,1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tune(tmp_path_factory) -> tuple[Path, list[str]]:
+    """One eager tune run, shared by the tests that read or resume it: its folder, and the arguments that made it
+    (a test that resumes it copies the folder first)."""
+    from fastcache import cli
+
+    root = tmp_path_factory.mktemp("tiny-tune")
+    args = [*TINY_TUNE, "--no-compile", "--clip-model", str(save_tiny_clip(root / "clip"))]
+    assert cli.main([*args, "--out", str(root / "out")]) == 0
+    torch._dynamo.reset()
+    return root / "out", args
