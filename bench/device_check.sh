@@ -13,12 +13,18 @@
 #            reports in warmup.jsonl; then bench/serve_load.py against a server warmed from that cache
 #   profile  (opt-in) tools/profile_steps.py I3B0 on $PRESET $SIZE (default sd21 512), variant $VARIANT (default
 #            fastcache-tuned), reusing the bench's cache; gzipped torch.profiler trace
+#   tune     (opt-in) fastcache tune on SD2.1 512 fp16, 50 DDIM steps, CFG 7.5, compiled (reduce-overhead): the 8 first
+#            built-in prompts uncached, then I in $INTERVALS (default 2,3,5) x B in $BRANCHES (default 0,1,2); sized
+#            (not yet measured) at ~15 s a candidate plus a cold compile per branch: 9 in one device call. Its folder is
+#            $SCRATCH/tune, always resumed (with its inductor cache $SCRATCH/inductor/tune): a second call on a warm
+#            machine measures only what the first left; tune.md, tune.json, tune.jsonl, tune.png and tune.log in $OUT
 # Usage: bash bench/device_check.sh                        (tests, then bench: one device call)
 #        BUDGET_S=300 bash bench/device_check.sh profile   (right after, while the machine is still warm)
 #        PEERS=all bash bench/device_check.sh bench
 #        SUBSET=sdxl-check PRESET=sdxl SIZE=1024 bash bench/device_check.sh bench profile
 #        SUBSET=controlnet PEERS=eager,deepcache,compile,fastcache bash bench/device_check.sh bench
 #        bash bench/device_check.sh serve                   (needs the serving wheels, below)
+#        bash bench/device_check.sh tune                    (alone: it takes most of a device call)
 # BUDGET_S (default 570) bounds the whole script: each stage gets at most what is left, so a device command
 # (10 minutes at most) ends with its results written; a stage cut short keeps the peers it finished. It writes
 # 8 files at most, what a device call brings back.
@@ -26,7 +32,8 @@
 # The device image has torch and triton but not diffusers or DeepCache. Prepare the wheels here (not committed):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 DeepCache==0.1.1
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 DeepCache==0.1.1 \
+#       torchmetrics==1.9.0 lightning-utilities==0.15.3
 # and for the serve stage, with their dependencies:
 #   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn prometheus-client httpx
@@ -45,8 +52,8 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 for stage in "${stages[@]}"; do  # a typo fails now, not after minutes of device time
     case "$stage" in
-        tests | bench | serve | profile) ;;
-        *) echo "unknown stage $stage (tests, bench, serve, profile)" >&2; exit 2 ;;
+        tests | bench | serve | profile | tune) ;;
+        *) echo "unknown stage $stage (tests, bench, serve, profile, tune)" >&2; exit 2 ;;
     esac
 done
 
@@ -62,8 +69,8 @@ ln -sfn "$PWD/kernels" "$SITE/fastcache_kernels"  # the name `pip install .` giv
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # fail in seconds, not after a model build, when something the stages import is missing
-python3 -c "import diffusers, DeepCache, triton, torch, pytest, matplotlib, pynvml
-import fastcache.variants, fastcache.fused_step
+python3 -c "import diffusers, DeepCache, triton, torch, pytest, matplotlib, pynvml, torchmetrics
+import fastcache.variants, fastcache.fused_step, fastcache.sweep
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" || exit 1
 if [[ " ${stages[*]} " == *" serve "* ]]; then
     python3 -c "import fastapi, uvicorn, prometheus_client, httpx" || exit 1
@@ -106,6 +113,14 @@ for stage in "${stages[@]}"; do
                      --variant "$variant" --trace "$trace" --json "$OUT/profile.jsonl" 2>&1 | tee "$OUT/profile.log"
                  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
                  [ -f "$trace" ] && gzip -c "$trace" > "$OUT/trace.json.gz" ;;
+        tune) export TORCHINDUCTOR_CACHE_DIR=$CACHE/tune TRITON_CACHE_DIR=$CACHE/tune/triton
+              run 540 python3 -m fastcache.cli tune --preset sd21 --device cuda --size 512 --steps 50 \
+                  --intervals "${INTERVALS:-2,3,5}" --branches "${BRANCHES:-0,1,2}" --num-prompts 8 \
+                  --out "$SCRATCH/tune" --resume 2>&1 | tee "$OUT/tune.log"
+              unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+              for file in tune.md tune.json tune.jsonl tune.png; do  # not reference.npz: 25 MB of float images
+                  [ -f "$SCRATCH/tune/$file" ] && cp "$SCRATCH/tune/$file" "$OUT/"
+              done ;;
     esac
 done
 echo "device_check: $((SECONDS - start)) s"

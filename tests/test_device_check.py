@@ -19,9 +19,12 @@ printf '%s ' python3 "$@" "cache=${TORCHINDUCTOR_CACHE_DIR:-none}" | tr '\n' ' '
 echo >> "$FAKE_LOG"
 while [ $# -gt 0 ]; do
     case "$1" in
+        tune) FAKE_TUNE=1 ;;
         pytest) echo "fake pytest: 1 passed" | tee "$OUT/fake_pytest.txt"
                 [ -z "${FAKE_PYTEST_SLEEP:-}" ] || exec sleep "$FAKE_PYTEST_SLEEP" ;;
-        --out) echo '{"peer": "eager"}' > "$2/results.jsonl"; echo "fake bench: 1 peer" ;;
+        --out) mkdir -p "$2"; echo '{"peer": "eager"}' > "$2/results.jsonl"; echo "fake bench: 1 peer"
+               [ -z "${FAKE_TUNE:-}" ] || for f in tune.md tune.json tune.jsonl tune.png reference.npz; do
+                   echo fake > "$2/$f"; done ;;
         --cache-dir) mkdir -p "$2/shared" ;;
         --trace) echo '{"traceEvents": []}' > "$2"; echo "fake profile" ;;
         --report) echo '{"cache": "cold"}' >> "$2"; echo "fake warm-up" ;;
@@ -142,3 +145,17 @@ def test_serve_warms_up_cold_then_warm_from_one_cache_then_loads_a_server_from_i
     assert "--cache-dir" in load and str(run.scratch / "serve-cache") in load  # the launched server's arguments
     assert len((run.out / "warmup.jsonl").read_text().splitlines()) == 2
     assert "== warm warm-up" in (run.out / "serve.log").read_text()
+
+
+def test_tune_measures_nine_candidates_on_sd21_512_resumably_and_brings_back_its_report(tmp_path):
+    run = Run(tmp_path, "tune")
+    assert run.returncode == 0, run.stderr
+    (call,) = [call for call in run.calls if call[1:4] == ["-m", "fastcache.cli", "tune"]]
+    assert [option(call, name) for name in ("--preset", "--device", "--size", "--steps", "--num-prompts")] == [
+        "sd21", "cuda", "512", "50", "8"]
+    assert option(call, "--intervals") == "2,3,5" and option(call, "--branches") == "0,1,2"
+    assert option(call, "--out") == str(run.scratch / "tune") and "--resume" in call  # a warm machine resumes
+    assert call[-1] == f"cache={run.scratch / 'inductor' / 'tune'}"
+    for name in ("tune.md", "tune.json", "tune.jsonl", "tune.png", "tune.log"):
+        assert (run.out / name).exists(), name
+    assert not (run.out / "reference.npz").exists()  # the reference images stay on the machine
