@@ -84,13 +84,14 @@ def add_cache_options(parser: argparse.ArgumentParser, compile_flag: bool = True
     group = parser.add_argument_group("cache")
     default = ("default: %s, or the --tuned file's pick" if tuned else "default: %s")
     group.add_argument("--interval", type=int, default=None if tuned else CACHE_DEFAULTS["interval"],
-                       help=f"a full UNet step every INTERVAL steps (1: no caching) ({default % 3})")
+                       help=f"a full UNet step every INTERVAL steps (1: no caching) "
+                            f"({default % CACHE_DEFAULTS['interval']})")
     group.add_argument("--branch", type=int, default=None if tuned else CACHE_DEFAULTS["branch"],
                        help=f"DeepCache branch: how deep the shallow path goes (0: shallowest, fastest) "
-                            f"({default % 0})")
+                            f"({default % CACHE_DEFAULTS['branch']})")
     group.add_argument("--schedule", default=None if tuned else CACHE_DEFAULTS["schedule"], choices=SCHEDULE_KINDS,
                        help=f"which steps are full: every INTERVAL-th, or DeepCache's quad-center schedule "
-                            f"({default % 'uniform'})")
+                            f"({default % CACHE_DEFAULTS['schedule']})")
     if tuned:
         group.add_argument("--tuned", metavar="FILE",
                            help="use the pick of a `fastcache tune` run (its tune.json) for --interval, --branch and "
