@@ -110,7 +110,8 @@ def test_warmup_tuned_serves_the_pick_at_the_tuned_size(picked, monkeypatch, cap
     assert cli.main(["warmup", "--tuned", str(picked), "--steps", "4", "--no-compile"]) == 0
     pick = json.loads(picked.read_text())["pick"]
     (options,) = served
-    assert (options.interval, options.branch, options.schedule) == (pick["interval"], pick["branch"], "uniform")
+    assert (options.cache.interval, options.cache.branch, options.cache.schedule) == (pick["interval"], pick["branch"],
+                                                                                  "uniform")
     assert options.engine.sizes == ((32, 32),)
     assert "RANDOM WEIGHTS (tiny-sd)" in caplog.text and "measured levels: I1: " in caplog.text
 
