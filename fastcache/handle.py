@@ -19,7 +19,7 @@ from .controlnet import ControlNetPartition, SplitControlNet, check_controlnet, 
 from .counters import Counters
 from .dispatch import Decision, StepDispatcher
 from .graphs import RECOMPILE_LIMIT, CompiledPaths, Paths, compile_decoder
-from .partition import UNetPartition, downsampling_factor
+from .partition import UNetPartition, adapter_residuals_problem, downsampling_factor
 from .schedule import Schedule
 from .shapes import FeatureBuffers, on_device, shape_key, signature
 from .static_graphs import StaticGraphPaths
@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 HOOK_NAME = "fastcache"
 
 # The UNet arguments the two paths implement. A call that sets any other one (attention masks,
-# cross_attention_kwargs, T2I-Adapter residuals, whatever a later diffusers adds) runs the original forward.
+# cross_attention_kwargs, whatever a later diffusers adds) runs the original forward.
 PATH_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels",
-                  "down_block_additional_residuals", "mid_block_additional_residual")
+                  "down_block_additional_residuals", "mid_block_additional_residual",
+                  "down_intrablock_additional_residuals")
 # The same for the ControlNet's shallow path (guess mode, too, runs the whole ControlNet).
 CONTROLNET_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale",
                         "added_cond_kwargs", "timestep_cond", "class_labels", "guess_mode")
@@ -200,6 +201,9 @@ class FastCacheHandle:
                 if inputs["down_block_additional_residuals"] is not None:
                     inputs["down_block_additional_residuals"] = inputs["down_block_additional_residuals"][
                         :self.partition.boundary.shallow_skips]
+                if inputs["down_intrablock_additional_residuals"] is not None:  # T2I-Adapter: those it adds only
+                    inputs["down_intrablock_additional_residuals"] = inputs["down_intrablock_additional_residuals"][
+                        :self.partition.boundary.shallow_adapter_residuals]
             out = self.paths(decision.full, key, dict(inputs, cache=cache))
             self._count(decision)
         return UNet2DConditionOutput(sample=out) if call["return_dict"] else (out,)
@@ -230,11 +234,17 @@ class FastCacheHandle:
         return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
     def _residuals_problem(self, inputs: dict) -> list[str]:
-        """ControlNet residuals must meet the UNet's skip connections one for one."""
+        """ControlNet residuals must meet the UNet's skip connections one for one, T2I-Adapter residuals the hidden
+        states they are added to shape for shape."""
         down, skips = inputs["down_block_additional_residuals"], self.partition.skip_count
-        if down is None or len(down) == skips:
-            return []
-        return [f"{len(down)} ControlNet residuals for a UNet of {skips} skip connections"]
+        problems = adapter_residuals_problem(self.unet, inputs["down_intrablock_additional_residuals"],
+                                             inputs["sample"].shape)
+        if down is not None and inputs["mid_block_additional_residual"] is None:
+            problems.append("down_block_additional_residuals without mid_block_additional_residual (diffusers' "
+                            "deprecated T2I-Adapter call; pass down_intrablock_additional_residuals)")
+        elif down is not None and len(down) != skips:
+            problems.append(f"{len(down)} ControlNet residuals for a UNet of {skips} skip connections")
+        return problems
 
     def _size_problem(self, sample: torch.Tensor) -> list[str]:
         """The paths cut the UNet between its blocks, which needs latents divisible by every downsampling."""
@@ -297,9 +307,6 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
         raise ValueError(
             f"compile_pipeline needs a diffusers pipeline with a `unet` and a `scheduler`; got {type(pipe).__name__}."
         )
-    if getattr(pipe, "adapter", None) is not None:
-        raise ValueError("fastcache does not support T2I-Adapter pipelines yet (their residuals enter inside the down "
-                         "blocks); ControlNet pipelines are supported.")
     controlnet = getattr(pipe, "controlnet", None)
     nets = controlnet_nets(controlnet) if controlnet is not None else []
     for net in nets:

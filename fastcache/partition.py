@@ -5,10 +5,17 @@ network and copies the hidden state that enters the first recomputed up layer in
 shallow path recomputes only the layers above the cache branch and reads that buffer instead of going deep.
 That one tensor is all a skip step needs, so the result equals ``DeepCacheSDHelper``'s, which caches every
 module's output.
+
+Residuals from outside enter where the UNet's own forward adds them: a ControlNet's to every skip connection and to
+the mid block's output; a T2I-Adapter's (``down_intrablock_additional_residuals``, one per down block, in order)
+inside a cross-attention down block after its last layer, after any other down block (whose output is also its last
+skip connection: the UNet adds in place), and one more to the mid block's output when its shape fits. A skip step
+adds those of the layers it computes.
 """
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import operator
 from dataclasses import dataclass
@@ -37,6 +44,7 @@ class Boundary:
     up_index: int
     first_up_resnet: int
     shallow_skips: int  # skip connections a skip step computes: conv_in's output, then the down layers it runs
+    shallow_adapter_residuals: int  # leading T2I-Adapter residuals that land in layers a skip step computes
 
     @property
     def at_mid_output(self) -> bool:
@@ -88,24 +96,82 @@ def resolve_branch(unet: UNet2DConditionModel, branch: int) -> Boundary:
         raise ValueError(f"branch must be an int in [0, {len(positions) - 1}] for this UNet; got {branch!r}.")
     branch = operator.index(branch)  # numpy integers too
     block, layer = positions[branch]
-    n_layers = len(unet.down_blocks[block].resnets)
+    down = unet.down_blocks[block]
+    n_layers = len(down.resnets)
     skips = 1 + sum(len(down.resnets) + 1 for down in unet.down_blocks[:block]) + layer
-    return Boundary(branch, block, layer, len(unet.down_blocks) - 1 - block, n_layers - layer, skips)
+    # adapter residuals: one per whole down block above the branch, the branch's own block's if a skip step runs
+    # the layer it lands after, and the mid block's if the cached feature is the mid block's output
+    adapter = block + (layer == n_layers and _adapter_inside(down))
+    if block == len(unet.down_blocks) - 1 and layer == n_layers and unet.mid_block is not None:
+        adapter += 1
+    return Boundary(branch, block, layer, len(unet.down_blocks) - 1 - block, n_layers - layer, skips, adapter)
 
 
-def run_down(down_blocks, h, emb, context, boundary: Boundary | None = None) -> tuple[torch.Tensor, list]:
+def run_down(down_blocks, h, emb, context, boundary: Boundary | None = None,
+             adapter: list | tuple = ()) -> tuple[torch.Tensor, list]:
     """The down path of a UNet or a ControlNet (the same blocks): every block, or with ``boundary`` only the layers
-    a skip step runs. Returns the hidden state and the skip connections, ``conv_in``'s output ``h`` first."""
+    a skip step runs, plus T2I-Adapter residuals (``adapter``, one per block in order) where the UNet adds them.
+    Returns the hidden state and the skip connections, ``conv_in``'s output ``h`` first."""
     skips = [h]
-    for down in down_blocks if boundary is None else down_blocks[:boundary.block]:
-        h, res = UNetPartition._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context)
+    blocks = down_blocks if boundary is None else down_blocks[:boundary.block]
+    for down, residual in itertools.zip_longest(blocks, adapter[:len(blocks)]):
+        h, res = _down_block(down, h, emb, context, residual)
         skips.extend(res)
     if boundary is not None:
         down = down_blocks[boundary.block]
+        residual = adapter[boundary.block] if boundary.block < len(adapter) else None
         for i in range(boundary.layer):
             h = UNetPartition._layer(down, i, h, emb, context)
+            if residual is not None and i == len(down.resnets) - 1 and _adapter_inside(down):
+                h = h + residual
             skips.append(h)
     return h, skips
+
+
+def adapter_residual_shapes(unet: UNet2DConditionModel, sample_shape) -> tuple[list[tuple], tuple]:
+    """Where T2I-Adapter residuals land for a UNet input of ``sample_shape``: the shape of each down block's (its
+    attention output in a cross-attention block, else the block's output) and the mid block's output shape."""
+    batch, _, height, width = sample_shape
+    shapes = []
+    for b, down in enumerate(unet.down_blocks):
+        if _adapter_inside(down):
+            shapes.append((batch, down.resnets[-1].out_channels, height >> b, width >> b))
+        else:
+            shapes.append((batch, down.downsamplers[0].out_channels, height >> (b + 1), width >> (b + 1)))
+    last = len(unet.down_blocks) - 1
+    mid_channels = unet.mid_block.resnets[-1].out_channels if unet.mid_block is not None else None
+    return shapes, (batch, mid_channels, height >> last, width >> last)
+
+
+def adapter_residuals_problem(unet: UNet2DConditionModel, residuals, sample_shape) -> list[str]:
+    """Why the paths cannot add these T2I-Adapter residuals as the UNet would (empty if they can): each down block's
+    must have the shape of what it is added to (the UNet broadcasts or fails). The one after them goes to the mid
+    block only if its shape fits, and any further ones are ignored, in the paths as in the UNet."""
+    if residuals is None:
+        return []
+    if not isinstance(residuals, (list, tuple)) or not all(isinstance(r, torch.Tensor) for r in residuals):
+        return ["down_intrablock_additional_residuals that are not a list of tensors"]
+    shapes, _ = adapter_residual_shapes(unet, sample_shape)
+    found = [tuple(r.shape) for r in residuals[:len(shapes)]]
+    if found == shapes[:len(found)]:
+        return []
+    return [f"T2I-Adapter residuals of shapes {found} for down blocks that take {shapes[:len(found)]}"]
+
+
+def _adapter_inside(down) -> bool:
+    """Whether a down block's T2I-Adapter residual lands on its last layer's output (before any downsampler): in a
+    cross-attention block, and in a block without a downsampler (the UNet adds it to the block's output)."""
+    return getattr(down, "has_cross_attention", False) or down.downsamplers is None
+
+
+def _down_block(down, h, emb, context, residual):
+    """A whole down block, with its T2I-Adapter residual (or ``None``) added where the UNet's forward adds it."""
+    if residual is None or getattr(down, "has_cross_attention", False):
+        extra = {} if residual is None else {"additional_residuals": residual}
+        return UNetPartition._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context, **extra)
+    h, res = down(hidden_states=h, temb=emb)
+    h = h + residual  # the UNet adds it in place: to the block's output and so to its last skip connection
+    return h, (*res[:-1], h)
 
 
 def downsampling_factor(unet: UNet2DConditionModel) -> int:
@@ -143,19 +209,25 @@ class UNetPartition:
         self.skip_count = 1 + sum(len(down.resnets) + (down.downsamplers is not None) for down in unet.down_blocks)
 
     def full(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
-             class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None):
-        """Whole UNet; writes the feature at the boundary into ``cache``. ControlNet residuals, if given, are added
-        to every skip connection and to the mid block's output, as the UNet's forward adds them."""
+             class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None,
+             down_intrablock_additional_residuals=None):
+        """Whole UNet; writes the feature at the boundary into ``cache``. ControlNet and T2I-Adapter residuals, if
+        given, are added where the UNet's forward adds them."""
         unet, bnd = self.unet, self.boundary
+        adapter = down_intrablock_additional_residuals or ()
         emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                                      class_labels)
-        h, skips = run_down(unet.down_blocks, h, emb, context)  # skips are consumed from the end by the up path
+        h, skips = run_down(unet.down_blocks, h, emb, context, adapter=adapter)  # the up path pops skips from the end
         skips = _add(skips, down_block_additional_residuals)
+        adapter_mid = None
         if unet.mid_block is not None:
             h = self._call_block(unet.mid_block, h, emb, encoder_hidden_states=context)
-        if bnd.at_mid_output:  # cached before the ControlNet residual: a skip step adds its own
+            adapter_mid = self._adapter_mid(adapter, h)
+        if bnd.at_mid_output:  # cached before the residuals: a skip step adds its own
             cache.copy_(h)
             cache = None
+        if adapter_mid is not None:
+            h = h + adapter_mid
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual
         for up in unet.up_blocks[: bnd.up_index]:
@@ -164,17 +236,24 @@ class UNetPartition:
         return self._head(h, skips, emb, context)
 
     def shallow(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
-                class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None):
+                class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None):
         """Only the layers above the branch; everything deeper comes from ``cache``. ControlNet residuals, if
-        given, are those of the skip connections this path computes (the first ``boundary.shallow_skips``), and the
-        mid residual only where the cached feature is the mid block's output."""
+        given, are those of the skip connections this path computes (the first ``boundary.shallow_skips``);
+        T2I-Adapter residuals those of the blocks it computes (``boundary.shallow_adapter_residuals``, more are
+        ignored); mid residuals count only where the cached feature is the mid block's output."""
         bnd = self.boundary
+        adapter = (down_intrablock_additional_residuals or ())[:bnd.shallow_adapter_residuals]
         emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                                      class_labels)
-        _, skips = run_down(self.unet.down_blocks, h, emb, context, bnd)
+        _, skips = run_down(self.unet.down_blocks, h, emb, context, bnd, adapter)
         skips = _add(skips, down_block_additional_residuals)
-        if mid_block_additional_residual is not None:
-            cache = cache + mid_block_additional_residual
+        if bnd.at_mid_output:
+            adapter_mid = self._adapter_mid(adapter, cache)
+            if adapter_mid is not None:
+                cache = cache + adapter_mid
+            if mid_block_additional_residual is not None:
+                cache = cache + mid_block_additional_residual
         h = self._up_layers(cache, skips, emb, context, start=bnd.first_up_resnet, cache=None)
         return self._head(h, skips, emb, context)
 
@@ -198,6 +277,12 @@ class UNetPartition:
         context = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
                                                      added_cond_kwargs=added_cond_kwargs)
         return emb, context, unet.conv_in(sample)
+
+    def _adapter_mid(self, adapter, h):
+        """The T2I-Adapter residual of the mid block's output: the one after the down blocks' own, if its shape is
+        the output's (SDXL's adapters have one; the UNet's forward applies the same rule)."""
+        n = len(self.unet.down_blocks)
+        return adapter[n] if len(adapter) > n and adapter[n].shape == h.shape else None
 
     def _up_layers(self, h, skips, emb, context, start, cache):
         """Up block ``boundary.up_index`` from resnet ``start``; on the full path, saves the boundary feature."""

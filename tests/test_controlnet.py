@@ -198,7 +198,7 @@ def test_the_compiled_runtime_matches_the_helper_and_never_recompiles():
     handle.disable()
 
 
-def test_unsupported_controlnets_and_adapters_are_refused_naming_what_is_supported(sd_runner):
+def test_unsupported_controlnets_are_refused_naming_what_is_supported():
     pipe = with_controlnet(build_pipeline("tiny-sd"))
     pipe.controlnet = MultiControlNetModel([pipe.controlnet, torch.nn.Linear(1, 1)])
     with pytest.raises(ValueError, match="supports ControlNetModel and MultiControlNetModel of ControlNetModels"):
@@ -207,6 +207,3 @@ def test_unsupported_controlnets_and_adapters_are_refused_naming_what_is_support
     pipe.controlnet = ControlNetModel(**dict(config, layers_per_block=1), conditioning_embedding_out_channels=(16, 32))
     with pytest.raises(ValueError, match="needs a ControlNet whose down blocks are the UNet's"):
         compile_pipeline(pipe)
-    sd_runner.pipe.adapter = torch.nn.Linear(1, 1)
-    with pytest.raises(ValueError, match="does not support T2I-Adapter pipelines"):
-        compile_pipeline(sd_runner.pipe)

@@ -4,7 +4,14 @@ from conftest import unet_inputs
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from fastcache.models import PRESETS
-from fastcache.partition import UNetPartition, branch_positions, check_unet, feature_shape, resolve_branch
+from fastcache.partition import (
+    UNetPartition,
+    adapter_residual_shapes,
+    branch_positions,
+    check_unet,
+    feature_shape,
+    resolve_branch,
+)
 
 
 @pytest.fixture(params=["tiny-sd", "tiny-sdxl"])
@@ -114,3 +121,53 @@ def test_shallow_path_computes_what_the_helpers_skip_step_computes_and_nothing_m
         full = flops(part.full, args[0], t1, args[2], cache)
         assert full == flops(unet, args[0], t1, args[2])
         assert flops(part.shallow, args[0], t1, args[2], cache) == helper_skip < full, branch
+
+
+def adapter_residuals(unet, sample_shape, seed=1) -> list[torch.Tensor]:
+    """Random T2I-Adapter residuals for every down block and the mid block, as an SDXL adapter gives them."""
+    shapes, mid = adapter_residual_shapes(unet, sample_shape)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for shape in (*shapes, mid)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("count", [None, 2], ids=["down-and-mid", "two-blocks"])
+def test_t2i_adapter_residuals_enter_where_the_unet_adds_them_on_both_paths(unet, count):
+    """Full path bit for bit the UNet's forward; the shallow path on the same inputs reproduces it for every branch,
+    so it adds the residuals of every layer it computes."""
+    inputs = unet_inputs(unet)
+    residuals = adapter_residuals(unet, inputs["sample"].shape)[:count]
+    expected = unet(**inputs, down_intrablock_additional_residuals=list(residuals)).sample  # the UNet pops them
+    assert not torch.equal(expected, unet(**inputs).sample)
+    for branch in range(len(branch_positions(unet))):
+        part = UNetPartition(unet, branch)
+        cache = torch.zeros(feature_shape(unet, part.boundary, inputs["sample"].shape))
+        full = part.full(cache=cache, **inputs, down_intrablock_additional_residuals=residuals)
+        assert torch.equal(full, expected), branch
+        assert torch.equal(part.shallow(cache=cache, **inputs, down_intrablock_additional_residuals=residuals),
+                           full), branch
+
+
+@torch.no_grad()
+def test_the_shallow_path_adds_exactly_the_adapter_residuals_of_the_layers_it_computes(unet):
+    """Residuals of deeper layers change nothing on a skip step; each one it counts does."""
+    inputs = unet_inputs(unet)
+    residuals = adapter_residuals(unet, inputs["sample"].shape)
+    counts = []
+    for branch in range(len(branch_positions(unet))):
+        part = UNetPartition(unet, branch)
+        cache = torch.randn(feature_shape(unet, part.boundary, inputs["sample"].shape))
+        used = part.boundary.shallow_adapter_residuals
+        counts.append(used)
+        shallow = part.shallow(cache=cache, **inputs, down_intrablock_additional_residuals=residuals)
+        deeper_changed = residuals[:used] + [r + 1 for r in residuals[used:]]
+        assert torch.equal(part.shallow(cache=cache, **inputs, down_intrablock_additional_residuals=deeper_changed),
+                           shallow), branch
+        for i in range(used):
+            changed = [r + (j == i) for j, r in enumerate(residuals)]
+            assert not torch.equal(part.shallow(cache=cache, **inputs, down_intrablock_additional_residuals=changed),
+                                   shallow), (branch, i)
+    # SD: cross-attention blocks add theirs after the last layer, the last DownBlock2D to its last layer's output;
+    # SDXL: the first DownBlock2D after its downsampler (deeper than any of its layers), and the mid block's
+    first_block_inside = unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert counts == [0, 0, int(first_block_inside), 1, 1, 2, 2, 2, 4]
