@@ -19,10 +19,17 @@ from diffusers import (
     ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
+    MultiAdapter,
+    StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLAdapterPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    T2IAdapter,
     UNet2DConditionModel,
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
@@ -74,6 +81,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 projection_class_embeddings_input_dim=32 + 6 * 8),
                       vae=_TINY_VAE, pipeline=StableDiffusionXLPipeline),
 }
+
+# A tiny stand-in for the SDXL refiner's UNet, laid out as the published one (DownBlock2D at both ends, no first
+# text encoder: a narrower context, and aesthetic-score time ids: 5 of them beside a pooled embedding of 16).
+TINY_REFINER_UNET = dict(_TINY_UNET, block_out_channels=(32, 64, 64, 64),
+                         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                         use_linear_projection=True, cross_attention_dim=24, addition_embed_type="text_time",
+                         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 5 * 8)
 
 # The schedule Stable Diffusion ships with, as a DDIM scheduler.
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -234,8 +249,9 @@ def random_prompt_embeds(pipe: DiffusionPipeline, batch_size: int = 1, *, seed: 
     width = unet.config.cross_attention_dim
     kwargs = dict(prompt_embeds=randn(batch_size, seq_len, width),
                   negative_prompt_embeds=randn(batch_size, seq_len, width))
-    if unet.config.addition_embed_type == "text_time":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    if unet.config.addition_embed_type == "text_time":  # SDXL: 6 time ids, or the refiner's 5 with aesthetic scores
+        time_ids = 5 if pipe.config.get("requires_aesthetics_score") else 6
+        pooled = unet.config.projection_class_embeddings_input_dim - time_ids * unet.config.addition_time_embed_dim
         kwargs.update(pooled_prompt_embeds=randn(batch_size, pooled),
                       negative_pooled_prompt_embeds=randn(batch_size, pooled))
     return kwargs
@@ -255,8 +271,65 @@ def with_controlnet(pipe: DiffusionPipeline, count: int = 1, seed: int = 0) -> D
             torch.nn.init.normal_(layer.weight, std=0.05)
         nets.append(net.to(device=pipe.unet.device, dtype=pipe.unet.dtype))
     controlnet = nets[0] if count == 1 else MultiControlNetModel(nets)
-    kind = StableDiffusionXLControlNetPipeline if isinstance(pipe, StableDiffusionXLPipeline) else (
-        StableDiffusionControlNetPipeline)
-    controlled = kind.from_pipe(pipe, controlnet=controlnet)
-    controlled.set_progress_bar_config(disable=True)
-    return controlled
+    kind = StableDiffusionXLControlNetPipeline if _is_sdxl(pipe) else StableDiffusionControlNetPipeline
+    return _ready(kind.from_pipe(pipe, controlnet=controlnet))
+
+
+def _is_sdxl(pipe: DiffusionPipeline) -> bool:
+    return pipe.unet.config.addition_embed_type == "text_time"
+
+
+def _like(model: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """``new`` on ``model``'s device, in its dtype (cast only if it differs: diffusers warns on every cast)."""
+    new = new.to(model.device)
+    return new if model.dtype == torch.float32 else new.to(dtype=model.dtype)
+
+
+def _ready(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inpaint_pipeline(pipe: DiffusionPipeline, unet_channels: int = 9, seed: int = 0) -> DiffusionPipeline:
+    """The inpainting pipeline of ``pipe``'s kind (SD or SDXL), sharing its components. ``unet_channels=9``: with a
+    UNet of its own, ``pipe``'s config with the inpainting models' 9 input channels (latents, mask, masked image
+    latents), random weights; ``4``: ``pipe``'s own UNet, which the pipeline blends with the masked image per step."""
+    if unet_channels not in (4, 9):
+        raise ValueError(f"unet_channels must be 4 or 9; got {unet_channels!r}.")
+    kind = StableDiffusionXLInpaintPipeline if _is_sdxl(pipe) else StableDiffusionInpaintPipeline
+    components = {}
+    if unet_channels == 9:
+        torch.manual_seed(seed)
+        components["unet"] = _like(pipe.unet, UNet2DConditionModel.from_config(pipe.unet.config, in_channels=9))
+    return _ready(kind.from_pipe(pipe, **components))
+
+
+def refiner_pipeline(base: DiffusionPipeline, unet_config: dict | None = None, seed: int = 1) -> DiffusionPipeline:
+    """An SDXL refiner for ``base``: ``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score=True``, a
+    UNet of its own (``unet_config``, default ``TINY_REFINER_UNET``; random weights), ``base``'s VAE, a scheduler of
+    the same config, and no text encoder (call it with prompt embeddings of its UNet's widths)."""
+    torch.manual_seed(seed)
+    with torch.device(base.unet.device):
+        unet = _like(base.unet, UNet2DConditionModel(**(unet_config or TINY_REFINER_UNET)))
+    scheduler = type(base.scheduler).from_config(base.scheduler.config)
+    return _ready(StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=scheduler, requires_aesthetics_score=True))
+
+
+def with_adapter(pipe: DiffusionPipeline, count: int = 1, seed: int = 0) -> DiffusionPipeline:
+    """The T2I-Adapter pipeline of ``pipe``'s kind, sharing its components, with ``count`` adapters (random weights;
+    ``count`` > 1: a ``MultiAdapter``) whose features have the shapes the UNet adds them at: SD's full adapter, one
+    feature per down block from the latents' size down; SDXL's, one more for the mid block, the first after the
+    first block's downsampler."""
+    torch.manual_seed(seed)
+    channels = list(pipe.unet.config.block_out_channels)
+    scale = pipe.vae_scale_factor
+    if _is_sdxl(pipe):
+        config = dict(channels=[*channels, channels[-1]], downscale_factor=2 * scale, adapter_type="full_adapter_xl")
+    else:
+        config = dict(channels=channels, downscale_factor=scale, adapter_type="full_adapter")
+    adapters = [_like(pipe.unet, T2IAdapter(in_channels=3, num_res_blocks=1, **config)) for _ in range(count)]
+    adapter = adapters[0] if count == 1 else MultiAdapter(adapters)
+    kind = StableDiffusionXLAdapterPipeline if _is_sdxl(pipe) else StableDiffusionAdapterPipeline
+    return _ready(kind.from_pipe(pipe, adapter=adapter))

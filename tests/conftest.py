@@ -15,7 +15,14 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU through Trito
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastcache import compile_pipeline
-from fastcache.models import build_pipeline, random_prompt_embeds, with_controlnet
+from fastcache.models import (
+    build_pipeline,
+    inpaint_pipeline,
+    random_prompt_embeds,
+    refiner_pipeline,
+    with_adapter,
+    with_controlnet,
+)
 
 TINY_PRESETS = ("tiny-sd", "tiny-sdxl")
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,14 +121,76 @@ class Runner:
 class ControlNetRunner(Runner):
     """A tiny ControlNet pipeline (``count`` > 1: a MultiControlNetModel) with fixed conditioning images."""
 
+    make = staticmethod(with_controlnet)
+
     def __init__(self, preset: str, count: int = 1):
-        super().__init__(preset, with_controlnet(build_pipeline(preset), count))
+        super().__init__(preset, self.make(build_pipeline(preset), count))
         generator = torch.Generator().manual_seed(3)
         images = [torch.rand(1, 3, SIZE, SIZE, generator=generator) for _ in range(count)]
         self.image = images[0] if count == 1 else images
 
     def __call__(self, **kwargs) -> torch.Tensor:
         return super().__call__(image=self.image, **kwargs)
+
+
+class AdapterRunner(ControlNetRunner):
+    """A tiny T2I-Adapter pipeline (``count`` > 1: a MultiAdapter) with fixed conditioning images."""
+
+    make = staticmethod(with_adapter)
+
+
+def to_pil(image: torch.Tensor):
+    """A (1, C, H, W) tensor in [0, 1] as a PIL image (C = 1: a mask)."""
+    from PIL import Image
+
+    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+class InpaintRunner(Runner):
+    """A tiny inpainting pipeline, with a 9-channel UNet of its own or the 4-channel one, a fixed image and a
+    rectangular mask. With ``padding_mask_crop`` it takes PIL images and must decode to PIL; the call then returns the
+    final latents, read from the step-end callback."""
+
+    def __init__(self, preset: str, unet_channels: int = 9):
+        super().__init__(preset, inpaint_pipeline(build_pipeline(preset), unet_channels))
+        self.image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+        self.mask = torch.zeros(1, 1, SIZE, SIZE)
+        self.mask[..., 8:20, 4:16] = 1.0
+
+    def __call__(self, strength: float = 0.6, padding_mask_crop: int | None = None, **kwargs) -> torch.Tensor:
+        if padding_mask_crop is None:
+            return super().__call__(image=self.image, mask_image=self.mask, strength=strength, **kwargs)
+        final = {}
+
+        def keep_latents(pipe, step, timestep, tensors):
+            final["latents"] = tensors["latents"]
+            return tensors
+
+        super().__call__(image=to_pil(self.image), mask_image=to_pil(self.mask), strength=strength,
+                         padding_mask_crop=padding_mask_crop, output_type="pil", callback_on_step_end=keep_latents,
+                         **kwargs)
+        return final["latents"]
+
+
+class RefinerRunner(Runner):
+    """A tiny SDXL refiner (img2img with aesthetic scores, a UNet of its own) beside the tiny SDXL base it refines;
+    called with an image, or with the base's latents (the base+refiner hand-off)."""
+
+    def __init__(self):
+        self.base = Runner("tiny-sdxl")
+        super().__init__("tiny-sdxl-refiner", refiner_pipeline(self.base.pipe))
+        self.image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+
+    def __call__(self, steps: int = 20, image=None, strength: float = 0.3, seed: int = 0, **kwargs) -> torch.Tensor:
+        return self.pipe(image=self.image if image is None else image, strength=strength, num_inference_steps=steps,
+                         output_type="latent", generator=torch.Generator().manual_seed(seed), **self.embeds,
+                         **kwargs).images
+
+    def hand_off(self, steps: int = 20, at: float = 0.8) -> torch.Tensor:
+        """The base denoises until ``at``, the refiner from there, on the base's latents."""
+        latents = self.base(steps=steps, denoising_end=at)
+        return self(steps=steps, image=latents, denoising_start=at, seed=1)
 
 
 class Img2ImgRunner:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ControlNetRunner, Runner, rel_l2
+from conftest import AdapterRunner, ControlNetRunner, InpaintRunner, Runner, rel_l2
 from diffusers import EulerDiscreteScheduler
 
 from fastcache import compile_pipeline
@@ -202,4 +202,27 @@ def test_controlnet_pipeline_records_four_graphs_never_syncs_and_matches_eager(m
         torch.cuda.set_sync_debug_mode("default")
     assert cudagraph_recordings() - recordings + handle.counters.captures == 4, "no re-record in steady state"
     assert handle.counters.controlnet_shallow == 12 and handle.counters.controlnet_recomputes == 0
+    handle.disable()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "static-cudagraphs"])
+@pytest.mark.parametrize("make, branch", [(lambda: AdapterRunner("tiny-sdxl"), 5),
+                                          (lambda: InpaintRunner("tiny-sd"), 0)],
+                         ids=["t2i-adapter", "inpaint-9-channels"])
+def test_adapter_and_inpaint_pipelines_record_two_graphs_and_match_eager(make, branch, mode):
+    """T2I-Adapter residuals (a list of tensors; the skip step's graph takes only those it adds) and a 9-channel
+    UNet: one CUDA graph per path, none recorded again on the next call."""
+    runner = cuda_runner(runner=make())
+    eager = compile_pipeline(runner.pipe, 3, branch, compile=False)
+    expected = runner()
+    eager.disable()
+    handle = compile_pipeline(runner.pipe, 3, branch, mode=mode)
+    recordings = cudagraph_recordings()
+    first = runner()
+    assert cudagraph_recordings() - recordings + handle.counters.captures == 2, "one graph per path"
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = runner()
+    assert cudagraph_recordings() - recordings + handle.counters.captures == 2, "no re-record on the next call"
+    assert torch.equal(again, first) and rel_l2(first, expected) < 5e-3
+    assert handle.counters.fallbacks == 0 and handle.counters.shallow >= handle.counters.full > 0
     handle.disable()

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from fastcache.models import PRESETS, build_pipeline, load_pipeline, model_geometry, prompt_inputs, random_prompt_embeds
+from fastcache.models import (
+    PRESETS,
+    build_pipeline,
+    inpaint_pipeline,
+    load_pipeline,
+    model_geometry,
+    prompt_inputs,
+    random_prompt_embeds,
+    refiner_pipeline,
+)
 
 
 def test_presets_are_the_published_architectures():
@@ -28,6 +37,17 @@ def test_random_prompt_embeds_fit_the_unet():
     embeds = random_prompt_embeds(pipe, batch_size=2)
     assert embeds["prompt_embeds"].shape == (2, 77, 32)
     assert embeds["pooled_prompt_embeds"].shape == (2, 32)
+
+
+def test_refiner_embeds_fit_its_unet_and_inpaint_unets_have_4_or_9_channels():
+    base = build_pipeline("tiny-sdxl")
+    embeds = random_prompt_embeds(refiner_pipeline(base))
+    assert embeds["prompt_embeds"].shape == (1, 77, 24), "the refiner's context is narrower than the base's"
+    assert embeds["pooled_prompt_embeds"].shape == (1, 16), "5 aesthetic-score time ids beside it, not 6"
+    assert inpaint_pipeline(base, 4).unet is base.unet
+    assert inpaint_pipeline(base, 9).unet.config.in_channels == 9
+    with pytest.raises(ValueError, match="unet_channels must be 4 or 9"):
+        inpaint_pipeline(base, 8)
 
 
 def test_prompt_inputs_give_a_text_encoder_pipeline_its_texts():
