@@ -12,32 +12,48 @@ of an unfinished loop (a second evaluation at one timestep, as MultiDiffusion's 
 pass make, a jump back or ahead) breaks the loop: its evaluations cannot be told apart any more and take the full
 path. A timestep that no scheduler's timesteps hold (a number, a tensor built by hand) places its evaluation in no
 loop: the full path too. Slower, never wrong.
+
+The calling function is read from the stack, and nothing in that reading depends on where files live (moving a file
+of fastcache, torch or diffusers must not move a call to another loop). It relies on three things:
+
+- fastcache's own frames are those of this package's modules (by module name, ``__name__``);
+- torch calls a module through ``Module.__call__`` and diffusers' hook registry sits between that call and the hook;
+  the code objects of both are learnt once, from calls of a throwaway module hooked as the handle hooks the UNet
+  (called directly, through ``forward``, and with a torch forward hook, which takes another path in torch);
+- everything between a module's own ``Module.__call__`` and fastcache's hook belongs to that call (other hooks
+  registered on the UNet, say): the caller is the frame above the nearest module call.
+
+If the throwaway calls do not show that layout (a torch or diffusers whose module calls look different), no caller
+can be told: every evaluation is placed in no loop and runs full, with one warning. Slower, never wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-import os
+import logging
 import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from types import CodeType
 
-import diffusers.hooks
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .schedule import Schedule, step_count
 
 # Loops a thread may have left unfinished and still resume where it left them (generator-style hand loops).
 RETIRED_PER_THREAD = 8
-# How far up the stack to look for the scheduler that owns a new loop's timesteps.
+# How far up the stack to look for the scheduler that owns a new loop's timesteps, and for the module call that
+# reached fastcache's hook.
 MAX_FRAMES = 16
-# Frames between the UNet call and its caller: fastcache, torch.nn's module call, diffusers' hook registry.
-_INTERNAL = tuple(os.path.dirname(path) + os.sep
-                  for path in (__file__, torch.nn.modules.__file__, diffusers.hooks.__file__))
+# fastcache's own modules, by name: wherever their files are
+_PACKAGE = __name__.partition(".")[0]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -79,12 +95,72 @@ def locate(timestep) -> tuple[torch.UntypedStorage, int] | None:
 
 
 def calling_code() -> CodeType | None:
-    """The code of the function that called the UNet: the first frame outside fastcache, torch.nn and diffusers'
-    hooks. A direct call from a pipeline's callback comes from another function than the pipeline's own loop."""
+    """The code of the function that called the hooked module (the UNet, a ControlNet), or of the first function
+    outside fastcache when no module call is on the way (a direct use of the tracker); ``None`` when it cannot be
+    told. A direct call from a pipeline's callback comes from another function than the pipeline's own loop."""
+    machinery = _module_call_machinery()
+    if machinery is None:
+        return None
+    module_call, registry = machinery
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == _PACKAGE:
         frame = frame.f_back
+    call = frame  # the nearest module call above fastcache's hook: whatever lies between belongs to it
+    for _ in range(MAX_FRAMES):
+        if call is None or call.f_code in module_call:
+            break
+        call = call.f_back
+    if call is not None and call.f_code in module_call:
+        frame = call
+        while frame is not None and frame.f_code in module_call:
+            frame = frame.f_back
+    else:  # forward() called directly, or the tracker used directly
+        while frame is not None and frame.f_code in registry:
+            frame = frame.f_back
     return frame.f_code if frame is not None else None
+
+
+class _Probe(ModelHook):
+    """A hook that records the code of every frame between itself and ``_probe_calls``, per call style."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames: dict[str, list[CodeType] | None] = {}
+
+    def new_forward(self, module, style: str):
+        frames, frame = [], sys._getframe(1)
+        while frame is not None and frame.f_code is not _probe_calls.__code__:
+            frames.append(frame.f_code)
+            frame = frame.f_back
+        self.frames[style] = frames if frame is not None else None
+        return style
+
+
+def _probe_calls(module: torch.nn.Module) -> None:
+    module.forward("forward")
+    module("call")
+    hook = module.register_forward_hook(lambda *args: None)  # torch's module call takes its slower path
+    try:
+        module("call with a torch hook")
+    finally:
+        hook.remove()
+
+
+@functools.cache
+def _module_call_machinery() -> tuple[frozenset[CodeType], frozenset[CodeType]] | None:
+    """The code objects of torch's module call and of diffusers' hook registry, learnt from calls of a throwaway
+    module hooked as the handle hooks the UNet; ``None`` (logged once) if those calls do not show that layout."""
+    probe, module = _Probe(), torch.nn.Identity()
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(probe, "fastcache-probe")
+    _probe_calls(module)
+    frames = probe.frames
+    if len(frames) != 3 or any(found is None for found in frames.values()):
+        logger.warning("fastcache: cannot tell which function calls the UNet with this torch/diffusers (a hooked "
+                       "module call did not reach its hook as expected); every step runs the full path.")
+        return None
+    registry = frozenset(frames.pop("forward"))
+    module_call = frozenset(code for found in frames.values() for code in found) - registry
+    return module_call, registry
 
 
 def owning_scheduler(timestep: torch.Tensor, address: tuple, schedulers=()) -> tuple[int, int] | None:
@@ -136,22 +212,22 @@ class LoopTracker:
     def peek(self, timestep) -> tuple[Loop | None, int | None]:
         """The loop and step an evaluation at ``timestep`` from this caller would continue, changing nothing;
         ``(None, None)`` unless it would continue a running loop at its next index."""
-        located = locate(timestep)
-        if located is None:
+        located, caller = locate(timestep), calling_code()
+        if located is None or caller is None:
             return None, None
         storage, index = located
-        loop = self._find(threading.get_ident(), (storage.device, storage.data_ptr()), calling_code())
+        loop = self._find(threading.get_ident(), (storage.device, storage.data_ptr()), caller)
         if loop is None or loop.finished or loop.broken or index != loop.next:
             return None, None
         return loop, (index - loop.start) // loop.order
 
     def place(self, timestep, schedulers=()) -> Placement:
         """Place one evaluation; raises ``ValueError`` (before anything changes) if a new loop has no schedule."""
-        located = locate(timestep)
-        if located is None:
+        located, caller = locate(timestep), calling_code()
+        if located is None or caller is None:  # no caller: its loop cannot be told apart from others
             return Placement(None, None)
         storage, index = located
-        address, thread, caller = (storage.device, storage.data_ptr()), threading.current_thread(), calling_code()
+        address, thread = (storage.device, storage.data_ptr()), threading.current_thread()
         loop = self._find(thread.ident, address, caller)
         if loop is not None and not loop.finished:
             self._make_current(loop)

@@ -4,14 +4,21 @@ Slower, never wrong: an evaluation that cannot be placed in a loop takes the ful
 feature another loop or call wrote.
 """
 
+import contextlib
 import functools
+import importlib.util
+import shutil
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import STEPS, Img2ImgRunner, Runner, deepcache_helper, fastcache_run, helper_run, rel_l2
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.hooks import HookRegistry, ModelHook
 
+import fastcache
 from fastcache import compile_pipeline
 
 TIMEOUT_S = 120  # every wait on another thread is bounded
@@ -78,25 +85,104 @@ def test_a_direct_call_from_a_callback_inside_the_loop_changes_nothing(sd_runner
     assert handle.counters.unplaced == STEPS and handle.counters.restores == 6, "every shallow step got its own back"
 
 
-@torch.no_grad()
-def test_a_look_ahead_call_from_a_callback_is_the_plain_unet_and_never_feeds_the_pipeline(sd_runner):
-    """The callback evaluates the next timestep of the pipeline's own schedule (a view): that is a loop of the
-    callback's own, not the pipeline's next step. Each loop displaces the other's feature in this one thread, so
-    every step is full: slower, never wrong."""
-    unet, scheduler = sd_runner.pipe.unet, sd_runner.pipe.scheduler
-    plain, looked_ahead = sd_runner(), []
+@contextlib.contextmanager
+def eager_handle(pipe, compile=compile_pipeline):
+    handle = compile(pipe, 3, 0, compile=False)
+    try:
+        yield handle
+    finally:
+        handle.disable()
+
+
+def run_with_look_ahead(runner: Runner, attach=eager_handle, steps: int = STEPS):
+    """The pipeline, with ``attach(pipe)`` entered, and a callback that evaluates the UNet at the next timestep of the
+    pipeline's own schedule (a view): a loop of the callback's own, not the pipeline's next step. Each loop displaces
+    the other's feature in this one thread, so every step is full: the pipeline gives the plain result, and each
+    look-ahead call is the plain UNet. Slower, never wrong."""
+    unet, scheduler = runner.pipe.unet, runner.pipe.scheduler
+    plain, looked_ahead = runner(steps=steps), []
 
     def look_ahead(pipe, step, timestep, kwargs):
         if step + 1 < len(scheduler.timesteps):
-            inputs = unet_inputs(sd_runner, scheduler.timesteps[step + 1])
+            inputs = unet_inputs(runner, scheduler.timesteps[step + 1])
             looked_ahead.append((unet(**inputs).sample, inputs))
         return kwargs
 
-    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
-    assert torch.equal(sd_runner(callback_on_step_end=look_ahead), plain)
-    assert handle.counters.shallow == 0 and len(looked_ahead) == STEPS - 1
-    handle.disable()
+    with attach(runner.pipe) as handle:
+        assert torch.equal(runner(steps=steps, callback_on_step_end=look_ahead), plain)
+    assert handle.counters.shallow == 0 and len(looked_ahead) == steps - 1
     assert all(torch.equal(out, unet(**inputs).sample) for out, inputs in looked_ahead)
+
+
+@torch.no_grad()
+def test_a_look_ahead_call_from_a_callback_is_the_plain_unet_and_never_feeds_the_pipeline(sd_runner):
+    run_with_look_ahead(sd_runner)
+
+
+def relocated_fastcache(folder: Path):
+    """This fastcache, loaded under another name from two folders: its package path spans both, the loop tracker and
+    the dispatcher in one, the rest in the other. Files moved, code unchanged."""
+    source = Path(fastcache.__file__).parent
+    name = f"fastcache_relocated_{folder.name}"
+    first, second = folder / "site" / name, folder / "elsewhere" / "parts"
+    for part in (first, second):
+        part.mkdir(parents=True)
+    for path in source.glob("*.py"):
+        shutil.copy(path, (second if path.name in ("loops.py", "dispatch.py") else first) / path.name)
+    spec = importlib.util.spec_from_file_location(name, first / "__init__.py",
+                                                  submodule_search_locations=[str(first), str(second)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    assert Path(package.loops.__file__).parent != Path(package.handle.__file__).parent
+    return package
+
+
+class PassThrough(ModelHook):
+    """A hook of the user's own, in the user's own file, around the UNet's forward (diffusers' hooks chain)."""
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def with_a_users_hook_inside(pipe):
+    """fastcache, then a hook of the user's registered after it: its frames lie between the UNet call and fastcache's
+    hook. (It is removed first: diffusers' remove_hook does not rewire a later hook's ``original_forward``.)"""
+    with eager_handle(pipe) as handle:
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.unet)
+        registry.register_hook(PassThrough(), "users-own")
+        try:
+            yield handle
+        finally:
+            registry.remove_hook("users-own", recurse=False)
+
+
+@contextlib.contextmanager
+def with_a_torch_hook(pipe):
+    """fastcache with a torch forward hook on the UNet, which sends torch's module call down another path."""
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: None)
+    try:
+        with eager_handle(pipe) as handle:
+            yield handle
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["fastcache-in-two-folders", "a-users-hook-on-the-unet", "a-torch-hook"])
+def test_calls_are_placed_the_same_whatever_the_file_layout_and_the_other_hooks(sd_runner, layout, tmp_path):
+    """Which loop an evaluation joins is read from the function that calls the UNet, never from file paths or from
+    what else hooks the UNet: the pipeline's own evaluations cache exactly, a callback's look-ahead does not join."""
+    steps = 4
+    expected = helper_run(sd_runner, 3, 0, steps=steps)
+    attach = {"a-users-hook-on-the-unet": with_a_users_hook_inside, "a-torch-hook": with_a_torch_hook}.get(layout)
+    if layout == "fastcache-in-two-folders":
+        attach = functools.partial(eager_handle, compile=relocated_fastcache(tmp_path).compile_pipeline)
+    with attach(sd_runner.pipe) as handle:
+        assert rel_l2(sd_runner(steps=steps), expected) < 1e-5
+    assert (handle.counters.full, handle.counters.shallow, handle.counters.unplaced) == (2, 2, 0)
+    run_with_look_ahead(sd_runner, attach, steps)
 
 
 @torch.no_grad()
@@ -119,9 +205,10 @@ def test_inference_mode_caches_like_no_grad(sd_runner):
     assert handle.counters.shallow == 6
 
 
-def hand_loop(runner: Runner, timesteps_of=lambda scheduler: scheduler.timesteps, samples: int = 1, seed: int = 0):
+def hand_loop(runner: Runner, timesteps_of=lambda scheduler: scheduler.timesteps, samples: int = 1, seed: int = 0,
+              forward: bool = False):
     """A hand-written denoising loop with guidance, ``samples`` latents stepped per timestep (MultiDiffusion-style
-    views when more than one)."""
+    views when more than one); ``forward``: it calls ``unet.forward`` directly, not the module."""
     pipe, embeds = runner.pipe, runner.embeds
     scheduler = pipe.scheduler
     scheduler.set_timesteps(STEPS)
@@ -132,7 +219,8 @@ def hand_loop(runner: Runner, timesteps_of=lambda scheduler: scheduler.timesteps
         for t in timesteps_of(scheduler):
             for i, x in enumerate(latents):
                 model_input = scheduler.scale_model_input(torch.cat([x] * 2), t)
-                uncond, cond = pipe.unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+                unet = pipe.unet.forward if forward else pipe.unet
+                uncond, cond = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
                 latents[i] = scheduler.step(uncond + 7.5 * (cond - uncond), t, x).prev_sample
     return torch.cat(latents)
 
@@ -153,6 +241,15 @@ def test_a_hand_written_loop_equals_the_helper_and_can_loop_twice(sd_runner):
     handle.disable()
     plain_twice = hand_loop(sd_runner, twice)
     assert 0 < rel_l2(doubled, plain_twice) < 0.2
+
+
+def test_a_hand_written_loop_calling_forward_directly_equals_the_helper(sd_runner):
+    """No module call on the way: the caller is the first function outside fastcache and diffusers' hook registry."""
+    with deepcache_helper(sd_runner.pipe, 3, 1):
+        expected = hand_loop(sd_runner, forward=True)
+    handle = compile_pipeline(sd_runner.pipe, 3, 1, compile=False)
+    assert rel_l2(hand_loop(sd_runner, forward=True), expected) < 1e-5
+    assert (handle.counters.shallow, handle.counters.unplaced) == (6, 0)
 
 
 @pytest.mark.parametrize("case", ["python-int timesteps", "two samples per timestep"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler
 
+from fastcache import loops
 from fastcache.loops import LoopTracker, locate, owning_scheduler
 from fastcache.models import SD_SCHEDULER
 from fastcache.schedule import Schedule
@@ -150,3 +151,18 @@ def test_a_loop_without_a_schedule_raises_before_anything_changes():
     with pytest.raises(ValueError, match="valid intervals for 30 steps: \\[1, 3, 4"):
         place(tracker, timesteps[0])
     assert place(tracker, timesteps[20]).new_loop, "the failed evaluation started nothing"
+
+
+def test_no_evaluation_is_placed_when_the_calling_function_cannot_be_told(monkeypatch, caplog):
+    """A torch or diffusers whose module calls do not reach a hook as fastcache expects (simulated: the throwaway
+    module's calls never do): every evaluation runs full, and a warning says why."""
+    loops._module_call_machinery.cache_clear()
+    monkeypatch.setattr(loops, "_probe_calls", lambda module: module.forward("forward"))
+    try:
+        tracker = LoopTracker(Schedule("uniform", 3))
+        scheduler = scheduler_of(4)
+        assert steps(tracker, scheduler.timesteps, (scheduler,)) == [None] * 4
+        assert tracker.peek(scheduler.timesteps[0]) == (None, None)
+        assert "cannot tell which function calls the UNet" in caplog.text
+    finally:
+        loops._module_call_machinery.cache_clear()
