@@ -28,6 +28,11 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastcache.serving.auth import keys_from_env
+
+# a server with API keys is measured with the first key of FASTCACHE_API_KEY
+HEADERS = {"Authorization": f"Bearer {keys_from_env()[0]}"} if keys_from_env() else {}
+
 logger = logging.getLogger("bench")
 
 
@@ -82,7 +87,7 @@ def launched(arguments: str, ready_timeout: float):
 
 def batch_counts(url: str) -> dict[float, float]:
     """The server's cumulative histogram of images per pipeline call, as {upper bound: calls}."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx.get(f"{url}/metrics", timeout=30, headers=HEADERS).text
     return {float(sample.labels["le"]): sample.value for family in text_string_to_metric_families(text)
             for sample in family.samples if sample.name == "fastcache_batch_images_bucket"}
 
@@ -118,7 +123,7 @@ async def run_phase(url: str, bodies: list[dict], clients: int) -> dict:
                 logger.warning("request failed: %s %s", response.status_code, response.text[:200])
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=None) as http:
+    async with httpx.AsyncClient(timeout=None, headers=HEADERS) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
     wall = time.perf_counter() - start
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (float("nan"),) * 3
@@ -147,7 +152,7 @@ def markdown(results: list[dict], model: dict) -> str:
 
 
 def measure(url: str, args: argparse.Namespace) -> list[dict]:
-    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    model = httpx.get(f"{url}/v1/models", timeout=30, headers=HEADERS).json()["data"][0]
     extra = {key: value for key, value in (("num_inference_steps", args.steps), ("size", args.size)) if value}
     bodies = [dict(prompt=f"load test prompt {i}", seed=i, **extra) for i in range(args.requests)]
     results = []

@@ -157,9 +157,9 @@ def cache_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> F
         return FastCacheConfig(**options)
 
 
-# flags whose name is not the field's (the fields of FastCacheConfig, EngineConfig and image requests)
+# flags whose name is not the field's (the fields of FastCacheConfig, EngineConfig, EdgeConfig and image requests)
 FLAGS = {"guidance": "--guidance-modes", "guidance_scale": "--guidance", "n": "--batch",
-         "num_inference_steps": "--steps", "prompt": "PROMPT"}
+         "num_inference_steps": "--steps", "prompt": "PROMPT", "api_keys": "--api-key (or FASTCACHE_API_KEY)"}
 
 
 @contextmanager
@@ -288,7 +288,27 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
             sub.add_argument("--max-size", type=int, default=2048,
                              help="with --on-demand: the largest width or height served, in pixels")
             sub.add_argument("--drain-seconds", type=float, default=300.0,
-                             help="on SIGTERM, how long in-flight requests may take to finish")
+                             help="on SIGTERM, how long in-flight requests may take to finish (a connection whose "
+                                  "request has not arrived whole is closed at once)")
+            edge = sub.add_argument_group("security and limits (see README, Security)")
+            edge.add_argument("--api-key", action="append", metavar="KEY",
+                              help="require 'Authorization: Bearer KEY' on every endpoint but /health and /ready; "
+                                   "repeat for several keys. FASTCACHE_API_KEY (comma-separated) adds keys without "
+                                   "showing them in the process list")
+            edge.add_argument("--allow-unauthenticated", action="store_true",
+                              help="serve a non-loopback --host without any API key (refused otherwise)")
+            edge.add_argument("--metrics-public", action="store_true",
+                              help="/metrics without a key, for a scraper on a private network")
+            edge.add_argument("--read-timeout", type=float, default=30.0,
+                              help="seconds a request's headers and body may take to arrive; else 408 and the "
+                                   "connection closes")
+            edge.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                              help="seconds an idle connection stays open between requests")
+            edge.add_argument("--max-connections", type=int, default=512,
+                              help="open connections; one more is answered 503 and closed")
+            edge.add_argument("--max-body-mb", type=float, default=16.0,
+                              help="the largest request body, MiB; a larger one gets 413 (at once when its "
+                                   "Content-Length says so)")
             sub.add_argument("--replicas", type=int, default=0,
                              help="run N replicas with Ray Serve (one per GPU on CUDA) behind Ray's HTTP proxy; "
                                   "0: one process, uvicorn")
@@ -341,7 +361,6 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if serving:
         if args.replicas < 0:
             parser.error(f"--replicas must be >= 0; got {args.replicas}")
-        check_finite(parser, args.drain_seconds, "--drain-seconds", 0, 86_400)
         engine.update(max_queue=args.max_queue, max_delay_ms=args.max_delay_ms, on_demand=args.on_demand,
                       max_size=args.max_size)
     else:  # warm-up only: the largest size warmed bounds nothing else
@@ -376,6 +395,23 @@ def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     logger.info("--tuned %s: interval %d, branch %d, schedule %s; measured levels: %s", args.tuned, pick.interval,
                 pick.branch, pick.schedule, levels)
     return pick.size
+
+
+def edge_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The validated ``EdgeConfig`` of ``serve`` (keys from --api-key and FASTCACHE_API_KEY); a host that must not be
+    served without a key is refused here, before anything is bound or built."""
+    from .serving.auth import keys_from_env
+    from .serving.edge import EdgeConfig
+
+    with field_errors(parser):
+        edge = EdgeConfig(api_keys=(*(args.api_key or ()), *keys_from_env()), metrics_public=args.metrics_public,
+                          allow_unauthenticated=args.allow_unauthenticated, read_timeout=args.read_timeout,
+                          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+                          max_body_mb=args.max_body_mb, drain_seconds=args.drain_seconds)
+    problem = edge.bind_problem(args.host)
+    if problem:
+        parser.error(problem)
+    return edge
 
 
 def generate(parser, args) -> int:
@@ -435,10 +471,12 @@ def warmup(parser, args) -> int:
 
 def serve(parser, args) -> int:
     options = service_options(parser, args)
+    edge = edge_config(parser, args)
     if args.replicas:
         from .serving.ray_serve import run_replicas
 
-        return run_replicas(options, args.replicas, host=args.host, port=args.port, address=args.ray_address)
+        return run_replicas(options, args.replicas, host=args.host, port=args.port, address=args.ray_address,
+                            edge=edge)
     import uvicorn
 
     from .serving.server import make_app
@@ -447,13 +485,21 @@ def serve(parser, args) -> int:
     sock = _bind(parser, args.host, args.port)  # a busy port fails now, not after the model is built
     with model_errors(parser, args):
         service = Service(options)
-    app = make_app(service, drain_seconds=args.drain_seconds)
+    app = make_app(service, edge)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, runs the app's shutdown (the engine's queue), then raises
     # the signal again with the handler it found: after a drained SIGTERM, that one exits 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    config = uvicorn.Config(app, timeout_graceful_shutdown=args.drain_seconds, log_level="info")
-    uvicorn.Server(config).run(sockets=[sock])
+    signal.signal(signal.SIGTERM, _exit_drained)
+    uvicorn.Server(edge.uvicorn_config(app, log_level="info")).run(sockets=[sock])
     return 0
+
+
+def _exit_drained(*_) -> None:
+    """Exit 0 once uvicorn has drained. NOTE: the interpreter's teardown of what torch, diffusers and transformers
+    import takes ~2.5 s of CPU here (its last garbage collection); a drained server has nothing left to tear down."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _bind(parser: argparse.ArgumentParser, host: str, port: int) -> socket.socket:

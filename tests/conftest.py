@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny SD-like and SDXL-like pipelines built from config with random weights (CPU, fp32)."""
+"""Shared fixtures: tiny SD-like and SDXL-like pipelines built from config with random weights (CPU, fp32); a
+``fastcache serve`` process on a loopback port for the serving tests."""
 
 import ast
+import base64
 import importlib.util
+import io
 import os
+import socket
+import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -267,3 +274,97 @@ def tiny_tune(tmp_path_factory) -> tuple[Path, list[str]]:
     assert cli.main([*args, "--out", str(root / "out")]) == 0
     torch._dynamo.reset()
     return root / "out", args
+
+
+# -- serving: a real server process on 127.0.0.1, every wait bounded --------------------------------------------------
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not happen within {timeout} s")
+
+
+class ServerProcess:
+    """``fastcache serve`` in a subprocess, bound to 127.0.0.1; ``headers`` go with its own requests (an API key)."""
+
+    def __init__(self, *args: str, ready_timeout: float = 300, env: dict | None = None, headers: dict | None = None):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.headers = headers or {}
+        self.log = io.BytesIO()
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastcache.cli", "serve", "--host", HOST, "--port",
+                                      str(self.port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        threading.Thread(target=self._read_output, daemon=True).start()
+        try:
+            wait_until(lambda: self.proc.poll() is not None or httpx.get(f"{self.url}/ready").status_code == 200,
+                       ready_timeout, "the server's warm-up")
+            assert self.proc.poll() is None, self.output()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_output(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+
+    def output(self) -> str:
+        return self.log.getvalue().decode(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers).text
+        return {_sample_name(sample): sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def _sample_name(sample) -> str:
+    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k != "le") if sample.labels else ""
+    le = sample.labels.get("le") if sample.labels else None
+    return sample.name + (f"{{{labels}}}" if labels else "") + (f"[le={le}]" if le else "")
+
+
+def png_array(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def assert_error(status: int, body: bytes | str, expected: int | tuple[int, ...] = None) -> dict:
+    """An answer in the one error format (``{"error": {"message", "type", "param", "code"}}``, a non-empty message)
+    with ``status`` (or one of ``expected``); its ``error`` object."""
+    import json
+
+    if expected is not None:
+        assert status in ((expected,) if isinstance(expected, int) else expected), (status, body)
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["code"], str), error
+    return error

@@ -45,6 +45,13 @@ BAD = [
     (["serve", "--drain-seconds", "-1"], "--drain-seconds must be a finite number"),
     (["serve", "--replicas", "-1"], "--replicas must be >= 0"),
     (["serve", "--sizes", "64", "--max-size", "32"], "--max-size must be at least"),
+    (["serve", "--host", "0.0.0.0"], "refusing to serve on 0.0.0.0 without an API key"),
+    (["serve", "--host", "::"], "--allow-unauthenticated on a trusted network"),
+    (["serve", "--api-key", "sk bad key"], "--api-key (or FASTCACHE_API_KEY) must be 1 to 256 visible ASCII"),
+    (["serve", "--read-timeout", "0"], "--read-timeout must be a finite number from 0.1 to 3600"),
+    (["serve", "--keep-alive-timeout", "nan"], "--keep-alive-timeout must be a finite number"),
+    (["serve", "--max-connections", "0"], "--max-connections must be an integer from 1"),
+    (["serve", "--max-body-mb", "-1"], "--max-body-mb must be a finite number"),
     (["bench", "nothing"], "invalid choice"),
     (["dance"], "invalid choice"),
 ]
@@ -53,11 +60,22 @@ BAD = [
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(argv) for argv, _ in BAD])
 def test_a_bad_argument_is_one_line_and_exit_code_2(argv, message, capsys, monkeypatch):
     monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)  # all of this is known before any model
+    monkeypatch.delenv("FASTCACHE_API_KEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+    assert "sk bad key" not in err  # a key is never repeated
+
+
+def test_a_bad_key_in_the_environment_is_refused_without_showing_it(capsys, monkeypatch):
+    monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)
+    monkeypatch.setenv("FASTCACHE_API_KEY", "sk-good-key,sk-bäd-key")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "key 2 is not" in err and "sk-" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

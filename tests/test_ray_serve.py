@@ -1,4 +1,5 @@
-"""Ray Serve scale-out: two CPU replicas of the service answer through Ray's HTTP proxy, everything on loopback."""
+"""Ray Serve scale-out: two CPU replicas of the service answer through Ray's HTTP proxy, everything on loopback; the
+replicas enforce the edge's API keys and body limit."""
 
 import asyncio
 import base64
@@ -8,10 +9,12 @@ import socket
 import httpx
 import numpy as np
 import pytest
+from conftest import HOST, assert_error, free_port
 from PIL import Image
 
 from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
+from fastcache.serving.edge import EdgeConfig
 from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
 from fastcache.serving.service import ServiceOptions
 
@@ -19,35 +22,52 @@ ray_serve = pytest.importorskip("fastcache.serving.ray_serve")
 pytest.importorskip("ray.serve")
 
 STEPS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+KEY = "sk-ray-replicas-3e1d"
 
 
 def test_two_replicas_answer_through_rays_proxy():
     options = ServiceOptions(cache=FastCacheConfig(compile=False),
                              engine=EngineConfig(batch_sizes=(1, 2), sizes=((32, 32),), steps=STEPS))
+    edge = EdgeConfig(api_keys=(KEY,), max_body_mb=1)
+    with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0"):  # checked before Ray starts
+        ray_serve.start(options, 2, host="0.0.0.0", port=free_port(), timeout=300)
     try:
-        url = ray_serve.start(options, 2, host="127.0.0.1", port=free_port(), timeout=300)
+        port = free_port()
+        url = ray_serve.start(options, 2, host=HOST, port=port, timeout=300, edge=edge)
 
         async def burst():
-            async with httpx.AsyncClient(timeout=120) as client:
+            async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as client:
                 health = await asyncio.gather(*(client.get(f"{url}/health") for _ in range(24)))
                 images = await asyncio.gather(*(client.post(f"{url}/v1/images/generations",
                                                             json={"prompt": f"p{i}", "seed": i}) for i in range(6)))
                 return health, images
 
         health, images = asyncio.run(burst())
+        refused = [httpx.post(f"{url}/v1/images/generations", json={"prompt": "x"}, headers=headers, timeout=60)
+                   for headers in ({}, {"Authorization": "Bearer sk-wrong"})]
+        too_large = _declared_too_large(port)
     finally:
         ray_serve.stop()
     assert len({r.json()["pid"] for r in health}) == 2  # both replicas took requests
     assert [r.status_code for r in images] == [200] * 6
+    for response in refused:
+        assert_error(response.status_code, response.content, 401)
+    assert_error(*too_large, 413)
     pipe = build_pipeline("tiny-sd")
     compile_pipeline(pipe, 3, 0, compile=False)
     for i, response in enumerate(images):
         want = pipe(**pipeline_kwargs(pipe, [ImageRequest(f"p{i}", 32, 32, STEPS, 7.5, seed=i)])).images[0]
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))), np.int16)
         assert np.abs(got - (want * 255).round()).max() <= 1
+
+
+def _declared_too_large(port: int) -> tuple[int, bytes]:
+    """A request that declares a body over the limit and sends none: answered without waiting for it."""
+    with socket.create_connection((HOST, port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {2 * 2**20}\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):  # the answer closes the connection: the body is never read
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body[body.find(b"{"):body.rfind(b"}") + 1]  # chunked or not

@@ -1,21 +1,17 @@
 """The HTTP service, as a real uvicorn server on a loopback port (tiny model, eager runtime, every wait bounded)."""
 
 import asyncio
-import base64
-import io
 import json
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import HOST, ServerProcess, assert_error, free_port, png_array, wait_until
 
 from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
@@ -23,75 +19,7 @@ from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
 from fastcache.serving.server import make_app
 from fastcache.serving.service import Service, ServiceOptions
 
-HOST = "127.0.0.1"
 STEPS = 4
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} did not happen within {timeout} s")
-
-
-class ServerProcess:
-    """``fastcache serve`` in a subprocess, bound to 127.0.0.1."""
-
-    def __init__(self, *args: str, ready_timeout: float = 300):
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.log = io.BytesIO()
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastcache.cli", "serve", "--host", HOST, "--port",
-                                      str(self.port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._read_output, daemon=True).start()
-        try:
-            wait_until(lambda: self.proc.poll() is not None or httpx.get(f"{self.url}/ready").status_code == 200,
-                       ready_timeout, "the server's warm-up")
-            assert self.proc.poll() is None, self.output()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read_output(self):
-        for line in self.proc.stdout:
-            self.log.write(line)
-
-    def output(self) -> str:
-        return self.log.getvalue().decode(errors="replace")
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.url}/metrics").text
-        return {_name(sample): sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples}
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
-def _name(sample) -> str:
-    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k != "le") if sample.labels else ""
-    le = sample.labels.get("le") if sample.labels else None
-    return sample.name + (f"{{{labels}}}" if labels else "") + (f"[le={le}]" if le else "")
-
-
-def png_array(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +75,7 @@ def test_32_concurrent_requests_are_batched_and_equal_direct_calls(server, refer
 
 BAD_REQUESTS = [
     ("{not json", "not valid JSON"),
-    ([1, 2], "valid dictionary"),
+    ([1, 2], "must be a JSON object"),
     ({}, "prompt"),
     ({"prompt": "   "}, "prompt must be a non-empty string"),
     ({"prompt": "\ud800"}, "prompt must be valid Unicode"),
@@ -160,8 +88,10 @@ BAD_REQUESTS = [
     ({"prompt": "x", "size": "\uff13\uff12x\uff13\uff12"}, "'WIDTHxHEIGHT'"),  # full-width digits
     ({"prompt": "x", "n": 0}, "n must be between 1 and 4"),
     ({"prompt": "x", "n": 99}, "n must be between 1 and 4"),
-    ({"prompt": "x", "n": "2"}, "n: Input should be a valid integer"),
-    ({"prompt": "x", "n": True}, "n: Input should be a valid integer"),
+    ({"prompt": "x", "n": "2"}, "n must be an integer between 1 and 4 (the largest batch size served) (input should "
+                                "be a valid integer)"),
+    ({"prompt": "x", "n": True}, "n must be an integer between 1 and 4"),
+    ({"prompt": "x", "num_inference_step": 3}, "'num_inference_step' is not a field of this request"),
     ({"prompt": "x", "n": 10**23, "seed": 1}, "n must be between 1 and 4"),
     ({"prompt": "x", "num_inference_steps": 0}, "between 1 and 50"),
     ({"prompt": "x", "num_inference_steps": 51}, "between 1 and 50"),
@@ -180,8 +110,7 @@ def test_bad_input_gets_a_400_naming_what_is_valid_and_the_service_keeps_serving
     url = f"{server.url}/v1/images/generations"
     content = body if isinstance(body, str) else json.dumps(body)  # ASCII: lone surrogates travel as escapes
     response = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
+    error = assert_error(response.status_code, response.content, 400)
     assert message in error["message"] and error["type"] == "invalid_request_error"
     good = httpx.post(url, json={"prompt": "still serving", "seed": 1}, timeout=120)
     assert good.status_code == 200 and len(good.json()["data"]) == 1

@@ -1,7 +1,10 @@
 """Scale-out on Ray Serve: N replicas of the same HTTP service behind Ray's HTTP proxy.
 
 Each replica is one ``Service`` (one GPU on CUDA) that warms up in its constructor, from the shared ``--cache-dir``,
-so that Ray routes requests to warmed replicas only; the API is ``server.make_app``'s, unchanged. Without an address
+so that Ray routes requests to warmed replicas only; the API is ``server.make_app``'s, unchanged, with the same edge
+(``EdgeConfig``): each replica checks the API keys, the body limit (413 at once for a declared ``Content-Length``) and
+the body's read timeout itself. Ray's proxy has no deadline of its own for a request's head; its ``request_timeout_s``
+bounds a whole request, reading, queueing and generating, to ``read_timeout + drain_seconds``. Without an address
 a local Ray is started on 127.0.0.1 alone (every Ray process listens on loopback); with one (``auto``,
 ``ray://HOST:10001``) the deployment joins that cluster. ``/metrics`` through the proxy answers for the replica
 that took the request; Ray exports its own per-replica metrics too.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
@@ -18,6 +22,7 @@ import time
 
 import httpx
 
+from .edge import EdgeConfig
 from .server import make_app
 from .service import Service, ServiceOptions
 
@@ -33,15 +38,16 @@ def _replica_class():
     @serve.deployment(name="FastcacheReplica", health_check_period_s=10, health_check_timeout_s=30)
     @serve.ingress()
     class FastcacheReplica:
-        def __init__(self, options: ServiceOptions, loopback: bool):
+        def __init__(self, options: ServiceOptions, edge: EdgeConfig, loopback: bool):
             if loopback:
                 _loopback_replica_grpc()
+            self.edge = edge
             self.service = Service(options)
             self.service.warm_up(progress=False)
             self.service.engine.start()
 
         def __serve_build_asgi_app__(self):  # Serve asks each replica for its app after __init__
-            return make_app(self.service, warm_up=False)
+            return make_app(self.service, self.edge, warm_up=False)
 
         def check_health(self):
             if not self.service.engine.alive:
@@ -51,11 +57,18 @@ def _replica_class():
 
 
 def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", port: int = 8000,
-          address: str | None = None, timeout: float = 3600.0, cancel: threading.Event | None = None) -> str:
-    """Deploy ``replicas`` replicas and wait (at most ``timeout`` seconds, or until ``cancel`` is set) until the
-    proxy answers ``/ready``; the service's URL. ``RuntimeError`` if the deployment fails."""
+          address: str | None = None, timeout: float = 3600.0, cancel: threading.Event | None = None,
+          edge: EdgeConfig | None = None) -> str:
+    """Deploy ``replicas`` replicas behind ``edge`` and wait (at most ``timeout`` seconds, or until ``cancel`` is set)
+    until the proxy answers ``/ready``; the service's URL. ``ValueError`` if ``host`` must not be served without a
+    key, ``RuntimeError`` if the deployment fails."""
     import ray
     from ray import serve
+
+    edge = edge or EdgeConfig()
+    problem = edge.bind_problem(host)
+    if problem:
+        raise ValueError(problem)
 
     loopback = address is None
     if loopback:
@@ -69,9 +82,10 @@ def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", po
     if cuda:  # Ray gives each replica its own GPU as cuda:0
         options = dataclasses.replace(options, device="cuda")
     resources = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": min(1.0, (os.cpu_count() or 1) / replicas)}
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": edge.read_timeout + edge.drain_seconds,
+                              "keep_alive_timeout_s": max(1, math.ceil(edge.keep_alive_timeout))})
     deployment = _replica_class().options(num_replicas=replicas, ray_actor_options=resources)
-    serve.run_many([serve.RunTarget(deployment.bind(options, loopback), name=APP_NAME, route_prefix="/")],
+    serve.run_many([serve.RunTarget(deployment.bind(options, edge, loopback), name=APP_NAME, route_prefix="/")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     deadline = time.monotonic() + timeout
@@ -104,14 +118,15 @@ def stop() -> None:
         ray.shutdown()
 
 
-def run_replicas(options: ServiceOptions, replicas: int, *, host: str, port: int, address: str | None) -> int:
+def run_replicas(options: ServiceOptions, replicas: int, *, host: str, port: int, address: str | None,
+                 edge: EdgeConfig | None = None) -> int:
     """``fastcache serve --replicas N``: deploy, serve until SIGTERM or Ctrl-C (also while starting), then shut Ray
     Serve down; 1 if the deployment failed (said in one line)."""
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     try:
-        start(options, replicas, host=host, port=port, address=address, cancel=done)
+        start(options, replicas, host=host, port=port, address=address, cancel=done, edge=edge)
         done.wait()
     except RuntimeError as error:
         if not done.is_set():

@@ -1,7 +1,9 @@
 """The HTTP service: an OpenAI-style images API in front of a ``Service`` (FastAPI; run by uvicorn or Ray Serve).
 
-Errors are OpenAI-style JSON (``{"error": {"message", "type", "param"}}``): 400 for a bad request, naming what is
-valid; 429 with ``Retry-After`` when the queue is full; 503 with ``Retry-After`` until the warm-up is done.
+Every error is ``errors``' one format (``{"error": {"message", "type", "param", "code"}}``): 400 for a bad request,
+naming what is valid on this server; 401 without a valid API key; 408 and 413 from the edge; 429 with
+``Retry-After`` when the queue is full; 503 with ``Retry-After`` until the warm-up is done. The edge's layers
+(``edge.EdgeConfig``: keys, read deadline, body limit) wrap every route, so a route added here is covered by them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,23 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 
-from .engine import ImageRequest, InvalidRequest, QueueFull, ShuttingDown
+from . import errors
+from .edge import EdgeConfig
+from .engine import (
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    EngineConfig,
+    ImageRequest,
+    InvalidRequest,
+    QueueFull,
+    ShuttingDown,
+)
+from .errors import error_response
 from .service import Service
 
 logger = logging.getLogger(__name__)
@@ -32,10 +45,10 @@ DISCONNECT_POLL_S = 0.5  # how often a waiting request checks whether its client
 
 
 class GenerationBody(BaseModel):
-    """``POST /v1/images/generations``: OpenAI's fields, plus diffusers' own. Other fields (``model``, ``user``) are
-    accepted and ignored, as OpenAI clients send them."""
+    """``POST /v1/images/generations``: OpenAI's fields, plus diffusers' own. ``model`` and ``user`` are accepted and
+    ignored, as OpenAI clients send them; any other field is refused (a misspelt field would be silently ignored)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     prompt: StrictStr
     n: StrictInt = 1
@@ -45,13 +58,17 @@ class GenerationBody(BaseModel):
     num_inference_steps: StrictInt | None = None  # default: the server's --steps
     guidance_scale: StrictFloat = 7.5  # integers are numbers too
     seed: StrictInt | None = None  # image i of the request uses seed + i; default: random
+    model: StrictStr | None = None
+    user: StrictStr | None = None
 
 
-def make_app(service: Service, *, warm_up: bool = True, drain_seconds: float = 600.0) -> FastAPI:
-    """The FastAPI app serving ``service``. With ``warm_up``, its lifespan starts the warm-up on a thread (``/ready``
-    answers 503 until it is done) and the engine; on shutdown it finishes the queued requests (at most
-    ``drain_seconds``) and stops a warm-up in progress after its current bucket."""
+def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool = True) -> FastAPI:
+    """The FastAPI app serving ``service`` behind ``edge``'s layers. With ``warm_up``, its lifespan starts the warm-up
+    on a thread (``/ready`` answers 503 until it is done) and the engine; on shutdown it finishes the queued requests
+    (at most ``edge.drain_seconds``) and stops a warm-up in progress after its current bucket."""
     engine, metrics, config = service.engine, service.metrics, service.engine.config
+    edge = edge or EdgeConfig()
+    drain_seconds = edge.drain_seconds
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,44 +83,38 @@ def make_app(service: Service, *, warm_up: bool = True, drain_seconds: float = 6
             await asyncio.to_thread(warming.join, drain_seconds)
 
     app = FastAPI(title="fastcache", lifespan=lifespan)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError):
-        return _error(400, _describe(error), _param(error))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception):
-        logger.exception("fastcache: %s %s failed", request.method, request.url.path)
-        return _error(500, f"internal error: {type(error).__name__}")
-
-    app.add_middleware(_Measure, metrics=metrics)
+    errors.install(app)
+    app.state.field_rules = field_rules(config)
+    edge.install(app)
+    app.add_middleware(_Measure, metrics=metrics)  # outermost: the edge's answers (401, 408, 413) are counted too
 
     @app.post(GENERATIONS)
     async def generations(body: GenerationBody, http: Request):
         if not engine.ready.is_set():
-            return _error(503, "the server is warming up; retry shortly.", retry_after=5)
+            return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
         try:
             request = _image_request(body, service)
             future = engine.submit(request)
         except InvalidRequest as error:
-            return _error(400, str(error), error.param)
+            return error_response(400, str(error), error.param, code="invalid_value")
         except QueueFull as error:
-            return _error(429, f"too many requests: {error}", retry_after=1)
+            return error_response(429, f"too many requests: {error}", code="queue_full", retry_after=1)
         except ShuttingDown as error:
-            return _error(503, str(error))
+            return error_response(503, str(error), code="shutting_down")
         waiter = asyncio.wrap_future(future)
         try:
             while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S))[0]:
                 if await http.is_disconnected():  # a queued request is dropped; a running batch finishes without it
                     future.cancel()
-                    return _error(499, "the client closed the request.")
+                    return error_response(499, "the client closed the request.", code="client_closed")
         except asyncio.CancelledError:  # the server cancelled the handler (Ray Serve does when a client leaves)
             future.cancel()
             raise
         try:
             images = waiter.result()
         except Exception as error:  # logged by the engine, which keeps serving
-            return _error(500, f"the generation failed: {type(error).__name__}: {error}")
+            return error_response(500, f"the generation failed: {type(error).__name__}: {error}",
+                                  code="generation_failed")
         data = await asyncio.to_thread(lambda: [_png_b64(image) for image in images])
         return {"created": int(time.time()),
                 "data": [{"b64_json": png, "seed": request.seed + i} for i, png in enumerate(data)]}
@@ -132,7 +143,9 @@ def make_app(service: Service, *, warm_up: bool = True, drain_seconds: float = 6
     async def ready():
         if engine.ready.is_set() and engine.alive:
             return {"status": "ready", "warmup_seconds": service.warmup_seconds}
-        return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "5"})
+        if engine.ready.is_set():
+            return error_response(503, "the engine is not running.", code="engine_stopped")
+        return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
 
     @app.get("/metrics")
     async def prometheus():
@@ -174,6 +187,27 @@ def _warm_up(service: Service) -> None:
         logger.exception("fastcache: warm-up failed; the server will not become ready")
 
 
+def field_rules(config: EngineConfig) -> dict[str, str]:
+    """What each field of a generations request may be on this server (added to the messages of invalid fields)."""
+    sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
+    guidance = "" if len(config.guidance) == 2 else (" and above 1 (classifier-free guidance is warmed on only)"
+                                                      if config.guidance[0] else
+                                                      " and at most 1 (classifier-free guidance is warmed off only)")
+    return {
+        "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
+        "n": f"an integer between 1 and {config.max_batch} (the largest batch size served)",
+        "size": (f"'WIDTHxHEIGHT', multiples of {config.pixel_multiple} pixels from {config.pixel_multiple} to "
+                 f"{config.max_size}" if config.on_demand else f"'WIDTHxHEIGHT', one of the served sizes: {sizes}"),
+        "response_format": "'b64_json'",
+        "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters",
+        "num_inference_steps": f"an integer between 1 and {config.max_steps} (default {config.steps})",
+        "guidance_scale": f"a number between 0 and {MAX_GUIDANCE:g}{guidance}",
+        "seed": f"an integer between 0 and {MAX_SEED} - (n - 1) (image i uses seed + i)",
+        "model": "a string (ignored)",
+        "user": "a string (ignored)",
+    }
+
+
 def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
     """The engine's request for a generations body; ``InvalidRequest`` names the field at fault and what is valid."""
     config = service.engine.config
@@ -183,9 +217,8 @@ def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
     width, height = config.sizes[0]
     if body.size is not None:
         match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", body.size)
-        sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
         if match is None:
-            raise InvalidRequest(f"size must be 'WIDTHxHEIGHT', one of: {sizes}; got {body.size[:40]!r}.", "size")
+            raise InvalidRequest(f"size must be {field_rules(config)['size']}; got {body.size[:40]!r}.", "size")
         width, height = int(match[1]), int(match[2])
     steps = config.steps if body.num_inference_steps is None else body.num_inference_steps
     return ImageRequest(body.prompt, width, height, steps, float(body.guidance_scale), n=body.n,
@@ -196,31 +229,3 @@ def _png_b64(image) -> str:
     buffer = io.BytesIO()
     Image.fromarray((image * 255).round().astype("uint8")).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _describe(error: RequestValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        if item.get("type") == "json_invalid":
-            return "the request body is not valid JSON."
-        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
-        problems.append(f"{where}: {item.get('msg')}")
-    return "invalid request: " + "; ".join(problems) + (
-        ". Fields: prompt (string, required), n (integer), size ('WxH'), response_format ('b64_json'), "
-        "negative_prompt (string), num_inference_steps (integer), guidance_scale (number), seed (integer).")
-
-
-def _param(error: RequestValidationError) -> str | None:
-    for item in error.errors():
-        loc = [part for part in item.get("loc", ()) if part != "body" and item.get("type") != "json_invalid"]
-        if loc:
-            return str(loc[0])
-    return None
-
-
-def _error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> JSONResponse:
-    kind = {429: "rate_limit_error", 499: "client_closed", 500: "server_error", 503: "server_unavailable"}.get(
-        status, "invalid_request_error")
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status,
-                        headers=headers)
