@@ -133,6 +133,22 @@ class FastCacheHandle:
                 self.enabled = False
             return self
 
+    def set_interval(self, interval: int) -> FastCacheHandle:
+        """Run denoising loops that start from now on with a full UNet step every ``interval`` steps (1: uncached, the
+        plain pipeline's output); loops already running keep the schedule they started with.
+
+        The interval decides which steps run full, not what the graphs compute, so nothing compiles or captures
+        again: a server can give each pipeline call its own cache level. The schedule's kind, ``center`` and ``pow``
+        stay; an explicit list of full steps has no interval to change (``ValueError``). Invalid values raise before
+        anything changes."""
+        if self.schedule.kind == "explicit":
+            raise ValueError("an explicit schedule (a list of full steps) has no interval to change.")
+        config = self.config.replace(interval=interval)  # TypeError/ValueError naming what is valid
+        with self._lock:  # a loop starting on another thread reads the schedule under this lock
+            self.config, self.schedule = config, config.plan
+            self.dispatcher.loops.schedule = self.schedule  # read when a loop starts
+        return self
+
     def _attach(self, module: torch.nn.Module, hook: ModelHook) -> None:
         self._added[module] = [name for name in ("_diffusers_hook", "forward") if name not in vars(module)]
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)

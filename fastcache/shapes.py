@@ -34,9 +34,12 @@ def signature(value: Any) -> Any:
 
 
 def on_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in it on ``device``: a CPU tensor would be baked into a CUDA graph as it was."""
+    """``value`` with every tensor in it on ``device`` and contiguous: a CPU tensor would be baked into a CUDA graph as
+    it was, and the graphs specialise on strides, which the shape key does not hold (img2img's latents, encoded by
+    the VAE, arrive channels-last: without this they compiled both paths again)."""
     if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
+        value = value if value.device == device else value.to(device, non_blocking=True)
+        return value.contiguous()
     if isinstance(value, dict):
         return {name: on_device(v, device) for name, v in value.items()}
     if isinstance(value, (list, tuple)):

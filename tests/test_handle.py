@@ -139,14 +139,13 @@ def test_enabling_twice_on_one_unet_is_refused(sd_runner):
 
 
 @torch.no_grad()
-def test_sizes_the_paths_cannot_cut_run_the_original_forward(sd_runner, caplog):
+def test_sizes_the_paths_cannot_cut_run_the_original_forward(sd_runner):
     unet = sd_runner.pipe.unet
     inputs = (torch.randn(1, 4, 18, 16), torch.tensor(1), torch.randn(1, 77, 32))
     expected = unet(*inputs).sample
     handle = compile_pipeline(sd_runner.pipe, compile=False)
     assert torch.equal(unet(*inputs).sample, expected)
     assert handle.counters.fallbacks == 1 and handle.counters.shapes == 0
-    assert "latents of 18x16 (36x32 pixels; fastcache needs multiples of 4 latents, 8 pixels)" in caplog.text
 
 
 def test_unsupported_arguments_fall_back_to_the_original_forward(sd_runner):
@@ -180,7 +179,7 @@ def test_calls_with_autograd_on_fall_back_and_leave_the_feature_buffer_out_of_th
     assert torch.equal(out, expected) and handle.counters.fallbacks == 1 and handle.counters.full == 0
     with torch.no_grad():
         unet(**inputs)
-    assert handle.counters.full == 1 and not any(buffer.requires_grad for buffer in handle.buffers._buffers.values())
+    assert handle.counters.full == 1 and not any(buffer.requires_grad for buffer in handle.buffers.values())
 
 
 def test_img2img_counts_steps_from_its_first_denoising_step(sd_runner):
@@ -188,3 +187,28 @@ def test_img2img_counts_steps_from_its_first_denoising_step(sd_runner):
     img2img = Img2ImgRunner(sd_runner)
     expected = helper_run(img2img, 3, 2)
     assert rel_l2(fastcache_run(img2img, 3, 2), expected) < 1e-5
+
+
+def test_set_interval_applies_to_loops_that_start_later_and_compiles_nothing(sd_runner):
+    baseline, expected = sd_runner(), helper_run(sd_runner, 2, 0)
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+
+    def switch(pipe, step, timestep, kwargs):  # in the middle of a call: that loop keeps its schedule
+        if step == 1:
+            handle.set_interval(1)
+        return kwargs
+
+    sd_runner(callback_on_step_end=switch)
+    assert (handle.counters.full, handle.counters.shallow) == (4, 6)
+    assert torch.equal(sd_runner(), baseline), "interval 1 is the plain pipeline"
+    assert (handle.counters.full, handle.counters.shallow) == (14, 6)
+    assert handle.set_interval(2) is handle and rel_l2(sd_runner(), expected) < 1e-5
+    assert (handle.config.interval, handle.schedule.interval, handle.counters.shapes) == (2, 2, 1)
+    for bad, error in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="interval must be an int >= 1"):
+            handle.set_interval(bad)
+    assert handle.config.interval == 2, "a bad value changes nothing"
+    handle.disable()
+    explicit = compile_pipeline(sd_runner.pipe, 3, 0, schedule=[0, 4], compile=False)
+    with pytest.raises(ValueError, match="explicit schedule"):
+        explicit.set_interval(2)
