@@ -17,7 +17,6 @@ import json
 import logging
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastcache.serving.auth import keys_from_env
+from fastcache.serving.probe import free_port, wait_ready
 
 # a server with API keys is measured with the first key of FASTCACHE_API_KEY
 HEADERS = {"Authorization": f"Bearer {keys_from_env()[0]}"} if keys_from_env() else {}
@@ -57,25 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 @contextmanager
 def launched(arguments: str, ready_timeout: float):
     """``fastcache serve`` on a free 127.0.0.1 port; its URL once ready; SIGTERM (a drain) at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastcache.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                              *shlex.split(arguments)])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not ready within {ready_timeout} s")
-            time.sleep(0.2)
+        wait_ready(url, ready_timeout, alive=lambda: proc.poll() is None)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -6,11 +6,9 @@ import base64
 import importlib.util
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +28,8 @@ from fastcache.models import (
     with_adapter,
     with_controlnet,
 )
+from fastcache.serving import probe
+from fastcache.serving.probe import free_port  # noqa: F401 (tests import it from here)
 
 TINY_PRESETS = ("tiny-sd", "tiny-sdxl")
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,10 @@ def unet_inputs(model, batch=2, size=16, seed=0) -> dict:
     return inputs
 
 
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_l2(a, b) -> float:
+    """Relative L2 distance of ``a`` from ``b``: tensors, or arrays (and lists of them) as the pipelines' numpy
+    output gives them."""
+    a, b = (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x in (a, b))
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
@@ -281,32 +284,23 @@ def tiny_tune(tmp_path_factory) -> tuple[Path, list[str]]:
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def wait_until(check, timeout: float, what: str):
+    """``probe.wait_until`` for checks made with httpx: a connection refused while a server starts is a 'not yet'."""
     import httpx
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def quiet():
         try:
-            result = check()
-            if result:
-                return result
+            return check()
         except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} did not happen within {timeout} s")
+            return None
+
+    return probe.wait_until(quiet, timeout, what, poll=0.1)
 
 
 class ServerProcess:
     """``fastcache serve`` in a subprocess, bound to 127.0.0.1; ``headers`` go with its own requests (an API key)."""
 
     def __init__(self, *args: str, ready_timeout: float = 300, env: dict | None = None, headers: dict | None = None):
-        import httpx
 
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -317,9 +311,10 @@ class ServerProcess:
                                      env={**os.environ, **(env or {})})
         threading.Thread(target=self._read_output, daemon=True).start()
         try:
-            wait_until(lambda: self.proc.poll() is not None or httpx.get(f"{self.url}/ready").status_code == 200,
-                       ready_timeout, "the server's warm-up")
-            assert self.proc.poll() is None, self.output()
+            probe.wait_ready(self.url, ready_timeout, alive=lambda: self.proc.poll() is None)
+        except RuntimeError as error:
+            self.stop()
+            raise AssertionError(f"{error}:\n{self.output()}") from None
         except BaseException:
             self.stop()
             raise

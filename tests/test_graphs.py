@@ -3,16 +3,13 @@
 import pytest
 import torch
 from conftest import Runner, helper_run, rel_l2
-from diffusers.models.attention_processor import AttnProcessor
 from torch._dynamo.utils import counters as dynamo_counters
 
 from fastcache import compile_pipeline
 from fastcache.counters import Counters
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, CompiledPaths, Paths, compile_options
 from fastcache.partition import UNetPartition, feature_shape
-from fastcache.static_graphs import StaticGraphPaths
 from fastcache.variants import speed_switches
-from fastcache.weights_watch import WeightsWatch
 
 
 @pytest.mark.parametrize("preset, guidance", [("tiny-sd", 7.5), ("tiny-sdxl", 1.0)], ids=["sd-cfg", "sdxl-no-cfg"])
@@ -70,41 +67,6 @@ def test_inductor_options_merge_into_the_mode():
     assert compile_options("reduce-overhead", None) == {"mode": "reduce-overhead"}
     assert compile_options("reduce-overhead", {"conv_1x1_as_mm": True}) == {
         "options": {"triton.cudagraphs": True, "conv_1x1_as_mm": True}}
-
-
-def test_weights_watch_notices_moved_weights_and_changed_modules_but_not_in_place_updates(sd_runner):
-    pipe = sd_runner.pipe
-    unet = pipe.unet
-    watch = WeightsWatch(unet)
-    with torch.no_grad():
-        unet.conv_in.weight.mul_(0.5)  # in place: a captured graph reads the new values itself
-    assert not watch.moved()
-    changes = {
-        "moved weights": lambda: unet.to(memory_format=torch.channels_last),
-        "added modules": pipe.fuse_qkv_projections,
-        "replaced module": lambda: setattr(unet, "conv_out", torch.nn.Conv2d(32, 4, 3, padding=1)),
-        "new attention processor": lambda: unet.set_attn_processor(AttnProcessor()),
-    }
-    for change, apply in changes.items():
-        watch.snapshot()
-        apply()
-        assert watch.moved(), change
-        watch.snapshot()
-        assert not watch.moved(), change
-
-
-def test_static_graphs_are_dropped_at_the_next_call_once_the_weights_moved(sd_runner):
-    partition = UNetPartition(sd_runner.pipe.unet, 0)
-    counters = Counters()
-    paths = StaticGraphPaths(CompiledPaths(partition, counters, "default"), partition.unet, counters)
-    paths.graphs["captured"] = "graph"  # what a capture on CUDA leaves
-    paths.pool = "pool"
-    paths.start_call()
-    assert paths.graphs, "nothing moved: the graphs are kept"
-    sd_runner.pipe.unet.to(memory_format=torch.channels_last)
-    paths.start_call()
-    assert paths.graphs == {} and paths.pool is None
-
 
 
 def test_a_shape_whose_compile_fails_runs_eagerly_from_then_on(sd_runner, monkeypatch):

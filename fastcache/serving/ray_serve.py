@@ -18,11 +18,9 @@ import math
 import os
 import signal
 import threading
-import time
-
-import httpx
 
 from .edge import EdgeConfig
+from .probe import status, wait_until
 from .server import make_app
 from .service import Service, ServiceOptions
 
@@ -88,24 +86,23 @@ def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", po
     serve.run_many([serve.RunTarget(deployment.bind(options, edge, loopback), name=APP_NAME, route_prefix="/")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError("the Ray Serve deployment failed: " +
-                               "; ".join(d.message for d in status.deployments.values()))
-        if status is not None and status.status == "RUNNING":
-            try:
-                if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
-                    logger.info("fastcache: %d replicas ready behind Ray Serve at %s", replicas, url)
-                    return url
-            except httpx.HTTPError:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the Ray Serve replicas were not ready within {timeout} s ({status})")
+
+    def ready() -> bool:  # every replica running (each warmed up in its constructor), and the proxy answers
         if cancel is not None and cancel.is_set():
             raise RuntimeError("stopped before the replicas were ready")
-        time.sleep(0.5)
+        state = serve.status().applications.get(APP_NAME)
+        if state is not None and state.status == "DEPLOY_FAILED":
+            raise RuntimeError("the Ray Serve deployment failed: " +
+                               "; ".join(d.message for d in state.deployments.values()))
+        return state is not None and state.status == "RUNNING" and status(f"{url}/ready") == 200
+
+    try:
+        wait_until(ready, timeout, "the Ray Serve replicas ready", poll=0.5)
+    except TimeoutError:
+        raise RuntimeError(f"the Ray Serve replicas were not ready within {timeout} s "
+                           f"({serve.status().applications.get(APP_NAME)})") from None
+    logger.info("fastcache: %d replicas ready behind Ray Serve at %s", replicas, url)
+    return url
 
 
 def stop() -> None:
