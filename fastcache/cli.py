@@ -28,9 +28,9 @@ _verbosity = transformers_logging.get_verbosity()
 transformers_logging.set_verbosity_error()
 from .config import FastCacheConfig  # noqa: E402
 from .graphs import COMPILE_MODES  # noqa: E402
-from .models import PRESETS, Geometry, check_device, default_dtype, model_geometry  # noqa: E402
+from .models import INPAINT_PRESETS, PRESETS, Geometry, check_device, default_dtype, model_geometry  # noqa: E402
 from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
-from .serving.engine import size_problem  # noqa: E402
+from .serving.request import size_problem  # noqa: E402
 
 transformers_logging.set_verbosity(_verbosity)
 
@@ -125,12 +125,7 @@ def check_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ge
         if ":" in device and int(device[5:]) >= torch.cuda.device_count():
             parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     if args.model:
-        path = Path(args.model).expanduser()
-        if path.exists() and not (path / "model_index.json").is_file():
-            parser.error(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
-        hub_id = not args.model.startswith((".", "/", "~")) and args.model.count("/") <= 1
-        if not path.exists() and (not hub_id or os.environ.get("HF_HUB_OFFLINE")):
-            parser.error(f"--model {args.model}: no such folder")
+        check_model_path(parser, args.model, "--model")
     return model_geometry(str(Path(args.model).expanduser()) if args.model else None, args.preset)
 
 
@@ -146,6 +141,16 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if hasattr(args, "compile"):
         check_compile_options(parser, args)
     return geometry
+
+
+def check_model_path(parser: argparse.ArgumentParser, model: str, flag: str) -> None:
+    """``model`` is a diffusers pipeline folder, or may be a hub id (one line, exit code 2 otherwise)."""
+    path = Path(model).expanduser()
+    if path.exists() and not (path / "model_index.json").is_file():
+        parser.error(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
+    hub_id = not model.startswith((".", "/", "~")) and model.count("/") <= 1
+    if not path.exists() and (not hub_id or os.environ.get("HF_HUB_OFFLINE")):
+        parser.error(f"{flag} {model}: no such folder")
 
 
 def cache_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FastCacheConfig:
@@ -205,11 +210,13 @@ def model_errors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> I
         parser.error(f"{args.model or args.preset}: {error}".replace("\n", " "))
 
 
-def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace, steps: int, flag: str = "--steps") -> None:
+def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace, steps: int, flag: str = "--steps",
+                interval: int | None = None) -> None:
+    """``steps`` has a schedule at ``interval`` (default ``--interval``): quad-center has none for some pairs."""
     if steps < 1:
         parser.error(f"{flag} must be >= 1; got {steps}")
     try:
-        make_schedule(args.schedule, args.interval).full_steps(steps)
+        make_schedule(args.schedule, args.interval if interval is None else interval).full_steps(steps)
     except ValueError as error:
         parser.error(f"{flag} {steps}: {error}")
 
@@ -273,6 +280,17 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         sub.add_argument("--max-steps", type=int, default=100, help="the most steps a request may ask for")
         sub.add_argument("--cache-dir", help="persistent compile cache: a restart with the same model, options, "
                                              "buckets and versions warms up from it")
+        sub.add_argument("--edits", default="img2img,inpaint",
+                         help="edits served by POST /v1/images/edits and warmed up: img2img (no mask), inpaint (a "
+                              "mask), both, or none")
+        sub.add_argument("--inpaint-model", help="an inpainting model (9-channel UNet; folder or hub id) for masked "
+                                                 "edits, with a fastcache handle of its own; default: the base model "
+                                                 "inpaints")
+        sub.add_argument("--inpaint-preset", choices=sorted(INPAINT_PRESETS),
+                         help="an inpainting architecture with RANDOM weights, instead of --inpaint-model")
+        sub.add_argument("--intervals", help="comma-separated cache levels a request may ask for with "
+                                             "\"cache\": {\"interval\": K}; must include --interval (default: "
+                                             "--interval alone)")
         if name == "warmup":
             sub.add_argument("--report", help="append the warm-up's report (seconds per bucket, cold or warm, cache "
                                               "hits, card, versions) to this JSON-lines file")
@@ -286,7 +304,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                              help="serve sizes that were not warmed up (compiled on their first request) instead "
                                   "of answering 400")
             sub.add_argument("--max-size", type=int, default=2048,
-                             help="with --on-demand: the largest width or height served, in pixels")
+                             help="the largest width or height of an uploaded image and, with --on-demand, of a "
+                                  "generated one, in pixels")
             sub.add_argument("--drain-seconds", type=float, default=300.0,
                              help="on SIGTERM, how long in-flight requests may take to finish (a connection whose "
                                   "request has not arrived whole is closed at once)")
@@ -356,8 +375,13 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
         check_writable(parser, args.cache_dir, "--cache-dir", folder=True)
     if getattr(args, "report", None):
         check_writable(parser, args.report, "--report")
+    edits = () if args.edits == "none" else tuple(args.edits.split(","))
+    intervals = parse_int_list(parser, args.intervals, "--intervals") if args.intervals else ()
+    for interval in intervals:
+        check_steps(parser, args, args.steps, interval=interval)
     engine = dict(batch_sizes=batch_sizes, sizes=sizes, guidance=tuple(mode == "on" for mode in modes),
-                  steps=args.steps, max_steps=args.max_steps, pixel_multiple=geometry.pixel_multiple if geometry else 8)
+                  steps=args.steps, max_steps=args.max_steps, pixel_multiple=geometry.pixel_multiple if geometry else 8,
+                  edits=edits, intervals=intervals)
     if serving:
         if args.replicas < 0:
             parser.error(f"--replicas must be >= 0; got {args.replicas}")
@@ -365,9 +389,12 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
                       max_size=args.max_size)
     else:  # warm-up only: the largest size warmed bounds nothing else
         engine.update(max_size=max(max(size) for size in sizes))
+    if args.inpaint_model:
+        check_model_path(parser, args.inpaint_model, "--inpaint-model")
     with field_errors(parser):
         return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
-                              cache_dir=args.cache_dir, engine=EngineConfig(**engine))
+                              cache_dir=args.cache_dir, engine=EngineConfig(**engine),
+                              inpaint_model=args.inpaint_model, inpaint_preset=args.inpaint_preset)
 
 
 def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, int] | None:
@@ -417,7 +444,7 @@ def edge_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
 def generate(parser, args) -> int:
     from .handle import compile_pipeline
     from .models import open_pipeline
-    from .serving.engine import ImageRequest, pipeline_kwargs, request_problem
+    from .serving.request import ImageRequest, pipeline_kwargs, request_problem
 
     geometry = check_model_options(parser, args)
     cache = cache_config(parser, args)

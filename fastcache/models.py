@@ -89,6 +89,12 @@ TINY_REFINER_UNET = dict(_TINY_UNET, block_out_channels=(32, 64, 64, 64),
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                          use_linear_projection=True, cross_attention_dim=24, addition_embed_type="text_time",
                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 5 * 8)
+# Inpainting models: a base architecture whose UNet takes 9 input channels (latents, mask, masked-image latents), as
+# the published SD inpainting checkpoints do; served beside a base model (fastcache serve --inpaint-preset).
+INPAINT_PRESETS: dict[str, dict[str, Any]] = {
+    name: dict(PRESETS[base], unet=dict(PRESETS[base]["unet"], in_channels=9), pipeline=StableDiffusionInpaintPipeline)
+    for name, base in (("sd15-inpaint", "sd15"), ("tiny-sd-inpaint", "tiny-sd"))
+}
 
 # The schedule Stable Diffusion ships with, as a DDIM scheduler.
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -110,10 +116,9 @@ def check_device(device: str) -> None:
 
 def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    seed: int = 0) -> DiffusionPipeline:
-    """A pipeline of the ``preset`` architecture with random weights and no text encoder."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}.")
-    spec = PRESETS[preset]
+    """A pipeline of the ``preset`` architecture (``PRESETS`` or ``INPAINT_PRESETS``) with random weights and no text
+    encoder."""
+    spec = preset_spec(preset)
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the target device: seconds instead of a minute for SDXL
         unet = UNet2DConditionModel(**spec["unet"])
@@ -123,10 +128,19 @@ def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: s
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                          tokenizer_2=None, unet=unet, scheduler=scheduler)
     else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = spec["pipeline"](vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
+
+
+def preset_spec(preset: str) -> dict[str, Any]:
+    """The configs of a preset name; ``ValueError`` naming the valid ones."""
+    spec = PRESETS.get(preset) or INPAINT_PRESETS.get(preset)
+    if spec is None:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} (or an inpainting preset: "
+                         f"{sorted(INPAINT_PRESETS)}); got {preset!r}.")
+    return spec
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"):
@@ -165,7 +179,7 @@ class Geometry:
 def model_geometry(model: str | None = None, preset: str = "tiny-sd") -> Geometry | None:
     """The ``Geometry`` of a preset or a local diffusers folder (from its configs); ``None`` for a hub id."""
     if model is None:
-        unet, vae = PRESETS[preset]["unet"], PRESETS[preset]["vae"]
+        unet, vae = preset_spec(preset)["unet"], preset_spec(preset)["vae"]
     elif os.path.isdir(model):
         configs = []
         for part in ("unet", "vae"):

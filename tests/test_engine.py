@@ -4,42 +4,38 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import rel_l2
 
 from fastcache import compile_pipeline
 from fastcache.models import build_pipeline
-from fastcache.serving.engine import (
-    Engine,
-    EngineConfig,
-    ImageRequest,
-    InvalidRequest,
-    QueueFull,
-    ShuttingDown,
-    pipeline_kwargs,
-)
+from fastcache.serving.engine import Engine, EngineConfig, QueueFull, ShuttingDown
+from fastcache.serving.request import ImageRequest, InvalidRequest, pipeline_kwargs
 
 SIZE = 32
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe():
+def cached():
+    """The tiny pipeline with an eager handle at interval 2 (the server's level)."""
     pipe = build_pipeline("tiny-sd")
     handle = compile_pipeline(pipe, 2, 0, compile=False)
-    yield pipe
+    yield pipe, handle
     handle.disable()
 
 
-def request(prompt="a cat", n=1, seed=0, guidance=7.5, size=SIZE, steps=STEPS, negative=""):
-    return ImageRequest(prompt, size, size, steps, guidance, n=n, seed=seed, negative_prompt=negative)
+@pytest.fixture(scope="module")
+def pipe(cached):
+    return cached[0]
+
+
+def request(prompt="a cat", n=1, seed=0, guidance=7.5, size=SIZE, steps=STEPS, negative="", **fields):
+    return ImageRequest(prompt, size, size, steps, guidance, n=n, seed=seed, negative_prompt=negative, **fields)
 
 
 def direct(pipe, req: ImageRequest) -> np.ndarray:
     """The request as one plain pipeline call of its own (no batching, no padding)."""
     return pipe(**pipeline_kwargs(pipe, [req])).images
-
-
-def rel_l2(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
 def test_a_batch_of_requests_gives_each_its_own_images(pipe):
@@ -187,7 +183,7 @@ def test_warm_up_runs_every_bucket_and_serves_a_failed_compile_eagerly(monkeypat
 
     monkeypatch.setattr(handle.paths, "full", fail_at_batch_four)
     monkeypatch.setattr(handle.paths, "shallow", lambda **inputs: handle.paths.eager(False, inputs))
-    config = EngineConfig(batch_sizes=(1, 2), sizes=((SIZE, SIZE),), guidance=(True, False), steps=3)
+    config = EngineConfig(batch_sizes=(1, 2), sizes=((SIZE, SIZE),), guidance=(True, False), steps=3, edits=())
     engine = Engine(pipe, config, handle)
     try:
         seconds = engine.warm_up(progress=False)
@@ -220,6 +216,10 @@ def test_warm_up_runs_every_bucket_and_serves_a_failed_compile_eagerly(monkeypat
     (dict(batch_sizes=(1, 8), max_queue=4), "max_queue must be at least the largest batch size (8)"),
     (dict(max_delay_ms=float("nan")), "max_delay_ms must be a finite number from 0 to 60000"),
     (dict(max_delay_ms=-1), "max_delay_ms must be a finite number from 0 to 60000"),
+    (dict(edits=("outpaint",)), "edits must be some of ('img2img', 'inpaint')"),
+    (dict(edits=("inpaint", "inpaint")), "edits must be some of"),
+    (dict(intervals=(1, 0)), "intervals must be integers >= 1"),
+    (dict(intervals=(2.0,)), "intervals must be integers >= 1"),
 ])
 def test_an_engine_config_checks_itself_naming_the_field(fields, message):
     with pytest.raises(ValueError) as error:
@@ -244,3 +244,77 @@ def test_an_image_request_checks_what_no_server_could_serve(fields, param):
     with pytest.raises(InvalidRequest) as error:
         ImageRequest(**arguments)
     assert error.value.param == param
+
+
+def test_cache_levels_batch_apart_and_each_image_equals_a_direct_call_at_its_interval(cached):
+    pipe, handle = cached
+    calls = []
+    config = EngineConfig(batch_sizes=(1, 4), sizes=((SIZE, SIZE),), steps=STEPS, max_delay_ms=500,
+                          intervals=(1, 2, 3), edits=())
+    engine = Engine(pipe, config, handle, on_batch=lambda images, padded: calls.append(images))
+    assert engine.levels == (1, 2, 3) and engine.default_interval == 2
+    levels = [None, 2, 1, 3]  # None: the server's level, which batches with requests that name it
+    futures = [engine.submit(request(seed=3, interval=level)) for level in levels]
+    with pytest.raises(InvalidRequest) as error:
+        engine.submit(request(interval=5))
+    assert error.value.param == "cache" and "served levels: 1, 2, 3" in str(error.value)
+    engine.start().stop(timeout=120)
+    assert sorted(calls) == [1, 1, 2]
+    images = {level: future.result(timeout=0)[0] for level, future in zip(levels, futures, strict=True)}
+    assert handle.config.interval == 2, "a request's level does not outlive its call"
+    assert rel_l2(images[None], direct(pipe, request(seed=3))[0]) < 1e-4
+    handle.disable()
+    try:
+        assert rel_l2(images[1], direct(pipe, request(seed=3))[0]) < 1e-4, "interval 1: the plain pipeline"
+        other = compile_pipeline(pipe, 3, 0, compile=False)
+        assert rel_l2(images[3], direct(pipe, request(seed=3))[0]) < 1e-4
+        other.disable()
+    finally:
+        handle.enable()
+    assert rel_l2(images[3], images[2]) > 1e-3 and rel_l2(images[1], images[2]) > 1e-3  # the level mattered
+
+
+def test_cache_levels_and_edit_strengths_run_on_the_warm_graphs_without_compiling():
+    """The interval decides which steps are full and the strength how many run: neither changes a graph."""
+    import torch
+    from torch._dynamo.utils import counters as dynamo
+
+    from fastcache.serving.edits import warmup_inputs
+
+    pipe = build_pipeline("tiny-sd")
+    handle = compile_pipeline(pipe, 2, 0)
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, intervals=(1, 2, 3)), handle)
+    try:
+        before = dynamo["stats"]["unique_graphs"]
+        engine.warm_up(progress=False)  # text-to-image, img2img and inpainting share the UNet's one shape
+        compiles, graphs, shallow = handle.counters.compiles, dynamo["stats"]["unique_graphs"], handle.counters.shallow
+        assert compiles == graphs - before == 2 and not engine.eager_buckets, "img2img's latents compiled again"
+        image, mask = warmup_inputs(SIZE, SIZE)
+        plain = engine.run([request(seed=4, interval=1)])[0][0]
+        for level in (1, 2, 3):
+            engine.run([request(seed=5, interval=level)])
+            for strength in (0.3, 1.0):
+                engine.run([request(seed=5, interval=level, image=image, strength=strength)])
+                engine.run([request(seed=5, interval=level, image=image, mask=mask, strength=strength)])
+        assert (handle.counters.compiles, dynamo["stats"]["unique_graphs"]) == (compiles, graphs)
+        assert handle.counters.compile_failures == handle.counters.fallbacks == 0
+        assert handle.counters.shallow > shallow, "cached levels still take the shallow path"
+    finally:
+        handle.disable()
+    with torch.no_grad():
+        assert rel_l2(plain, direct(pipe, request(seed=4))[0]) < 1e-4, "compiled interval 1: the plain pipeline"
+
+
+def test_an_explicit_schedule_serves_no_cache_level_and_runs_as_it_is():
+    pipe = build_pipeline("tiny-sd")
+    handle = compile_pipeline(pipe, 3, 0, schedule=[0, 2], compile=False)
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, edits=()), handle)
+    try:
+        assert engine.levels == ()
+        with pytest.raises(InvalidRequest, match="served levels: none"):
+            engine.check(request(interval=3))
+        engine.submit(request())
+        engine.start().stop(timeout=120)
+        assert (handle.counters.full, handle.counters.shallow) == (2, 2)
+    finally:
+        handle.disable()

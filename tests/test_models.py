@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fastcache.models import (
+    INPAINT_PRESETS,
     PRESETS,
     build_pipeline,
     inpaint_pipeline,
@@ -19,8 +20,15 @@ def test_presets_are_the_published_architectures():
 
 
 def test_unknown_preset_names_the_valid_ones():
-    with pytest.raises(ValueError, match="tiny-sd"):
+    with pytest.raises(ValueError, match="tiny-sd.*inpainting preset: .'sd15-inpaint', 'tiny-sd-inpaint'"):
         build_pipeline("sd9")
+
+
+def test_inpainting_presets_are_their_base_with_a_nine_channel_unet():
+    pipe = build_pipeline("tiny-sd-inpaint")
+    assert type(pipe).__name__ == "StableDiffusionInpaintPipeline" and pipe.unet.config.in_channels == 9
+    assert INPAINT_PRESETS["sd15-inpaint"]["unet"] == dict(PRESETS["sd15"]["unet"], in_channels=9)
+    assert model_geometry(None, "tiny-sd-inpaint") == model_geometry(None, "tiny-sd")
 
 
 def test_load_pipeline_reads_a_local_diffusers_folder(tmp_path):

@@ -15,7 +15,8 @@ from PIL import Image
 from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
 from fastcache.serving.edge import EdgeConfig
-from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
+from fastcache.serving.engine import EngineConfig
+from fastcache.serving.request import ImageRequest, pipeline_kwargs
 from fastcache.serving.service import ServiceOptions
 
 ray_serve = pytest.importorskip("fastcache.serving.ray_serve")
@@ -27,7 +28,7 @@ KEY = "sk-ray-replicas-3e1d"
 
 def test_two_replicas_answer_through_rays_proxy():
     options = ServiceOptions(cache=FastCacheConfig(compile=False),
-                             engine=EngineConfig(batch_sizes=(1, 2), sizes=((32, 32),), steps=STEPS))
+                             engine=EngineConfig(batch_sizes=(1, 2), sizes=((32, 32),), steps=STEPS, edits=()))
     edge = EdgeConfig(api_keys=(KEY,), max_body_mb=1)
     with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0"):  # checked before Ray starts
         ray_serve.start(options, 2, host="0.0.0.0", port=free_port(), timeout=300)

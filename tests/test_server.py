@@ -15,8 +15,9 @@ from conftest import HOST, ServerProcess, assert_error, free_port, png_array, wa
 
 from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
-from fastcache.serving.engine import EngineConfig, ImageRequest, pipeline_kwargs
+from fastcache.serving.engine import EngineConfig
 from fastcache.serving.probe import status, wait_ready
+from fastcache.serving.request import ImageRequest, pipeline_kwargs
 from fastcache.serving.server import make_app
 from fastcache.serving.service import Service, ServiceOptions
 

@@ -1,32 +1,36 @@
-"""The serving engine: one compiled pipeline, its declared buckets, and a worker thread that batches requests.
+"""The serving engine: the served pipelines, their declared buckets, and a worker thread that batches requests.
 
-Requests that share a size, step count and guidance scale are run as one pipeline call, up to the largest warmed
-batch, after waiting at most ``max_delay_ms`` for company. A batch is padded to the smallest warmed batch size that
-holds it, so that every call runs a shape compiled during warm-up. Each image has its own generator
-(``seed + i`` for the ``i``-th image of a request), so an image does not depend on what it was batched with.
+Requests with equal batch keys (kind, size, steps, guidance, strength, cache level; ``request.ImageRequest``) are run
+as one pipeline call, up to the largest warmed batch, after waiting at most ``max_delay_ms`` for company. A batch is
+padded to the smallest warmed batch size that holds it, so that every call runs a shape compiled during warm-up. Each
+image has its own generator (``seed + i`` for the ``i``-th image of a request), so an image does not depend on what
+it was batched with. Each kind of request has its pipeline: text-to-image the served one, edits its ``from_pipe``
+pipelines (same UNet, same graphs) or an inpainting model's, each with its fastcache handle.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models import prompt_inputs
+from .edits import edit_pipeline, warmup_inputs
+from .request import EDIT_KINDS, ImageRequest, InvalidRequest, pipeline_kwargs, size_problem
 
 logger = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "fastcache warm-up"
+MAX_DELAY_MS = 60_000.0
 
 
 class QueueFull(RuntimeError):
@@ -37,67 +41,20 @@ class ShuttingDown(RuntimeError):
     """The engine is draining its queue before the process exits: the caller should go elsewhere."""
 
 
-class InvalidRequest(ValueError):
-    """A request that cannot be served as asked; the message names what is valid, ``param`` the field at fault."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-MAX_SEED = 2**63 - 1  # image i of a request uses seed + i: the last of them must fit too
-MAX_GUIDANCE = 50.0
-MAX_PROMPT_CHARS = 10_000  # text encoders read 77 tokens; this only bounds the work a request asks
-MAX_DELAY_MS = 60_000.0
-
-
-def size_problem(width: int, height: int, multiple: int, max_size: int | None = None) -> str | None:
-    """Why ``width`` x ``height`` pixels cannot be generated (each side a multiple of the model's pixel multiple, the
-    VAE's scale times the UNet's downsampling, and at most ``max_size``), or ``None``. The one place this is said."""
-    largest = max_size if max_size is not None else max(width, height, multiple)
-    if all(multiple <= side <= largest and side % multiple == 0 for side in (width, height)):
-        return None
-    return f"width and height must be multiples of {multiple} pixels, from {multiple} to {largest}; got " \
-           f"{width}x{height}."
-
-
-def request_problem(prompt, negative_prompt: str = "", n: int = 1, guidance_scale: float = 7.5,
-                    seed: int | None = None) -> tuple[str, str] | None:
-    """``(message, field)`` for the first field of an image request that no server could serve, or ``None``.
-    ``ImageRequest`` checks itself with it, the command line its arguments before a model is built; the ranges a
-    server serves (``n``, steps, sizes) are ``Engine.check``'s."""
-    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(text, str):
-            return f"{name} must be a string; got {type(text).__name__}.", name
-        if len(text) > MAX_PROMPT_CHARS:
-            return f"{name} must be at most {MAX_PROMPT_CHARS} characters; got {len(text)}.", name
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            return f"{name} must be valid Unicode text (it has unpaired surrogates).", name
-    if not prompt.strip():
-        return "prompt must be a non-empty string.", "prompt"
-    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)
-            and 0 <= guidance_scale <= MAX_GUIDANCE):
-        return (f"guidance_scale must be a finite number between 0 and {MAX_GUIDANCE:g}; got {guidance_scale!r}.",
-                "guidance_scale")
-    last = MAX_SEED - (n - 1) if isinstance(n, int) and 1 <= n <= MAX_SEED else MAX_SEED  # n: Engine.check
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last):
-        return f"seed must be between 0 and {last} (image i uses seed + i); got {seed!r}.", "seed"
-    return None
-
-
 @dataclass(frozen=True)
 class Bucket:
-    """One shape compiled and captured during warm-up: images per call, pixels, classifier-free guidance on/off."""
+    """One shape compiled and captured during warm-up: images per call, pixels, classifier-free guidance on/off, and
+    the kind of request (the pipeline) it runs through."""
 
     batch: int
     width: int
     height: int
     guidance: bool
+    kind: str = "generate"
 
     def __str__(self) -> str:
-        return f"batch {self.batch}, {self.width}x{self.height}, guidance {'on' if self.guidance else 'off'}"
+        kind = "" if self.kind == "generate" else f", {self.kind}"
+        return f"batch {self.batch}, {self.width}x{self.height}, guidance {'on' if self.guidance else 'off'}{kind}"
 
 
 @dataclass(frozen=True)
@@ -114,7 +71,9 @@ class EngineConfig:
     max_delay_ms: float = 50.0  # how long the first request of a batch waits for others
     on_demand: bool = False  # serve sizes that were not warmed (compiled on their first request) instead of refusing
     pixel_multiple: int = 8  # of every size (the VAE's scale times the UNet's downsampling)
-    max_size: int = 2048  # pixels, the largest width or height served on demand
+    max_size: int = 2048  # pixels, the largest side of an uploaded image, and of a size served on demand
+    edits: tuple[str, ...] = EDIT_KINDS  # edit kinds served and warmed up: img2img, inpaint, both or none
+    intervals: tuple[int, ...] = ()  # cache levels a request may ask for; empty: only the handle's interval
 
     def __post_init__(self):
         def fail(field: str, message: str):
@@ -149,6 +108,14 @@ class EngineConfig:
         if not (isinstance(self.max_delay_ms, (int, float)) and math.isfinite(self.max_delay_ms)
                 and 0 <= self.max_delay_ms <= MAX_DELAY_MS):
             fail("max_delay_ms", f"must be a finite number from 0 to {MAX_DELAY_MS:g}; got {self.max_delay_ms!r}")
+        edits = tuple(self.edits)
+        if len(set(edits)) != len(edits) or not set(edits) <= set(EDIT_KINDS):
+            fail("edits", f"must be some of {EDIT_KINDS}, once each (none: no edits); got {self.edits!r}")
+        object.__setattr__(self, "edits", tuple(kind for kind in EDIT_KINDS if kind in edits))
+        intervals = tuple(self.intervals)
+        if not all(_is_int(interval) and interval >= 1 for interval in intervals):
+            fail("intervals", f"must be integers >= 1 (1: uncached); got {self.intervals!r}")
+        object.__setattr__(self, "intervals", tuple(sorted(set(intervals))))
 
     @property
     def max_batch(self) -> int:
@@ -159,73 +126,42 @@ class EngineConfig:
         return self.max_delay_ms / 1000
 
     def buckets(self) -> list[Bucket]:
-        return [Bucket(batch, width, height, guidance) for width, height in self.sizes
-                for guidance in self.guidance for batch in sorted(self.batch_sizes)]
+        return [Bucket(batch, width, height, guidance, kind) for kind in ("generate", *self.edits)
+                for width, height in self.sizes for guidance in self.guidance for batch in sorted(self.batch_sizes)]
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@dataclass
-class ImageRequest:
-    """One request: ``n`` images of one prompt; image ``i`` is generated from ``seed + i``. Fields no server could
-    serve raise ``InvalidRequest`` at construction; what this server serves is ``Engine.check``'s."""
+@dataclass(frozen=True)
+class Target:
+    """The pipeline that serves one kind of request, and the fastcache handle on its UNet (``None``: plain)."""
 
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    n: int = 1
-    negative_prompt: str = ""
-    seed: int | None = None
-    future: Future = field(default_factory=Future, repr=False)
-    arrived: float = field(default_factory=time.monotonic, repr=False)
-
-    def __post_init__(self):
-        problem = request_problem(self.prompt, self.negative_prompt, self.n, self.guidance_scale, self.seed)
-        if problem:
-            raise InvalidRequest(*problem)
-        if self.seed is None:
-            self.seed = secrets.randbits(31)
-
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share a pipeline call. Empty and given negative prompts do not mix: without
-        any, a text-encoder pipeline gets ``negative_prompt=None``, as in a direct call (SDXL then uses zeros)."""
-        return self.width, self.height, self.steps, float(self.guidance_scale), bool(self.negative_prompt)
-
-
-def pipeline_kwargs(pipe, requests: list[ImageRequest], pad_to: int | None = None) -> dict:
-    """The keyword arguments of the one pipeline call that makes the images of ``requests`` (same batch key), padded
-    with copies of the first request's first image up to ``pad_to`` images. A direct call with these arguments gives
-    the images the engine serves."""
-    first = requests[0]
-    prompts, negatives, seeds = [], [], []
-    for request in requests:
-        prompts += [request.prompt] * request.n
-        negatives += [request.negative_prompt] * request.n
-        seeds += [request.seed + i for i in range(request.n)]
-    padding = (pad_to or len(prompts)) - len(prompts)
-    prompts += prompts[:1] * padding
-    negatives += negatives[:1] * padding
-    seeds += seeds[:1] * padding
-    return dict(prompt_inputs(pipe, prompts, negatives if any(negatives) else None), num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale, width=first.width, height=first.height,
-                num_images_per_prompt=1, output_type="np",
-                generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds])
+    pipe: Any
+    handle: Any = None
 
 
 class Engine:
-    """Runs ``ImageRequest``s on ``pipe`` (with fastcache enabled on it, or not), batching them on one thread.
+    """Runs ``ImageRequest``s on ``pipe`` (with fastcache enabled on it by ``handle``, or not), batching them on one
+    thread. Edits run on ``targets`` given by kind (an inpainting model's pipeline and handle), else on ``from_pipe``
+    pipelines of ``pipe``, which share its UNet and handle.
 
     ``submit`` is thread-safe and returns a future of the request's images (float arrays, HxWx3 in [0, 1]).
     ``on_batch(images, padded)`` is called after each pipeline call (metrics).
     """
 
-    def __init__(self, pipe, config: EngineConfig, handle=None, on_batch: Callable[[int, int], None] | None = None):
+    def __init__(self, pipe, config: EngineConfig, handle=None, on_batch: Callable[[int, int], None] | None = None,
+                 targets: Mapping[str, Target] | None = None):
         self.pipe, self.config, self.handle = pipe, config, handle
+        self.targets = {"generate": Target(pipe, handle)}
+        for kind in config.edits:
+            self.targets[kind] = (targets or {}).get(kind) or Target(edit_pipeline(pipe, kind), handle)
+        # the cache levels served; the server's default is the handle's interval as it was built (an explicit list
+        # of full steps has no interval: no level can be asked for)
+        self.default_interval = handle.config.interval if handle is not None else None
+        leveled = handle is not None and handle.schedule.kind != "explicit"
+        self.levels = config.intervals or ((self.default_interval,) if leveled else ())
         self.on_batch = on_batch
         self.ready = threading.Event()  # set when warm-up is done
         self.eager_buckets: list[Bucket] = []  # buckets whose compile failed: served by the eager paths
@@ -235,34 +171,54 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
+    @property
+    def handles(self) -> list:
+        """The fastcache handles of the served pipelines, each once."""
+        return list({id(t.handle): t.handle for t in self.targets.values() if t.handle is not None}.values())
+
     # -- requests --------------------------------------------------------------------------------------------
 
     def check(self, request: ImageRequest) -> None:
         """Raise ``InvalidRequest`` naming what is served if no warmed bucket takes ``request``."""
         config = self.config
+        if request.kind not in self.targets:
+            served = ", ".join(config.edits) or "none"
+            raise InvalidRequest(f"{request.kind} edits are not served (edits served: {served}).",
+                                 "mask" if request.kind == "inpaint" else "image")
         if not 1 <= request.n <= config.max_batch:
             raise InvalidRequest(f"n must be between 1 and {config.max_batch} (the largest batch size served); "
                                  f"got {request.n}.", "n")
         if not 1 <= request.steps <= config.max_steps:
             raise InvalidRequest(f"num_inference_steps must be between 1 and {config.max_steps}; got {request.steps}.",
                                  "num_inference_steps")
-        if config.on_demand:
-            problem = size_problem(request.width, request.height, config.pixel_multiple, config.max_size)
-            if problem:
-                raise InvalidRequest(problem, "size")
-        elif (request.width, request.height) not in config.sizes:
-            sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
-            raise InvalidRequest(f"size {request.width}x{request.height} is not served; served sizes: {sizes}.",
-                                 "size")
+        self.check_size(request.width, request.height)
         guidance = request.guidance_scale > 1
         if guidance not in config.guidance:
             raise InvalidRequest(f"guidance_scale {request.guidance_scale:g} turns classifier-free guidance "
                                  f"{'on' if guidance else 'off'}, which this server did not warm up: guidance_scale "
                                  f"must be {'<= 1' if guidance else '> 1'}.", "guidance_scale")
+        if request.interval is not None and request.interval not in self.levels:
+            levels = ", ".join(map(str, self.levels)) or "none (no cache on this server)"
+            raise InvalidRequest(f"cache.interval {request.interval} is not served; served levels: {levels}.",
+                                 "cache")
+
+    def check_size(self, width: int, height: int) -> None:
+        """Raise ``InvalidRequest`` naming the served sizes unless ``width`` x ``height`` is one (or, on demand, a
+        size the model can make)."""
+        config = self.config
+        if config.on_demand:
+            problem = size_problem(width, height, config.pixel_multiple, config.max_size)
+            if problem:
+                raise InvalidRequest(problem, "size")
+        elif (width, height) not in config.sizes:
+            sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
+            raise InvalidRequest(f"size {width}x{height} is not served; served sizes: {sizes}.", "size")
 
     def submit(self, request: ImageRequest) -> Future:
         """Queue ``request``; ``InvalidRequest`` if no bucket takes it, ``QueueFull`` if too many images wait."""
         self.check(request)
+        if request.interval is None:  # the server's level: such requests batch with those that name it
+            request.interval = self.default_interval
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down.")
@@ -284,11 +240,22 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self, requests: list[ImageRequest], record: bool = True) -> list[list[np.ndarray]]:
-        """One pipeline call for ``requests`` (same batch key), padded to a warmed batch size; the images of each
-        (``record``: report the batch to ``on_batch``)."""
+        """One pipeline call for ``requests`` (same batch key), on the pipeline of their kind at their cache level,
+        padded to a warmed batch size; the images of each (``record``: report the batch to ``on_batch``)."""
+        first = requests[0]
+        target = self.targets[first.kind]
         total = sum(request.n for request in requests)
         pad_to = min((size for size in self.config.batch_sizes if size >= total), default=total)
-        images = self.pipe(**pipeline_kwargs(self.pipe, requests, pad_to)).images
+        kwargs = pipeline_kwargs(target.pipe, requests, pad_to)
+        level = first.interval or self.default_interval
+        if target.handle is None or level == self.default_interval:
+            images = target.pipe(**kwargs).images
+        else:  # the cache level of this call only; it changes which steps run full, not the graphs
+            target.handle.set_interval(level)
+            try:
+                images = target.pipe(**kwargs).images
+            finally:
+                target.handle.set_interval(self.default_interval)
         if record and self.on_batch is not None:
             self.on_batch(total, pad_to)
         out, start = [], 0
@@ -312,20 +279,26 @@ class Engine:
             if self._stopping:  # shutting down: the remaining buckets are not needed
                 logger.info("fastcache: warm-up stopped before %s", bucket)
                 break
-            failures = self.handle.counters.compile_failures if self.handle is not None else 0
+            handle = self.targets[bucket.kind].handle
+            failures = handle.counters.compile_failures if handle is not None else 0
             start = time.perf_counter()
-            request = ImageRequest(WARMUP_PROMPT, bucket.width, bucket.height, self.config.steps,
-                                   7.5 if bucket.guidance else 1.0, n=bucket.batch, seed=0)
-            self.run([request], record=False)
+            self.run([self._warmup_request(bucket)], record=False)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds[bucket] = time.perf_counter() - start
-            if self.handle is not None and self.handle.counters.compile_failures > failures:
+            if handle is not None and handle.counters.compile_failures > failures:
                 self.eager_buckets.append(bucket)
                 logger.warning("fastcache: %s failed to compile; it is served by the eager runtime.", bucket)
             bar.set_postfix_str(f"{bucket}: {seconds[bucket]:.1f} s")
             logger.info("fastcache: warmed %s in %.1f s", bucket, seconds[bucket])
         return seconds
+
+    def _warmup_request(self, bucket: Bucket) -> ImageRequest:
+        """A request of ``bucket``'s shape and kind (edits: a gray image; inpainting: its right half masked)."""
+        image, mask = warmup_inputs(bucket.width, bucket.height) if bucket.kind != "generate" else (None, None)
+        return ImageRequest(WARMUP_PROMPT, bucket.width, bucket.height, self.config.steps,
+                            7.5 if bucket.guidance else 1.0, n=bucket.batch, seed=0, image=image,
+                            mask=mask if bucket.kind == "inpaint" else None)
 
     # -- the worker thread -----------------------------------------------------------------------------------
 

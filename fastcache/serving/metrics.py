@@ -27,9 +27,10 @@ _RUNTIME = {
 
 
 class ServeMetrics:
-    """The metrics ``GET /metrics`` exposes, for one engine (and its fastcache handle, if any)."""
+    """The metrics ``GET /metrics`` exposes, for one engine and the fastcache handles of its pipelines (the base
+    model's, an inpainting model's), whose counters are added up."""
 
-    def __init__(self, handle=None):
+    def __init__(self, handles=()):
         self.registry = registry = CollectorRegistry()
         self.latency = Histogram("fastcache_request_seconds", "Time from request to response of answered "
                                  "generations (200), seconds",
@@ -48,7 +49,7 @@ class ServeMetrics:
                                     registry=registry)
         self.eager_buckets = Gauge("fastcache_eager_buckets", "Warmed buckets whose compile failed, served eagerly",
                                    registry=registry)
-        registry.register(_RuntimeCollector(handle))
+        registry.register(_RuntimeCollector(list(handles)))
 
     def on_batch(self, images: int, padded_to: int) -> None:
         self.batch_images.observe(images)
@@ -60,19 +61,19 @@ class ServeMetrics:
 
 
 class _RuntimeCollector:
-    """The handle's counters and the GPU's memory, read when scraped."""
+    """The handles' counters (added up) and the GPU's memory, read when scraped."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handles: list):
+        self.handles = handles
 
     def collect(self):
-        if self.handle is not None:
+        if self.handles:
             families = {}  # one family per metric name, a sample per path
             for name, (suffix, path, help_text) in _RUNTIME.items():
                 if suffix not in families:
                     families[suffix] = CounterMetricFamily(f"fastcache_{suffix}", help_text,
                                                            labels=["path"] if path else [])
-                value = getattr(self.handle.counters, name)
+                value = sum(getattr(handle.counters, name) for handle in self.handles)
                 families[suffix].add_metric([path] if path else [], value)
             yield from families.values()
         if torch.cuda.is_available():

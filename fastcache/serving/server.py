@@ -1,9 +1,11 @@
 """The HTTP service: an OpenAI-style images API in front of a ``Service`` (FastAPI; run by uvicorn or Ray Serve).
 
-Every error is ``errors``' one format (``{"error": {"message", "type", "param", "code"}}``): 400 for a bad request,
-naming what is valid on this server; 401 without a valid API key; 408 and 413 from the edge; 429 with
-``Retry-After`` when the queue is full; 503 with ``Retry-After`` until the warm-up is done. The edge's layers
-(``edge.EdgeConfig``: keys, read deadline, body limit) wrap every route, so a route added here is covered by them.
+``POST /v1/images/generations`` (JSON) makes images from text; ``POST /v1/images/edits`` (multipart: an image, an
+optional mask) edits an uploaded image. Every error is ``errors``' one format (``{"error": {"message", "type",
+"param", "code"}}``): 400 for a bad request, naming what is valid on this server; 401 without a valid API key; 408
+and 413 from the edge; 429 with ``Retry-After`` when the queue is full; 503 with ``Retry-After`` until the warm-up is
+done. The edge's layers (``edge.EdgeConfig``: keys, read deadline, body limit) wrap every route, so a route added
+here is covered by them.
 """
 
 from __future__ import annotations
@@ -17,31 +19,35 @@ import re
 import threading
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from . import errors
 from .edge import EdgeConfig
-from .engine import (
-    MAX_GUIDANCE,
-    MAX_PROMPT_CHARS,
-    MAX_SEED,
-    EngineConfig,
-    ImageRequest,
-    InvalidRequest,
-    QueueFull,
-    ShuttingDown,
-)
+from .edits import fit, fit_mask, read_image
+from .engine import EngineConfig, QueueFull, ShuttingDown
 from .errors import error_response
+from .request import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, InvalidRequest
 from .service import Service
 
 logger = logging.getLogger(__name__)
 
 GENERATIONS = "/v1/images/generations"
+EDITS = "/v1/images/edits"
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks whether its client is still there
+
+
+class CacheLevel(BaseModel):
+    """``"cache": {"interval": k}``: a full UNet step every ``k`` steps, ``k`` one of the served levels (1: uncached,
+    the exact image of the plain pipeline). Requests batch only with requests of the same level."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval: StrictInt
 
 
 class GenerationBody(BaseModel):
@@ -58,8 +64,29 @@ class GenerationBody(BaseModel):
     num_inference_steps: StrictInt | None = None  # default: the server's --steps
     guidance_scale: StrictFloat = 7.5  # integers are numbers too
     seed: StrictInt | None = None  # image i of the request uses seed + i; default: random
+    cache: CacheLevel | None = None  # default: the server's --interval
     model: StrictStr | None = None
     user: StrictStr | None = None
+
+
+class EditForm(BaseModel):
+    """``POST /v1/images/edits``: the form fields beside the ``image`` and ``mask`` files (multipart, so every value
+    arrives as text). ``size`` defaults to the image's own size when that is served, else the first served size; an
+    image of another size is resized when ``resize`` is true, else refused. ``cache`` is JSON: ``{"interval": 2}``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: str = "b64_json"
+    negative_prompt: str = ""
+    num_inference_steps: int | None = None
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    strength: float | None = None  # default: 0.8 without a mask, 1.0 with one (diffusers' defaults)
+    resize: bool = False
+    cache: str | None = None
 
 
 def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool = True) -> FastAPI:
@@ -84,7 +111,7 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
 
     app = FastAPI(title="fastcache", lifespan=lifespan)
     errors.install(app)
-    app.state.field_rules = field_rules(config)
+    app.state.field_rules = field_rules(config)  # generations' and edits' fields
     edge.install(app)
     app.add_middleware(_Measure, metrics=metrics)  # outermost: the edge's answers (401, 408, 413) are counted too
 
@@ -94,6 +121,25 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
         try:
             request = _image_request(body, service)
+        except InvalidRequest as error:
+            return error_response(400, str(error), error.param, code="invalid_value")
+        return await _answer(request, http)
+
+    @app.post(EDITS)
+    async def edits(form: Annotated[EditForm, Form()], image: Annotated[UploadFile, File()], http: Request,
+                    mask: Annotated[UploadFile | None, File()] = None):
+        if not engine.ready.is_set():
+            return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
+        uploads = {"image": await image.read(), "mask": await mask.read() if mask is not None else None}
+        try:
+            request = await asyncio.to_thread(_edit_request, form, uploads, service)
+        except InvalidRequest as error:
+            return error_response(400, str(error), error.param, code="invalid_value")
+        return await _answer(request, http)
+
+    async def _answer(request: ImageRequest, http: Request):
+        """Queue ``request``, wait for its images (dropping it if the client leaves), and answer them as PNGs."""
+        try:
             future = engine.submit(request)
         except InvalidRequest as error:
             return error_response(400, str(error), error.param, code="invalid_value")
@@ -131,6 +177,10 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             "guidance": ["on" if g else "off" for g in config.guidance], "steps": config.steps,
             "max_steps": config.max_steps, "max_delay_ms": config.max_delay_ms,
             "interval": options.cache.interval, "branch": options.cache.branch,
+            "cache_levels": [dict((options.level_labels or {}).get(level, {}), interval=level)
+                             for level in engine.levels],
+            "edits": list(config.edits), "inpaint_model": options.inpainting_model,
+            "max_body_mb": edge.max_body_mb, "max_image_size": config.max_size,
             "compile": options.cache.mode if options.cache.compile else "eager",
             "runtime": service.environment(),
         }]}
@@ -155,14 +205,14 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
 
 
 class _Measure:
-    """Latency and status of every generations request, as plain ASGI middleware: FastAPI's ``@app.middleware``
-    wraps ``receive`` so that a handler no longer sees its client disconnect."""
+    """Latency and status of every image request (generations and edits), as plain ASGI middleware: FastAPI's
+    ``@app.middleware`` wraps ``receive`` so that a handler no longer sees its client disconnect."""
 
     def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != GENERATIONS:
+        if scope["type"] != "http" or scope["path"] not in (GENERATIONS, EDITS):
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 500
 
@@ -188,7 +238,8 @@ def _warm_up(service: Service) -> None:
 
 
 def field_rules(config: EngineConfig) -> dict[str, str]:
-    """What each field of a generations request may be on this server (added to the messages of invalid fields)."""
+    """What each field of a generations or edits request may be on this server (added to the messages of invalid
+    fields)."""
     sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
     guidance = "" if len(config.guidance) == 2 else (" and above 1 (classifier-free guidance is warmed on only)"
                                                       if config.guidance[0] else
@@ -203,6 +254,12 @@ def field_rules(config: EngineConfig) -> dict[str, str]:
         "num_inference_steps": f"an integer between 1 and {config.max_steps} (default {config.steps})",
         "guidance_scale": f"a number between 0 and {MAX_GUIDANCE:g}{guidance}",
         "seed": f"an integer between 0 and {MAX_SEED} - (n - 1) (image i uses seed + i)",
+        "cache": f"{{\"interval\": k}} with k one of {', '.join(map(str, config.intervals)) or 'the served interval'} "
+                 f"(1: uncached)",
+        "image": f"a PNG, JPEG or WebP file of at most {config.max_size} pixels a side (edits only)",
+        "mask": "an image file of the image's size, white where the image is repainted (edits only)",
+        "strength": "a number from 0 to 1 (edits only; default 0.8 without a mask, 1 with one)",
+        "resize": "true or false: resize an image of another size than size (edits only; default false: refused)",
         "model": "a string (ignored)",
         "user": "a string (ignored)",
     }
@@ -211,18 +268,55 @@ def field_rules(config: EngineConfig) -> dict[str, str]:
 def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
     """The engine's request for a generations body; ``InvalidRequest`` names the field at fault and what is valid."""
     config = service.engine.config
-    if body.response_format != "b64_json":
-        raise InvalidRequest(f"response_format must be 'b64_json' (this server keeps no image files); "
-                             f"got {body.response_format!r}.", "response_format")
-    width, height = config.sizes[0]
-    if body.size is not None:
-        match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", body.size)
-        if match is None:
-            raise InvalidRequest(f"size must be {field_rules(config)['size']}; got {body.size[:40]!r}.", "size")
-        width, height = int(match[1]), int(match[2])
+    _check_format(body.response_format)
+    width, height = _parse_size(body.size, config) if body.size is not None else config.sizes[0]
     steps = config.steps if body.num_inference_steps is None else body.num_inference_steps
     return ImageRequest(body.prompt, width, height, steps, float(body.guidance_scale), n=body.n,
-                        negative_prompt=body.negative_prompt, seed=body.seed)
+                        negative_prompt=body.negative_prompt, seed=body.seed,
+                        interval=body.cache.interval if body.cache else None)
+
+
+def _edit_request(form: EditForm, uploads: dict[str, bytes | None], service: Service) -> ImageRequest:
+    """The engine's request for an edits form and its files (decoded and fitted here, on a worker thread)."""
+    config = service.engine.config
+    _check_format(form.response_format)
+    interval = None
+    if form.cache is not None:
+        try:
+            interval = CacheLevel.model_validate_json(form.cache).interval
+        except ValidationError:
+            raise InvalidRequest(f"cache must be JSON like {{\"interval\": 2}}; got {form.cache[:40]!r}.",
+                                 "cache") from None
+    image = read_image(uploads["image"], "image", config.max_size)
+    mask = read_image(uploads["mask"], "mask", config.max_size) if uploads["mask"] is not None else None
+    if form.size is not None:
+        width, height = _parse_size(form.size, config)
+        service.engine.check_size(width, height)  # before the image is fitted to it
+    else:  # the image's own size if it is served, else the first served size
+        try:
+            service.engine.check_size(*image.size)
+            width, height = image.size
+        except InvalidRequest:
+            width, height = config.sizes[0]
+    fitted_mask = fit_mask(mask, image, width, height, form.resize) if mask is not None else None
+    steps = config.steps if form.num_inference_steps is None else form.num_inference_steps
+    return ImageRequest(form.prompt, width, height, steps, form.guidance_scale, n=form.n,
+                        negative_prompt=form.negative_prompt, seed=form.seed,
+                        image=fit(image, width, height, form.resize).convert("RGB"), mask=fitted_mask,
+                        strength=form.strength, interval=interval)
+
+
+def _check_format(response_format: str) -> None:
+    if response_format != "b64_json":
+        raise InvalidRequest(f"response_format must be 'b64_json' (this server keeps no image files); "
+                             f"got {response_format!r}.", "response_format")
+
+
+def _parse_size(size: str, config) -> tuple[int, int]:
+    match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", size)
+    if match is None:
+        raise InvalidRequest(f"size must be {field_rules(config)['size']}; got {size[:40]!r}.", "size")
+    return int(match[1]), int(match[2])
 
 
 def _png_b64(image) -> str:

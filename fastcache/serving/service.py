@@ -9,18 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 
 from ..config import FastCacheConfig
 from ..environment import environment
 from ..handle import compile_pipeline
-from ..models import PRESETS, check_device, default_dtype, has_text_encoder, open_pipeline
+from ..models import INPAINT_PRESETS, PRESETS, check_device, default_dtype, has_text_encoder, open_pipeline
 from ..partition import downsampling_factor
 from . import compile_cache
 from .compile_cache import CompileCache
-from .engine import Engine, EngineConfig
+from .edits import inpainting_model
+from .engine import Engine, EngineConfig, Target
 from .metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,13 @@ class ServiceOptions:
     cache_dir: str | None = None  # persistent compile cache
     seed: int = 0  # of the preset's random weights
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # an inpainting model (9-channel UNet) for masked edits, with a fastcache handle of its own; neither: the base
+    # model inpaints
+    inpaint_model: str | None = None  # a diffusers folder or hub id
+    inpaint_preset: str | None = None  # one of models.INPAINT_PRESETS (random weights)
+    # measured speed and fidelity per cache level, shown by /v1/models: {interval: {"speedup": ..., "psnr_db": ...}}.
+    # HOOK for `fastcache tune` (issue 17): serve --tuned FILE fills it from fastcache.tune.levels(FILE)
+    level_labels: Mapping[int, Mapping[str, Any]] | None = None
 
     def __post_init__(self):
         if self.model is None and self.preset not in PRESETS:
@@ -49,6 +59,20 @@ class ServiceOptions:
                 raise TypeError(f"{name} must be a {kind.__name__}; got {type(getattr(self, name)).__name__}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0; got {self.seed!r}.")
+        if self.level_labels is not None and not (isinstance(self.level_labels, Mapping) and all(
+                isinstance(labels, Mapping) for labels in self.level_labels.values())):
+            raise TypeError(f"level_labels must map intervals to mappings of labels; got {self.level_labels!r}.")
+        if self.inpaint_model is not None and self.inpaint_preset is not None:
+            raise ValueError("inpaint_model and inpaint_preset are exclusive: give one of them.")
+        if self.inpaint_preset is not None and self.inpaint_preset not in INPAINT_PRESETS:
+            raise ValueError(f"inpaint_preset must be one of {sorted(INPAINT_PRESETS)}; got {self.inpaint_preset!r}.")
+        if self.inpainting_model and "inpaint" not in self.engine.edits:
+            raise ValueError("inpaint_model/inpaint_preset serve masked edits: engine.edits must include 'inpaint'.")
+        intervals, interval = self.engine.intervals, self.cache.interval
+        if intervals and self.cache.plan.kind == "explicit":
+            raise ValueError("intervals need a uniform or quad-center schedule (an explicit one has no interval).")
+        if intervals and interval not in intervals:
+            raise ValueError(f"intervals must include the server's interval ({interval}); got {intervals!r}.")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,6 +81,11 @@ class ServiceOptions:
     @property
     def model_name(self) -> str:
         return self.model or self.preset
+
+    @property
+    def inpainting_model(self) -> str | None:
+        """The inpainting model's name, if one is served beside the base model."""
+        return self.inpaint_model or self.inpaint_preset
 
 
 class Service:
@@ -69,11 +98,27 @@ class Service:
         self.pipe, self.label = open_pipeline(options.model, options.preset, device=options.device,
                                               dtype=options.dtype, seed=options.seed)
         self.handle = compile_pipeline(self.pipe, config=options.cache)
-        self.metrics = ServeMetrics(self.handle)
-        self.engine = Engine(self.pipe, self._engine_config(), self.handle, self.metrics.on_batch)
+        targets = {"inpaint": self._inpainting_target()} if options.inpainting_model else {}
+        self.engine = Engine(self.pipe, self._engine_config(), self.handle, targets=targets)
+        self.metrics = ServeMetrics(self.engine.handles)
+        self.engine.on_batch = self.metrics.on_batch
         self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
         self.warmup_seconds: float | None = None
         logger.info("fastcache: serving %s on %s (%s)", self.label, options.device, options.dtype)
+
+    def _inpainting_target(self) -> Target:
+        """The inpainting model's pipeline with its own fastcache handle (same options); its sizes must be the base
+        model's."""
+        options = self.options
+        pipe, label = open_pipeline(options.inpaint_model, options.inpaint_preset or "", device=options.device,
+                                    dtype=options.dtype, seed=options.seed)
+        pipe = inpainting_model(pipe)
+        multiple = pipe.vae_scale_factor * downsampling_factor(pipe.unet)
+        if multiple != self.pipe.vae_scale_factor * downsampling_factor(self.pipe.unet):
+            raise ValueError(f"inpaint model {options.inpainting_model} makes multiples of {multiple} pixels, the base "
+                             f"model other ones: serve models of one family.")
+        logger.info("fastcache: inpainting with %s", label)
+        return Target(pipe, compile_pipeline(pipe, config=options.cache))
 
     def _engine_config(self) -> EngineConfig:
         """The engine's options, with the loaded model's real pixel multiple (a hub model's is known only now)."""
@@ -83,11 +128,12 @@ class Service:
     def identity(self) -> dict:
         """What the compiled code depends on: the compile cache of another process is reused only if all match."""
         options = asdict(self.options)
-        for unrelated in ("cache_dir", "seed"):  # the weights' values are graph inputs, not code
+        for unrelated in ("cache_dir", "seed", "level_labels"):  # the weights' values are graph inputs, not code
             del options[unrelated]
-        if self.options.model and os.path.isdir(self.options.model):
-            options["model"] = os.path.abspath(self.options.model)
-        options["engine"] = {key: options["engine"][key] for key in ("batch_sizes", "sizes", "guidance")}
+        for name in ("model", "inpaint_model"):
+            if options[name] and os.path.isdir(options[name]):
+                options[name] = os.path.abspath(options[name])
+        options["engine"] = {key: options["engine"][key] for key in ("batch_sizes", "sizes", "guidance", "edits")}
         return dict(options, **self.environment())
 
     def environment(self) -> dict:
@@ -117,5 +163,6 @@ class Service:
         return dict(seconds=seconds, cache=state, artifacts_loaded=self.cache.loaded if self.cache else 0,
                     artifacts_saved=saved, buckets={str(bucket): s for bucket, s in per_bucket.items()},
                     eager_buckets=[str(bucket) for bucket in self.engine.eager_buckets], model=self.options.model_name,
-                    interval=cache.interval, branch=cache.branch, compile=cache.compile and cache.mode, **hits,
+                    interval=cache.interval, intervals=list(self.engine.levels), branch=cache.branch,
+                    compile=cache.compile and cache.mode, **hits,
                     **self.environment())
