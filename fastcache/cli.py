@@ -354,7 +354,8 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     from .serving.engine import EngineConfig
     from .serving.service import ServiceOptions
 
-    tuned_size = apply_tuned(parser, args)
+    pick = apply_tuned(parser, args)
+    tuned_size = pick.size if pick else None
     geometry = check_model_options(parser, args)
     cache = cache_config(parser, args)
     check_steps(parser, args, args.steps)
@@ -394,12 +395,14 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     with field_errors(parser):
         return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
                               cache_dir=args.cache_dir, engine=EngineConfig(**engine),
-                              inpaint_model=args.inpaint_model, inpaint_preset=args.inpaint_preset)
+                              inpaint_model=args.inpaint_model, inpaint_preset=args.inpaint_preset,
+                              level_labels=pick.levels if pick else None)
 
 
-def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, int] | None:
+def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Fill --interval, --branch and --schedule: from the pick of the --tuned file (one made for this model and
-    steps; its size becomes --sizes if none is given), else their defaults. Returns the tuned size."""
+    steps; its size becomes --sizes if none is given), else their defaults. Returns the ``TunedPick`` (its size, and
+    the labels measured per interval, which /v1/models shows beside the cache levels), or ``None``."""
     given = [f"--{name}" for name in CACHE_DEFAULTS if getattr(args, name) is not None]
     if not args.tuned:
         for name, value in CACHE_DEFAULTS.items():
@@ -421,7 +424,7 @@ def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
                        for level, labels in pick.levels.items())
     logger.info("--tuned %s: interval %d, branch %d, schedule %s; measured levels: %s", args.tuned, pick.interval,
                 pick.branch, pick.schedule, levels)
-    return pick.size
+    return pick
 
 
 def edge_config(parser: argparse.ArgumentParser, args: argparse.Namespace):

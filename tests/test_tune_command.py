@@ -113,6 +113,7 @@ def test_warmup_tuned_serves_the_pick_at_the_tuned_size(picked, monkeypatch, cap
     assert (options.cache.interval, options.cache.branch, options.cache.schedule) == (pick["interval"], pick["branch"],
                                                                                   "uniform")
     assert options.engine.sizes == ((32, 32),)
+    assert options.level_labels == tune.levels(picked) and 1 in options.level_labels  # shown by /v1/models
     assert "RANDOM WEIGHTS (tiny-sd)" in caplog.text and "measured levels: I1: " in caplog.text
 
 

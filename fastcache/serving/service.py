@@ -46,8 +46,8 @@ class ServiceOptions:
     # model inpaints
     inpaint_model: str | None = None  # a diffusers folder or hub id
     inpaint_preset: str | None = None  # one of models.INPAINT_PRESETS (random weights)
-    # measured speed and fidelity per cache level, shown by /v1/models: {interval: {"speedup": ..., "psnr_db": ...}}.
-    # HOOK for `fastcache tune` (issue 17): serve --tuned FILE fills it from fastcache.tune.levels(FILE)
+    # measured speed and fidelity per cache level, shown by /v1/models: {interval: {"speedup": ..., "psnr_db": ...}},
+    # as fastcache.tune.levels(FILE) gives them (serve --tuned FILE passes them)
     level_labels: Mapping[int, Mapping[str, Any]] | None = None
 
     def __post_init__(self):
