@@ -140,14 +140,14 @@ def test_interval_one_is_the_plain_pipeline_and_levels_batch_apart(url, models):
 
 
 BAD_EDITS = [
-    (dict(), "image: Field required"),
+    (dict(), "image must be a PNG, JPEG or WebP file of at most 64 pixels a side (edits only) (field required)"),
     (dict(image=b"not an image"), "image is not a PNG, JPEG or WebP image"),
     (dict(image=encoded(picture(80, 80))), "image is 80x80 pixels; each side must be at most 64 pixels"),
     (dict(image=bomb(60_000, 60_000)), "each side must be at most 64 pixels"),
     (dict(image=encoded(picture()), mask=encoded(picture(48, 48))), "mask is 48x48 pixels but the image is 32x32"),
     (dict(image=encoded(picture()), mask=b"GIF89a"), "mask is not a PNG, JPEG or WebP image"),
     (dict(image=encoded(picture()), strength="0"), "strength must be a number in (0, 1]"),
-    (dict(image=encoded(picture()), strength="much"), "strength: Input should be a valid number"),
+    (dict(image=encoded(picture()), strength="much"), "strength must be a number from 0 to 1"),
     (dict(image=encoded(picture()), n="3"), "n must be between 1 and 2"),
     (dict(image=encoded(picture()), size="64x64"), "served sizes: 32x32, 48x48"),
     (dict(image=encoded(picture()), cache='{"interval": 5}'), "cache.interval 5 is not served; served levels: 1, 2, 3"),
