@@ -166,6 +166,12 @@ class SplitControlNet:
     def reset(self) -> None:
         self._partial.clear()
 
+    def whole(self, partial: _Partial) -> dict:
+        """The whole ControlNet's residuals, for a UNet evaluation that got a shallow ControlNet's but runs full."""
+        self.paths.counters.controlnet_recomputes += 1
+        down, mid = partial.recompute()[:2]
+        return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
     def run(self, call: dict, shallow: bool, original: Callable[[], Any]) -> Any:
         """The ControlNet on ``call`` (bound ``forward`` arguments), returned as the ControlNet returns it."""
         sample = call["sample"]
@@ -191,6 +197,17 @@ class SplitControlNet:
         if call["return_dict"]:
             return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
         return down, mid
+
+    @staticmethod
+    def residuals_for_step(inputs: dict, full: bool, boundary: Boundary) -> dict:
+        """The UNet inputs with the ControlNet residuals its step consumes (whoever computed them): all on a full
+        step; on a skip step those of the skip connections it computes, and the mid residual only where the cached
+        feature is the mid block's output (elsewhere the cached feature already holds it)."""
+        down, mid = inputs["down_block_additional_residuals"], inputs["mid_block_additional_residual"]
+        if full or (down is None and mid is None):
+            return inputs
+        return dict(inputs, down_block_additional_residuals=None if down is None else down[:boundary.shallow_skips],
+                    mid_block_additional_residual=mid if boundary.at_mid_output else None)
 
     def take_partial(self, down, mid) -> _Partial | None:
         """This thread's partial residuals, if a UNet call got them; forgotten either way."""

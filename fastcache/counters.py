@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -21,3 +21,24 @@ class Counters:
     compile_failures: int = 0  # (shape, path) pairs whose compilation or capture failed: they run uncaptured/eagerly
     captures: int = 0  # CUDA graphs captured by hand (mode="static-cudagraphs")
     replays: int = 0  # replays of those graphs
+    # graphs made again for a shape already compiled or captured, because a setting it baked in changed (a LoRA
+    # weight, an IP-Adapter scale, FreeU values, attention processors, new weights): how many, and why
+    recompiles: int = 0  # by torch.compile, its guards having failed (the reason is dynamo's: the failed guard)
+    recaptures: int = 0  # by hand (mode="static-cudagraphs"): the settings read before a replay had changed
+    recompile_reasons: dict[str, int] = field(default_factory=dict)
+    recapture_reasons: dict[str, int] = field(default_factory=dict)
+
+    def recompiled(self, reason: str) -> bool:
+        """Count a recompile; True the first time for this reason (log it then)."""
+        self.recompiles += 1
+        return _add(self.recompile_reasons, reason)
+
+    def recaptured(self, reason: str) -> bool:
+        """Count a recapture; True the first time for this reason."""
+        self.recaptures += 1
+        return _add(self.recapture_reasons, reason)
+
+
+def _add(reasons: dict[str, int], reason: str) -> bool:
+    reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons[reason] == 1

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch._dynamo.exc import FailOnRecompileLimitHit
+from torch._dynamo.utils import guard_failures
 from torch.utils._pytree import tree_map_only
 
 from .counters import Counters
@@ -112,6 +114,8 @@ class CompiledPaths(Paths):
         self.full, self.shallow = torch.compile(partition.full, **options), torch.compile(partition.shallow, **options)
         self.mode = mode
         self._eager = (partition.full, partition.shallow)
+        # dynamo files the guards that failed (why it compiled again) under the function's code object
+        self._codes = tuple(getattr(f, "__func__", f).__code__ for f in self._eager)
         self._warm: set[tuple] = set()  # (shape key, is_full) already compiled
         self.failed: set[tuple] = set()  # (shape key, is_full) whose compilation failed: run eagerly
 
@@ -121,7 +125,7 @@ class CompiledPaths(Paths):
         torch.compiler.cudagraph_mark_step_begin()
         fn = self.path(full)
         if (key, full) in self._warm:
-            return clone(fn(**inputs))
+            return clone(self._guarded(fn, full, inputs))
         if (key, full) in self.failed:
             return self.eager(full, inputs)
         label = f"{'full' if full else 'shallow'} path at {tuple(inputs['sample'].shape)}"
@@ -135,6 +139,24 @@ class CompiledPaths(Paths):
         self._warm.add((key, full))
         self.counters.compiles += 1
         return clone(out)
+
+    def _guarded(self, fn: Callable, full: bool, inputs: dict):
+        """A warm path, counting a recompile when dynamo's guards failed: a setting the graph baked in changed."""
+        failures = guard_failures[self._codes[0 if full else 1]]
+        seen = len(failures)
+        try:
+            out = fn(**inputs)
+        except FailOnRecompileLimitHit:  # slower, never down: dynamo keeps every graph it made, up to its limit
+            reason = f"recompile limit ({torch._dynamo.config.recompile_limit}) hit: ran eagerly"
+            if self.counters.recompiled(reason):
+                logger.warning("fastcache: the %s path hit dynamo's recompile limit (settings changed too often); "
+                               "calls needing a new graph run eagerly.", "full" if full else "shallow")
+            return self.eager(full, inputs)
+        if len(failures) > seen:
+            reason = _guard(failures[seen])
+            if self.counters.recompiled(reason):
+                logger.info("fastcache: the %s path compiled again: %s", "full" if full else "shallow", reason)
+        return out
 
     def eager(self, full: bool, inputs: dict) -> torch.Tensor:
         """The path's own (uncompiled) forward."""
@@ -155,6 +177,12 @@ def clone(out):
     """A graph's output (a tensor, or the ControlNet's residuals), copied out of the memory the graph's next replay
     writes."""
     return tree_map_only(torch.Tensor, torch.Tensor.clone, out)
+
+
+def _guard(failure: str) -> str:
+    """The failed guard in dynamo's recompile reason ("0/1: L['self'].unet.up_blocks[1].b1 == 1.2  # source")."""
+    first = failure.split("\n", 1)[0]
+    return first.split(": ", 1)[-1].split("  #", 1)[0].strip()
 
 
 def _timed(fn: Callable, label: str, inputs: dict):

@@ -19,8 +19,10 @@ from .controlnet import ControlNetPartition, SplitControlNet, check_controlnet, 
 from .counters import Counters
 from .dispatch import Decision, StepDispatcher
 from .graphs import RECOMPILE_LIMIT, CompiledPaths, Paths, compile_decoder
+from .lora import LoraLayers, refuse_wide_hotswaps, split_scale
 from .partition import UNetPartition, adapter_residuals_problem, downsampling_factor
 from .schedule import Schedule
+from .settings import path_settings
 from .shapes import FeatureBuffers, on_device, shape_key, signature
 from .static_graphs import StaticGraphPaths
 
@@ -28,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 HOOK_NAME = "fastcache"
 
-# The UNet arguments the two paths implement. A call that sets any other one (attention masks,
-# cross_attention_kwargs, whatever a later diffusers adds) runs the original forward.
+# The UNet arguments the two paths implement. A call that sets any other one (attention masks, whatever a later
+# diffusers adds) runs the original forward; so does a cross_attention_kwargs with more than a LoRA scale, which the
+# handle applies itself.
 PATH_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels",
                   "down_block_additional_residuals", "mid_block_additional_residual",
                   "down_intrablock_additional_residuals")
@@ -80,15 +83,18 @@ class FastCacheHandle:
     counters: Counters
     decoder: Callable | None = field(default=None, repr=False)  # the compiled VAE decoder, if any
     controlnet: SplitControlNet | None = field(default=None, repr=False)  # for a ControlNet pipeline
+    lora: LoraLayers | None = field(default=None, repr=False)  # applies a per-call LoRA scale around the paths
     enabled: bool = False
     _warned: set = field(default_factory=set, repr=False)  # fallback reasons already logged
     _added: dict = field(default_factory=dict, repr=False)  # hooked module -> the attributes enable() created
     _lock: Any = field(default_factory=threading.Lock, repr=False)
     _hooks: dict = field(default_factory=dict, repr=False)  # hooked module -> its hook (it keeps the original forward)
     _stream: Any = field(default=None, repr=False)  # the CUDA stream that last used the buffers
+    _restore_loader: Any = field(default=None, repr=False)  # undoes refuse_wide_hotswaps
 
     def __post_init__(self):
-        self._arguments = _Arguments(type(self.unet).forward, PATH_ARGUMENTS)
+        self._arguments = _Arguments(type(self.unet).forward, (*PATH_ARGUMENTS, "cross_attention_kwargs"))
+        self.lora = self.lora or LoraLayers(self.unet)
         if self.controlnet is not None:
             self._controlnet_arguments = _Arguments(type(self.controlnet.module).forward, CONTROLNET_ARGUMENTS)
 
@@ -112,12 +118,14 @@ class FastCacheHandle:
                 self._attach(self.pipe.vae.decoder, _Hook(self._decode))
             if self.config.compile:
                 RECOMPILE_LIMIT.hold()
+            self._restore_loader = refuse_wide_hotswaps(self.unet)  # before they change anything
             self.enabled = True
             return self
 
     def disable(self) -> FastCacheHandle:
         with self._lock:
             if self.enabled:
+                self._restore_loader()
                 for module, added in self._added.items():
                     registry = module._diffusers_hook
                     registry.remove_hook(HOOK_NAME, recurse=False)
@@ -179,52 +187,69 @@ class FastCacheHandle:
     def forward(self, unet, *args, **kwargs):
         """Replacement for ``unet.forward`` while the handle is enabled: the full or the shallow path."""
         call = self._arguments.bind(unet, args, kwargs)
-        unsupported = [name for name in self._arguments.others if _is_set(call[name])]
-        if self._freeu_enabled():
-            unsupported.append("FreeU")
-        if torch.is_grad_enabled():  # the feature buffer would keep the full step's autograd graph alive
-            unsupported.append("autograd (call the UNet under torch.no_grad(), as pipelines do)")
+        scale, processor_kwargs = split_scale(call["cross_attention_kwargs"])  # the handle applies a LoRA scale
         # residuals of a shallow ControlNet: the UNet step must be shallow, or the whole ControlNet runs again
         partial = self.controlnet and self.controlnet.take_partial(call["down_block_additional_residuals"],
                                                                    call["mid_block_additional_residual"])
-        sample, timestep = call["sample"], call["timestep"]
-        inputs = {name: on_device(call[name], sample.device) for name in PATH_ARGUMENTS}
-        if not torch.is_tensor(timestep):  # a Python number would be baked into the graph
-            inputs["timestep"] = torch.as_tensor(timestep, device=sample.device)
-        key = shape_key(inputs)
-        if key not in self.buffers:  # a new shape: checked once, not on every step
-            unsupported += self._size_problem(sample) + self._residuals_problem(inputs)
+        inputs, key = self._inputs(call)
+        unsupported = self._unsupported(call, processor_kwargs, inputs, key)
         if unsupported:
             if partial:
-                call = dict(call, **self._whole_controlnet(partial))
-                args, kwargs = (), call
+                args, kwargs = (), dict(call, **self.controlnet.whole(partial))
             return self._fallback(unsupported, args, kwargs)
         with self._lock:
-            cache = self.buffers.get(key, sample)
-            self.counters.shapes = len(self.buffers)
-            self._follow_stream(cache)
-            # the timestep as the caller passed it: a view of the scheduler's timesteps names the loop and step
-            decision = self.dispatcher.decide(timestep, key, cache, (self.pipe.scheduler,))
-            if decision.new_call:
-                self.paths.start_call()
-                if self.controlnet is not None:
-                    self.controlnet.paths.start_call()
-            if decision.full and partial:
-                inputs.update(on_device(self._whole_controlnet(partial), sample.device))
-            if not decision.full:  # a skip step needs the residuals of its own skip connections only
-                if not self.partition.boundary.at_mid_output:
-                    inputs["mid_block_additional_residual"] = None
-                if inputs["down_block_additional_residuals"] is not None:
-                    inputs["down_block_additional_residuals"] = inputs["down_block_additional_residuals"][
-                        :self.partition.boundary.shallow_skips]
-                if inputs["down_intrablock_additional_residuals"] is not None:  # T2I-Adapter: those it adds only
-                    inputs["down_intrablock_additional_residuals"] = inputs["down_intrablock_additional_residuals"][
-                        :self.partition.boundary.shallow_adapter_residuals]
-            out = self.paths(decision.full, key, dict(inputs, cache=cache))
-            self._count(decision)
+            out = self._evaluate(inputs, key, call["timestep"], partial, scale)
         return UNet2DConditionOutput(sample=out) if call["return_dict"] else (out,)
 
-    # -- helpers -----------------------------------------------------------------------------------------
+    # -- the pieces of an evaluation ---------------------------------------------------------------------
+
+    def _inputs(self, call: dict) -> tuple[dict, tuple]:
+        """The paths' inputs, every tensor on the sample's device (a Python-number timestep too: it would be baked
+        into the graph), and their shape key."""
+        sample = call["sample"]
+        inputs = {name: on_device(call[name], sample.device) for name in PATH_ARGUMENTS}
+        if not torch.is_tensor(call["timestep"]):
+            inputs["timestep"] = torch.as_tensor(call["timestep"], device=sample.device)
+        return inputs, shape_key(inputs)
+
+    def _unsupported(self, call: dict, processor_kwargs, inputs: dict, key: tuple) -> list[str]:
+        """Why this evaluation cannot take the paths; empty if it can."""
+        reasons = [name for name in self._arguments.others if _is_set(call[name])]
+        if _is_set(processor_kwargs):  # keys for the attention processors (IP-Adapter masks, ...)
+            reasons.append(f"cross_attention_kwargs {sorted(processor_kwargs)}")
+        if torch.is_grad_enabled():  # the feature buffer would keep the full step's autograd graph alive
+            reasons.append("autograd (call the UNet under torch.no_grad(), as pipelines do)")
+        if key not in self.buffers:  # a new shape: checked once, not on every step
+            reasons += self._size_problem(inputs["sample"]) + self._residuals_problem(inputs)
+        return reasons
+
+    def _evaluate(self, inputs: dict, key: tuple, timestep, partial, scale: float) -> torch.Tensor:
+        """Place the evaluation in its loop, then run the full or the shallow path (under the lock)."""
+        sample = inputs["sample"]
+        cache = self.buffers.get(key, sample)
+        self.counters.shapes = len(self.buffers)
+        self._follow_stream(cache)
+        # the timestep as the caller passed it: a view of the scheduler's timesteps names the loop and step
+        decision = self.dispatcher.decide(timestep, key, cache, (self.pipe.scheduler,))
+        if decision.new_call:
+            self._start_call(sample.device)
+        if decision.full and partial:
+            inputs.update(on_device(self.controlnet.whole(partial), sample.device))
+        inputs = SplitControlNet.residuals_for_step(inputs, decision.full, self.partition.boundary)
+        adapter = inputs["down_intrablock_additional_residuals"]
+        if not decision.full and adapter is not None:  # T2I-Adapter: a skip step gets those it adds only
+            inputs["down_intrablock_additional_residuals"] = adapter[:self.partition.boundary.shallow_adapter_residuals]
+        with self.lora.scaled(scale):  # as the UNet's forward scales its LoRA layers
+            out = self.paths(decision.full, key, dict(inputs, cache=cache))
+        self._count(decision)
+        return out
+
+    def _start_call(self, device: torch.device) -> None:
+        """At the first evaluation of a denoising loop (a pipeline call)."""
+        self.paths.start_call()
+        if self.controlnet is not None:
+            self.controlnet.paths.start_call()
+        self.lora.start_call(device)
 
     def _count(self, decision: Decision) -> None:
         counters = self.counters
@@ -242,12 +267,6 @@ class FastCacheHandle:
         if self._stream is not None and stream != self._stream:
             stream.wait_stream(self._stream)
         self._stream = stream
-
-    def _whole_controlnet(self, partial) -> dict:
-        """The whole ControlNet's residuals, for a UNet evaluation that got a shallow ControlNet's but runs full."""
-        self.counters.controlnet_recomputes += 1
-        down, mid = partial.recompute()[:2]
-        return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
     def _residuals_problem(self, inputs: dict) -> list[str]:
         """ControlNet residuals must meet the UNet's skip connections one for one, T2I-Adapter residuals the hidden
@@ -271,10 +290,6 @@ class FastCacheHandle:
         scale = int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
         return [f"latents of {height}x{width} ({height * scale}x{width * scale} pixels; fastcache needs multiples "
                 f"of {factor} latents, {factor * scale} pixels)"]
-
-    def _freeu_enabled(self) -> bool:
-        # diffusers' enable_freeu sets b1..s2 on the up blocks (read without nn.Module's slow __getattr__)
-        return any(vars(up).get("b1") for up in self.unet._modules["up_blocks"])
 
     def _fallback(self, reasons: list[str], args: tuple, kwargs: dict) -> Any:
         """Run the UNet's original forward (correct, uncached) for a call fastcache cannot split."""
@@ -361,5 +376,5 @@ def _build_paths(partition, model: torch.nn.Module, counters: Counters,
         return Paths(partition, counters)
     compiled = CompiledPaths(partition, counters, config.mode, config.inductor_options)
     if config.mode == "static-cudagraphs":
-        return StaticGraphPaths(compiled, model, counters)
+        return StaticGraphPaths(compiled, model, counters, path_settings(partition, model))
     return compiled

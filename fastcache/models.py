@@ -347,3 +347,57 @@ def with_adapter(pipe: DiffusionPipeline, count: int = 1, seed: int = 0) -> Diff
     adapter = adapters[0] if count == 1 else MultiAdapter(adapters)
     kind = StableDiffusionXLAdapterPipeline if _is_sdxl(pipe) else StableDiffusionAdapterPipeline
     return _ready(kind.from_pipe(pipe, adapter=adapter))
+
+
+def with_text_encoder(pipe: DiffusionPipeline, seed: int = 0) -> DiffusionPipeline:
+    """``pipe`` with a random one-layer CLIP text encoder if it was built without one, in place.
+
+    The encoder never runs (the presets' pipelines take prompt embeddings): SD pipelines scale the text encoder's
+    LoRA layers for a per-call LoRA scale (``cross_attention_kwargs={"scale": s}``) and fail without one.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if getattr(pipe, "text_encoder", True) is not None:
+        return pipe
+    torch.manual_seed(seed)
+    width = pipe.unet.config.cross_attention_dim
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                            num_attention_heads=8 if width % 8 == 0 else 1, vocab_size=1000)
+    pipe.register_modules(text_encoder=CLIPTextModel(config).to(device=pipe.unet.device, dtype=pipe.unet.dtype))
+    return pipe
+
+
+def random_lora(unet: UNet2DConditionModel, rank: int = 8, seed: int = 0,
+                targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> dict[str, torch.Tensor]:
+    """A LoRA for ``unet``'s attention projections with random weights (so it changes the output), keyed as
+    ``save_lora_weights`` writes them (``unet.<module>.lora_A.weight``): a stand-in for a downloaded LoRA, for
+    ``pipe.load_lora_weights``."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    state_dict = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(f".{target}") for target in targets):
+            for part, shape in (("lora_A", (rank, module.in_features)), ("lora_B", (module.out_features, rank))):
+                weight = torch.randn(shape, generator=generator) * 0.3 / shape[1] ** 0.5
+                state_dict[f"unet.{name}.{part}.weight"] = weight.to(device=unet.device, dtype=unet.dtype)
+    return state_dict
+
+
+def random_ip_adapter(unet: UNet2DConditionModel, embed_dim: int, seed: int = 0) -> dict:
+    """An IP-Adapter for ``unet`` (image projection, and the cross-attentions' image keys and values) with random
+    weights, in the layout ``unet._load_ip_adapter_weights`` reads; ``embed_dim``: the image encoder's."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def random(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.3 / shape[-1] ** 0.5).to(unet.device, unet.dtype)
+
+    cross = unet.config.cross_attention_dim
+    image_proj = {"proj.weight": random(4 * cross, embed_dim), "proj.bias": random(4 * cross),
+                  "norm.weight": random(cross) + 1, "norm.bias": random(cross)}
+    ip_adapter, key = {}, 1
+    for name in unet.attn_processors:
+        if not name.endswith("attn1.processor"):  # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            ip_adapter[f"{key}.to_k_ip.weight"] = random(hidden, cross)
+            ip_adapter[f"{key}.to_v_ip.weight"] = random(hidden, cross)
+            key += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}

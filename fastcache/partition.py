@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.utils.torch_utils import apply_freeu
 
 SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -257,6 +258,17 @@ class UNetPartition:
         h = self._up_layers(cache, skips, emb, context, start=bnd.first_up_resnet, cache=None)
         return self._head(h, skips, emb, context)
 
+    def path_modules(self, full: bool) -> list[torch.nn.Module]:
+        """The modules a path runs (for the full path, the whole UNet): the settings its graphs depend on."""
+        unet, bnd = self.unet, self.boundary
+        if full:
+            return [unet]
+        modules = [m for name, m in unet.named_children() if name not in ("down_blocks", "mid_block", "up_blocks")]
+        modules += [*unet.down_blocks[:bnd.block], *_layer_modules(unet.down_blocks[bnd.block], range(bnd.layer))]
+        up = unet.up_blocks[bnd.up_index]
+        modules += _layer_modules(up, range(bnd.first_up_resnet, len(up.resnets))) + list(up.upsamplers or [])
+        return modules + list(unet.up_blocks[bnd.up_index + 1:])
+
     # -- pieces shared by both paths -------------------------------------------------------------------
 
     def _stem(self, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond, class_labels):
@@ -290,7 +302,8 @@ class UNetPartition:
         for i in range(start, len(up.resnets)):
             if cache is not None and i == self.boundary.first_up_resnet:
                 cache.copy_(h)
-            h = self._layer(up, i, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h, skip = _freeu(up, h, skips.pop())
+            h = self._layer(up, i, torch.cat([h, skip], dim=1), emb, context)
         if up.upsamplers is not None:
             for upsampler in up.upsamplers:
                 h = upsampler(h)
@@ -325,6 +338,21 @@ class UNetPartition:
         if getattr(block, "attentions", None) is not None:
             h = block.attentions[i](h, encoder_hidden_states=context, return_dict=False)[0]
         return h
+
+
+def _layer_modules(block, indices) -> list[torch.nn.Module]:
+    attentions = getattr(block, "attentions", None)
+    return [m for i in indices for m in (block.resnets[i], attentions[i] if attentions is not None else None) if m]
+
+
+def _freeu(up, h: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU at one up layer, as the up block's forward applies it (diffusers' ``apply_freeu``, when all four values
+    are set), to a copy of ``h``: ``apply_freeu`` scales ``h`` in place, and on a skip step ``h`` is the cached
+    feature (the DeepCache helper scales its cached output again at every skip step that way)."""
+    if not (getattr(up, "s1", None) and getattr(up, "s2", None) and getattr(up, "b1", None)
+            and getattr(up, "b2", None)):  # the up blocks' own test (enable_freeu sets the four on every up block)
+        return h, skip
+    return apply_freeu(up.resolution_idx, h.clone(), skip, s1=up.s1, s2=up.s2, b1=up.b1, b2=up.b2)
 
 
 def _add(skips: list, residuals) -> list:

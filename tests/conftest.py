@@ -23,6 +23,7 @@ from fastcache import compile_pipeline
 from fastcache.models import (
     build_pipeline,
     inpaint_pipeline,
+    random_ip_adapter,
     random_prompt_embeds,
     refiner_pipeline,
     with_adapter,
@@ -88,6 +89,17 @@ def fastcache_run(runner, interval: int, branch: int, **kwargs) -> torch.Tensor:
         return runner(**kwargs)
     finally:
         handle.disable()
+
+
+def against_helper(runner, handle, interval: int, branch: int, tolerance: float = 1e-5, **kwargs) -> torch.Tensor:
+    """One call of ``runner`` under ``handle``, checked against one under a fresh DeepCache helper (the handle off
+    meanwhile: the two cannot hook one UNet at once); returns the handle's output."""
+    handle.disable()
+    expected = helper_run(runner, interval, branch, **kwargs)
+    handle.enable()
+    got = runner(**kwargs)
+    assert rel_l2(got, expected) < tolerance, kwargs
+    return got
 
 
 def unet_inputs(model, batch=2, size=16, seed=0) -> dict:
@@ -363,3 +375,71 @@ def assert_error(status: int, body: bytes | str, expected: int | tuple[int, ...]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"] and isinstance(error["code"], str), error
     return error
+
+
+# -- what users run on top of the UNet: LoRA, IP-Adapter, PAG, and the DeepCache helper under FreeU -----------------
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def save_lora(pipe, directory, rank: int = 4, seed: int = 0) -> str:
+    """A LoRA for ``pipe``'s UNet made with PEFT (random ``A`` and ``B``, so it changes the output) and saved with the
+    pipeline's ``save_lora_weights``: a folder ``load_lora_weights`` reads back through diffusers' own loader."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_config(pipe.unet.config)  # LoRA weights do not depend on the base weights
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3 / param.shape[-1] ** 0.5)
+    path = Path(directory) / f"lora-r{rank}-s{seed}"
+    type(pipe).save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    return str(path)
+
+
+def ip_adapter_state_dict(unet, seed: int = 0) -> dict:
+    """An IP-Adapter for ``unet`` (random weights, image embeddings of 16) for ``unet._load_ip_adapter_weights``."""
+    return random_ip_adapter(unet, embed_dim=16, seed=seed)
+
+
+def image_embeds(count: int = 1, embed_dim: int = 16, seed: int = 5) -> list[torch.Tensor]:
+    """``ip_adapter_image_embeds`` for ``count`` IP-Adapters with guidance on: negative and positive, one image."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 1, embed_dim, generator=generator) for _ in range(count)]
+
+
+def pag_runner(runner: Runner, pipeline_cls, **kwargs) -> Runner:
+    """``runner``'s pipeline as a PAG pipeline of ``pipeline_cls`` (``from_pipe``: same UNet), PAG on the mid block."""
+    pipe = pipeline_cls.from_pipe(runner.pipe, pag_applied_layers=["mid"], **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return Runner(runner.preset, pipe)
+
+
+@contextmanager
+def freeu_out_of_place():
+    """diffusers' ``apply_freeu`` on a copy of the hidden state, for the DeepCache helper as an oracle under FreeU.
+
+    ``apply_freeu`` scales the hidden state in place. In a plain forward nothing else holds it, so this changes
+    nothing; but the helper's cached outputs are the tensors it scales, so at a branch whose up block applies FreeU
+    the helper scales its cached feature again at every skip step (b1, b1², b1³, ...). fastcache applies FreeU to a
+    copy (partition._freeu); with this, the helper computes the same thing."""
+    from diffusers.models.unets import unet_2d_blocks
+    from diffusers.utils.torch_utils import apply_freeu
+
+    def on_a_copy(resolution_idx, hidden_states, res_hidden_states, **values):
+        return apply_freeu(resolution_idx, hidden_states.clone(), res_hidden_states, **values)
+
+    unet_2d_blocks.apply_freeu = on_a_copy
+    try:
+        yield
+    finally:
+        unet_2d_blocks.apply_freeu = apply_freeu
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("loras")

@@ -2,12 +2,22 @@
 
 import pytest
 import torch
-from conftest import Runner, helper_run, rel_l2
+from conftest import (
+    Runner,
+    against_helper,
+    helper_run,
+    image_embeds,
+    ip_adapter_state_dict,
+    pag_runner,
+    rel_l2,
+    save_lora,
+)
 from torch._dynamo.utils import counters as dynamo_counters
 
 from fastcache import compile_pipeline
 from fastcache.counters import Counters
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, CompiledPaths, Paths, compile_options
+from fastcache.models import with_text_encoder
 from fastcache.partition import UNetPartition, feature_shape
 from fastcache.variants import speed_switches
 
@@ -110,3 +120,95 @@ def test_the_recompile_limit_is_raised_while_compiled_handles_are_enabled_and_th
         torch._dynamo.config.recompile_limit = 100  # the user's own setting wins over ours
         handles[0].disable()
         assert torch._dynamo.config.recompile_limit == 100
+
+
+# -- the compile rule: a graph made under one setting is never replayed under another --------------------------------
+
+
+@pytest.fixture
+def dynamo_only(monkeypatch):
+    """torch.compile with dynamo's guards and graphs but no inductor (backend "eager"): which setting changes dynamo
+    catches, and how often the paths compile, is dynamo's doing; the kernels are inductor's (the unmarked inductor
+    tests above and below; the same tests with inductor are marked slow)."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile(fn, backend="eager", fullgraph=True,
+                                                                         dynamic=False))
+
+
+def _compare(runner: Runner, handle, tolerance: float, **kwargs) -> torch.Tensor:
+    return against_helper(runner, handle, 2, 0, tolerance, steps=4, **kwargs)
+
+
+def test_lora_hot_swaps_and_per_call_scales_compile_nothing_new_with_freeu_on(lora_dir):
+    """Under enable_lora_hotswap the scalings are tensors, which a per-call scale multiplies in place and a swap
+    fills: graph inputs, not constants. With FreeU on (its Fourier filter in the full path's graph). Inductor,
+    compared with the helper."""
+    runner = Runner("tiny-sd")
+    pipe = with_text_encoder(runner.pipe)
+    pipe.unet.enable_freeu(0.9, 0.2, 1.2, 1.4)
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(save_lora(pipe, lora_dir, rank=4, seed=1), adapter_name="style")
+    handle = compile_pipeline(pipe, 2, 0)
+    first = _compare(runner, handle, 1e-4, cross_attention_kwargs={"scale": 0.5})
+    assert handle.counters.compiles == 2
+    pipe.load_lora_weights(save_lora(pipe, lora_dir, rank=8, seed=2), adapter_name="style", hotswap=True)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        swapped = _compare(runner, handle, 1e-4, cross_attention_kwargs={"scale": 1.3})
+    assert rel_l2(swapped, first) > 1e-3
+    assert (handle.counters.compiles, handle.counters.recompiles, handle.counters.fallbacks) == (2, 0, 0)
+    handle.disable()
+
+
+@pytest.mark.parametrize("backend", ["dynamo", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_every_setting_change_is_caught_compiled_once_and_counted(backend, lora_dir, request):
+    """LoRA weights as floats (no hot-swap), IP-Adapter scales, FreeU values, a new adapter: each change makes both
+    paths compile once, counted with dynamo's reason; a setting met before compiles nothing."""
+    if backend == "dynamo":
+        request.getfixturevalue("dynamo_only")
+    runner = Runner("tiny-sd")
+    pipe = with_text_encoder(runner.pipe)
+    pipe.load_lora_weights(save_lora(pipe, lora_dir, seed=1), adapter_name="a")
+    pipe.unet._load_ip_adapter_weights([ip_adapter_state_dict(pipe.unet)])
+    embeds = image_embeds()
+    handle = compile_pipeline(pipe, 2, 0)
+    counters = handle.counters
+    _compare(runner, handle, 1e-4, ip_adapter_image_embeds=embeds)
+    assert (counters.compiles, counters.recompiles) == (2, 0)
+    half = dict(cross_attention_kwargs={"scale": 0.5})
+    changes = [  # one setting at a time (dynamo reports the guard the last graph failed), and the recompiles it costs
+        ("a per-call LoRA scale", lambda: None, 2),
+        ("an IP-Adapter scale", lambda: pipe.set_ip_adapter_scale(0.6), 2),
+        ("back to the first IP-Adapter scale", lambda: pipe.set_ip_adapter_scale(1.0), 0),
+        ("FreeU", lambda: pipe.unet.enable_freeu(0.9, 0.2, 1.2, 1.4), 2),
+        ("a second adapter, mixed", lambda: (pipe.load_lora_weights(save_lora(pipe, lora_dir, seed=2),
+                                                                      adapter_name="b"),
+                                             pipe.set_adapters(["a", "b"], [0.6, 0.8])), 2),
+    ]
+    for change, apply, recompiles in changes:
+        before = counters.recompiles
+        apply()
+        _compare(runner, handle, 1e-4, ip_adapter_image_embeds=embeds, **half)
+        assert counters.recompiles - before == recompiles, change
+    assert counters.compiles == 2 and counters.fallbacks == 0
+    assert sum(counters.recompile_reasons.values()) == counters.recompiles == 8
+    reasons = " ".join(counters.recompile_reasons)  # dynamo's failed guards: the LoRA, IP-Adapter, FreeU settings
+    assert all(name in reasons for name in (".scaling[", ".scale[0]", "s1")), list(counters.recompile_reasons)
+    handle.disable()
+
+
+@pytest.mark.parametrize("backend", ["dynamo", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_pag_compiles_once_although_it_installs_its_processors_at_every_call(backend, request):
+    """PAG puts its processors on its layers at every call and restores the originals after (batch 3 with CFG): its
+    second call compiles nothing."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    if backend == "dynamo":
+        request.getfixturevalue("dynamo_only")
+    runner = pag_runner(Runner("tiny-sd"), StableDiffusionPAGPipeline)
+    handle = compile_pipeline(runner.pipe, 2, 0)
+    first = _compare(runner, handle, 1e-4, pag_scale=3.0)  # the helper's call leaves the original processors too
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(runner(steps=4, pag_scale=3.0), first)
+    assert handle.counters.compiles == 2 and handle.counters.recompiles == 0
+    assert handle.counters.fallbacks == 0
+    handle.disable()

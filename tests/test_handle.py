@@ -3,7 +3,19 @@
 import numpy as np
 import pytest
 import torch
-from conftest import Img2ImgRunner, fastcache_run, helper_run, rel_l2
+from conftest import (
+    ControlNetRunner,
+    Img2ImgRunner,
+    Runner,
+    against_helper,
+    fastcache_run,
+    freeu_out_of_place,
+    helper_run,
+    image_embeds,
+    ip_adapter_state_dict,
+    pag_runner,
+    rel_l2,
+)
 
 from fastcache import compile_pipeline
 from fastcache.models import random_prompt_embeds
@@ -156,16 +168,33 @@ def test_unsupported_arguments_fall_back_to_the_original_forward(sd_runner):
     assert handle.counters.fallbacks == 10 and handle.counters.full == 0
 
 
-def test_freeu_falls_back_while_enabled(sd_runner):
-    unet = sd_runner.pipe.unet
-    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-    freeu = sd_runner()
-    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
-    assert torch.equal(sd_runner(), freeu)
-    assert handle.counters.fallbacks == 10
-    unet.disable_freeu()
-    sd_runner()
-    assert handle.counters.fallbacks == 10 and handle.counters.full == 4
+@pytest.mark.parametrize("preset", ["tiny-sd", pytest.param("tiny-sdxl", marks=pytest.mark.slow)])
+def test_freeu_takes_the_cached_path_and_follows_new_values_between_calls(preset):
+    """At branch 3 the recomputed up block applies FreeU itself (resolution 1): the paths must apply it as the up
+    block's forward does. The oracle is the helper with FreeU on a copy (conftest.freeu_out_of_place: see below)."""
+    runner = Runner(preset)
+    handle = compile_pipeline(runner.pipe, 3, 3, compile=False)
+    for values in ((0.9, 0.2, 1.2, 1.4), (0.6, 0.4, 1.1, 1.3), None):
+        if values:
+            runner.pipe.unet.enable_freeu(*values)
+        else:
+            runner.pipe.unet.disable_freeu()
+        with freeu_out_of_place():
+            against_helper(runner, handle, 3, 3, steps=6)
+    assert handle.counters.fallbacks == 0 and handle.counters.shallow == 12
+
+
+def test_the_helper_scales_its_cached_feature_again_at_every_skip_step_under_freeu(sd_runner):
+    """Why the FreeU oracle applies FreeU to a copy: diffusers' apply_freeu scales the hidden state in place, which
+    in the helper is its cached output. Where the recomputed up block applies no FreeU (branch 0: resolution 2) the
+    helper is exact as it is; at branch 3 its skip steps drift from the full step's FreeU."""
+    sd_runner.pipe.unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    for branch, exact in ((0, True), (3, False)):
+        raw = helper_run(sd_runner, 3, branch, steps=6)
+        with freeu_out_of_place():
+            on_a_copy = helper_run(sd_runner, 3, branch, steps=6)
+        assert (rel_l2(raw, on_a_copy) < 1e-6) == exact, branch
+        assert rel_l2(fastcache_run(sd_runner, 3, branch, steps=6), on_a_copy) < 1e-5
 
 
 def test_calls_with_autograd_on_fall_back_and_leave_the_feature_buffer_out_of_the_graph(sd_runner):
@@ -212,3 +241,96 @@ def test_set_interval_applies_to_loops_that_start_later_and_compiles_nothing(sd_
     explicit = compile_pipeline(sd_runner.pipe, 3, 0, schedule=[0, 4], compile=False)
     with pytest.raises(ValueError, match="explicit schedule"):
         explicit.set_interval(2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd", pytest.param("tiny-sdxl", marks=pytest.mark.slow)])
+def test_ip_adapters_take_the_cached_path_under_every_scale(preset):
+    """Two IP-Adapters from ip_adapter_image_embeds; set_ip_adapter_scale between calls."""
+    runner = Runner(preset)
+    pipe = runner.pipe
+    plain = runner(steps=6)
+    pipe.unet._load_ip_adapter_weights([ip_adapter_state_dict(pipe.unet, seed=1), ip_adapter_state_dict(pipe.unet,
+                                                                                                         seed=2)])
+    embeds = image_embeds(2)
+    handle = compile_pipeline(pipe, 3, 0, compile=False)
+    for scale in ([1.0, 1.0], [0.7, 0.0], [0.3, 1.2]):
+        pipe.set_ip_adapter_scale(scale)
+        got = against_helper(runner, handle, 3, 0, steps=6, ip_adapter_image_embeds=embeds)
+        assert rel_l2(got, plain) > 1e-3, scale
+    assert handle.counters.fallbacks == 0 and handle.counters.shallow == 12
+
+
+def test_ip_adapter_image_goes_through_the_image_encoder_then_the_cached_path(sd_runner):
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=16))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = StableDiffusionPipeline.from_pipe(sd_runner.pipe, image_encoder=encoder, feature_extractor=processor)
+    pipe.unet._load_ip_adapter_weights([ip_adapter_state_dict(pipe.unet)])
+    runner = Runner("tiny-sd", pipe)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    expected = helper_run(runner, 3, 0, steps=6, ip_adapter_image=image)
+    handle = compile_pipeline(pipe, 3, 0, compile=False)
+    assert rel_l2(runner(steps=6, ip_adapter_image=image), expected) < 1e-5
+    assert handle.counters.fallbacks == 0 and handle.counters.shallow == 4
+
+
+def _pag_call(kind: str, runner: Runner) -> dict:
+    """The call arguments a PAG pipeline of ``kind`` needs beyond the prompt: images, masks, control images."""
+    generator = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 3, 32, 32, generator=generator)
+    if kind == "img2img":
+        return dict(image=image, strength=0.7)
+    if kind == "inpaint":
+        mask = torch.zeros(1, 1, 32, 32)
+        mask[..., 8:24, 8:24] = 1
+        return dict(image=image, mask_image=mask, strength=1.0, height=32, width=32)
+    kwargs = dict(height=32, width=32)
+    if kind == "controlnet":
+        kwargs["image"] = image
+    return kwargs
+
+
+PAG_PIPELINES = {"sd": ("tiny-sd", "StableDiffusionPAGPipeline", "text"),
+                 "sd-img2img": ("tiny-sd", "StableDiffusionPAGImg2ImgPipeline", "img2img"),
+                 "sd-inpaint": ("tiny-sd", "StableDiffusionPAGInpaintPipeline", "inpaint"),
+                 "sd-controlnet": ("tiny-sd", "StableDiffusionControlNetPAGPipeline", "controlnet"),
+                 "sdxl": ("tiny-sdxl", "StableDiffusionXLPAGPipeline", "text"),
+                 "sdxl-img2img": ("tiny-sdxl", "StableDiffusionXLPAGImg2ImgPipeline", "img2img"),
+                 "sdxl-inpaint": ("tiny-sdxl", "StableDiffusionXLPAGInpaintPipeline", "inpaint"),
+                 "sdxl-controlnet": ("tiny-sdxl", "StableDiffusionXLControlNetPAGPipeline", "controlnet")}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name.startswith("sdxl-") else [])
+                                  for name in PAG_PIPELINES])
+def test_pag_pipelines_take_the_cached_path_and_equal_the_helper(name):
+    """PAG swaps the self-attention processors of its layers at every call (batch 3 with guidance)."""
+    import diffusers
+
+    preset, cls, kind = PAG_PIPELINES[name]
+    base = ControlNetRunner(preset) if kind == "controlnet" else Runner(preset)
+    pipe = pag_runner(base, getattr(diffusers, cls)).pipe
+    kwargs = dict(_pag_call(kind, base), pag_scale=3.0, num_inference_steps=6, output_type="latent",
+                  **base.embeds)
+
+    run = _Call(pipe, kwargs)
+    expected = helper_run(run, 3, 0)
+    handle = compile_pipeline(pipe, 3, 0, compile=False)
+    assert rel_l2(run(), expected) < 1e-5
+    assert handle.counters.fallbacks == 0 and handle.counters.shallow > 0
+    assert [dict(key)["sample"][1][0] for key in handle.buffers._buffers] == [3], "one shape, batch 3: PAG and CFG"
+
+
+class _Call:
+    """A pipeline call with fixed arguments and seed, for helper_run."""
+
+    def __init__(self, pipe, kwargs: dict):
+        self.pipe, self.kwargs = pipe, kwargs
+
+    def __call__(self) -> torch.Tensor:
+        return self.pipe(generator=torch.Generator().manual_seed(0), **self.kwargs).images

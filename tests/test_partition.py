@@ -171,3 +171,38 @@ def test_the_shallow_path_adds_exactly_the_adapter_residuals_of_the_layers_it_co
     # SDXL: the first DownBlock2D after its downsampler (deeper than any of its layers), and the mid block's
     first_block_inside = unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
     assert counts == [0, 0, int(first_block_inside), 1, 1, 2, 2, 2, 4]
+
+
+@torch.no_grad()
+def test_with_freeu_both_paths_equal_the_unet_forward_and_leave_the_cache_unscaled(unet):
+    """FreeU applies at the up layers each path runs, as the up blocks' forward applies it; on the shallow path to a
+    copy of the cached feature (diffusers' apply_freeu scales its input in place)."""
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    inputs = unet_inputs(unet)
+    expected = unet(**inputs).sample
+    for branch in range(len(branch_positions(unet))):
+        part = UNetPartition(unet, branch)
+        cache = torch.zeros(feature_shape(unet, part.boundary, inputs["sample"].shape))
+        assert torch.equal(part.full(cache=cache, **inputs), expected), branch
+        feature = cache.clone()
+        assert torch.equal(part.shallow(cache=cache, **inputs), expected), branch
+        assert torch.equal(cache, feature), branch
+
+
+def test_path_modules_are_the_modules_each_path_runs(unet):
+    """What the static graphs' settings check reads: every module a path calls, and for the shallow path no other."""
+    part = UNetPartition(unet, 1)
+    called = {True: set(), False: set()}
+    inputs = unet_inputs(unet)
+    for full in (True, False):
+        hooks = [m.register_forward_pre_hook(lambda m, args, full=full: called[full].add(m)) for m in unet.modules()]
+        with torch.no_grad():
+            cache = torch.zeros(feature_shape(unet, part.boundary, inputs["sample"].shape))
+            (part.full if full else part.shallow)(cache=cache, **inputs)
+        for hook in hooks:
+            hook.remove()
+        listed = {m for root in part.path_modules(full) for m in root.modules()}
+        assert called[full] <= listed
+    shallow = {m for root in part.path_modules(False) for m in root.modules()}
+    assert not (shallow - called[False]) & called[True], "nothing only the full path runs"
+    assert unet.mid_block not in shallow and len(shallow) < len(called[True]) / 2

@@ -1,12 +1,14 @@
-"""StaticGraphPaths (mode="static-cudagraphs") on a CPU: the compiled paths run directly, nothing is captured, and
-graphs captured on CUDA are dropped at the next call once the weights moved. Capture and replay are test_gpu's."""
+"""StaticGraphPaths (mode="static-cudagraphs") on a CPU: the compiled paths run directly, nothing is captured,
+graphs captured on CUDA are dropped at the next call once the weights moved, and a graph is captured per settings
+and replayed only under them (its bookkeeping, with a stand-in capture). Capture and replay are test_gpu's."""
 
 import torch
 
 from fastcache.counters import Counters
 from fastcache.graphs import CompiledPaths
 from fastcache.partition import UNetPartition, feature_shape
-from fastcache.static_graphs import StaticGraphPaths
+from fastcache.settings import path_settings
+from fastcache.static_graphs import StaticGraphPaths, _Graph
 
 
 def static_paths(unet, monkeypatch) -> tuple[StaticGraphPaths, UNetPartition, Counters]:
@@ -15,7 +17,7 @@ def static_paths(unet, monkeypatch) -> tuple[StaticGraphPaths, UNetPartition, Co
     compiled = CompiledPaths(partition, counters, "default")
     monkeypatch.setattr(compiled, "full", partition.full)
     monkeypatch.setattr(compiled, "shallow", partition.shallow)
-    return StaticGraphPaths(compiled, unet, counters), partition, counters
+    return StaticGraphPaths(compiled, unet, counters, path_settings(partition, unet)), partition, counters
 
 
 def test_without_cuda_the_compiled_paths_run_directly_and_nothing_is_captured(sd_runner, monkeypatch):
@@ -36,10 +38,40 @@ def test_without_cuda_the_compiled_paths_run_directly_and_nothing_is_captured(sd
 
 def test_graphs_are_dropped_at_the_next_call_once_the_weights_moved(sd_runner, monkeypatch):
     paths, _, _ = static_paths(sd_runner.pipe.unet, monkeypatch)
-    paths.graphs["captured"] = "graph"  # what a capture on CUDA leaves
+    paths.graphs["captured"] = ["graph"]  # what a capture on CUDA leaves
     paths.pool = "pool"
     paths.start_call()
     assert paths.graphs, "nothing moved: the graphs are kept"
     sd_runner.pipe.unet.to(memory_format=torch.channels_last)
     paths.start_call()
     assert paths.graphs == {} and paths.pool is None
+
+
+def test_static_graphs_are_captured_once_per_settings_and_the_matching_one_replayed(sd_runner, monkeypatch):
+    """The bookkeeping of mode="static-cudagraphs" (a stand-in capture: no CUDA here): settings A, B, A capture two
+    graphs and replay A's the third time; new weights drop them, and the next capture is counted with its reason."""
+    unet = sd_runner.pipe.unet
+    paths, _, counters = static_paths(unet, monkeypatch)
+    captures = []
+
+    def capture(full, key, leaves, spec, cache, settings):
+        captures.append(len(captures))
+        counters.captures += 1
+        return _Graph(f"graph {len(captures)}", [], None, settings)
+
+    monkeypatch.setattr(paths, "_capture", capture)
+    inputs = dict(sample=torch.zeros(2, 4, 16, 16), cache=None)
+
+    def graph():
+        return paths.graph_for(False, "key", inputs, [], None).graph
+
+    assert graph() == "graph 1" and graph() == "graph 1"
+    unet.enable_freeu(0.9, 0.2, 1.2, 1.4)
+    assert graph() == "graph 2"
+    unet.disable_freeu()
+    assert graph() == "graph 1"
+    assert (counters.captures, counters.recaptures, counters.recapture_reasons) == (2, 1, {"FreeU values": 1})
+    unet.to(memory_format=torch.channels_last)
+    paths.start_call()
+    assert graph() == "graph 3"
+    assert counters.recapture_reasons == {"FreeU values": 1, "weights moved or modules changed": 1}
