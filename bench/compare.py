@@ -13,6 +13,9 @@ the dynamo graphs and CUDA graphs recorded after warm-up (both must stay flat). 
     python bench/compare.py --subset sdxl-check       # SDXL 1024 b1 I=3 B=0: the second target
     python bench/compare.py --subset table            # the DeepCache docs table, extended
     python bench/compare.py --subset controlnet       # SD1.5 + ControlNet 512 I3B0, with TFLOP per call
+    python bench/compare.py --subset pipelines --peers eager,deepcache,compile,fastcache
+                                                      # SD1.5 512 with a LoRA (hot-swap, per-call scale), FreeU,
+                                                      # an IP-Adapter, PAG: ms per image, seconds per change
     python bench/compare.py --smoke                   # tiny configs on CPU (CI)
     python bench/compare.py --peers all               # every peer, the tuned and autotuned variants included
     python bench/compare.py --cache-mode shared       # one inductor cache for all peers: shorter, warm-ups less cold
@@ -49,7 +52,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcache.environment import environment
 from fastcache.fidelity import psnr, ssim
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_decoder, compile_options, cudagraph_recordings
-from fastcache.models import build_pipeline, random_prompt_embeds, with_controlnet
+from fastcache.models import (
+    build_pipeline,
+    random_ip_adapter,
+    random_lora,
+    random_prompt_embeds,
+    with_controlnet,
+    with_text_encoder,
+)
 from fastcache.variants import VARIANTS, speed_switches
 
 logger = logging.getLogger("bench")
@@ -69,11 +79,13 @@ class Config:
     interval: int
     branch: int
     controlnets: int = 0  # a ControlNet pipeline with this many ControlNets (made from the UNet, random weights)
+    feature: str | None = None  # one of FEATURES, on top of the UNet (random weights too)
 
     @property
     def name(self) -> str:
         controlnet = f" +{self.controlnets} ControlNet" if self.controlnets else ""
-        return f"{self.preset}{controlnet} {self.size} b{self.batch} I{self.interval}B{self.branch}"
+        feature = f" +{self.feature}" if self.feature else ""
+        return f"{self.preset}{controlnet}{feature} {self.size} b{self.batch} I{self.interval}B{self.branch}"
 
 
 def _grid(preset, sizes, batches, cache):
@@ -90,6 +102,10 @@ SUBSETS: dict[str, list[Config]] = {
     "smoke": [Config("tiny-sd", 32, 1, 3, 1)],
     "controlnet-smoke": [Config("tiny-sd", 32, 1, 3, 1, controlnets=1)],
 }
+# What users run on top of the UNet: a LoRA (hot-swapped, with a per-call scale), FreeU, an IP-Adapter, PAG.
+FEATURES = ("lora", "freeu", "ip-adapter", "pag")
+SUBSETS["pipelines"] = [Config("sd15", 512, 1, 3, 0, feature=feature) for feature in FEATURES]
+SUBSETS["pipelines-smoke"] = [Config("tiny-sd", 32, 1, 3, 1, feature=feature) for feature in FEATURES]
 FLOP_PEERS = ("eager", "deepcache", "fastcache")  # whose FLOPs per call a ControlNet subset counts (eagerly)
 
 
@@ -109,8 +125,10 @@ class Result:
 class Runner:
     """Times one pipeline at one configuration; keeps the final latents and images of the last call."""
 
-    def __init__(self, pipe, config: Config, steps: int, repeat: int):
+    def __init__(self, pipe, config: Config, steps: int, repeat: int, extra: dict | None = None,
+                 change: Callable[[bool], None] | None = None):
         self.pipe, self.config, self.steps, self.repeat = pipe, config, steps, repeat
+        self.extra, self.change = extra if extra is not None else {}, change  # a feature's call arguments, change
         self.embeds = random_prompt_embeds(pipe, config.batch)
         if config.controlnets:  # conditioning images, one per ControlNet
             generator = torch.Generator("cpu").manual_seed(1)
@@ -129,7 +147,7 @@ class Runner:
         start = time.perf_counter()
         out = self.pipe(num_inference_steps=self.steps, height=self.config.size, width=self.config.size,
                         guidance_scale=7.5, output_type="np", generator=torch.Generator("cpu").manual_seed(0),
-                        callback_on_step_end=keep_latents, **self.embeds)
+                        callback_on_step_end=keep_latents, **self.embeds, **self.extra)
         sync()
         return time.perf_counter() - start, latents["final"].float().cpu(), out.images
 
@@ -155,7 +173,17 @@ class Runner:
         after = compiled()
         result.extra.update(graphs_after_warmup=after[0] - before[0], recordings_after_warmup=after[1] - before[1],
                             peak_allocated_gib=peak and peak["allocated"],
-                            warmup_peak_gib=warmup_peak and warmup_peak["reserved"])
+                            warmup_peak_gib=warmup_peak and warmup_peak["reserved"],
+                            ms_per_image=1e3 * result.seconds / self.config.batch)
+        if self.change is not None:  # what a change of setting costs: the first call after it, compiles included
+            self.change(True)
+            try:
+                seconds = self.call()[0]
+            finally:
+                self.change(False)
+            changed = compiled()
+            result.extra.update(change_s=seconds, change_compile_s=max(seconds - result.seconds, 0.0),
+                                graphs_on_change=changed[0] - after[0], recordings_on_change=changed[1] - after[1])
         return result, latents, images
 
 
@@ -220,7 +248,8 @@ def empty_compile_cache(path: str) -> None:
 
 
 def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
-               cache_root: str, cache_mode: str = "per-peer", fidelity: bool = False) -> Iterator[Result]:
+               cache_root: str, cache_mode: str = "per-peer", fidelity: bool = False, extra: dict | None = None,
+               change: Callable[[bool], None] | None = None) -> Iterator[Result]:
     """Each peer's result as soon as it is measured, so that a run cut short by a lease keeps what it measured.
 
     A peer that fails (out of memory at a large shape, say) is logged with its traceback and skipped.
@@ -228,7 +257,7 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
     by the caller) and inductor's in-memory caches as they are, so a peer may reuse the kernels of the peers before
     it: dynamo still starts afresh, so each warm-up still traces, compiles what is new and captures its graphs.
     """
-    runner = Runner(pipe, config, steps, repeat)
+    runner = Runner(pipe, config, steps, repeat, extra, change)
     base, base_latents, base_images = runner.measure("eager")
     base.extra.update(speedup_vs_eager=1.0, compile_cache=CACHE_MODES[cache_mode])
     if config.controlnets:
@@ -327,14 +356,74 @@ FIDELITY_NOTE = ("RANDOM WEIGHTS: speed is the real models', but the fidelity co
                  "about real models")
 
 
+@contextmanager
+def feature_applied(pipe, feature: str | None) -> Iterator[tuple[object, dict, Callable[[bool], None] | None]]:
+    """``pipe`` with ``feature`` on (random weights), as ``(pipeline to call, its extra call arguments, change)``;
+    ``change(True)`` switches to the setting whose first call the benchmark times after the warm-up, ``change(False)``
+    back. LoRA: a hot-swap to a LoRA of twice the rank and a new per-call scale (both free for fastcache); FreeU: new
+    values; IP-Adapter: a new scale; PAG: nothing (the next call installs its processors again). Undone on exit."""
+    unet, extra, change = pipe.unet, {}, None
+    if feature == "lora":
+        text_encoder = pipe.text_encoder
+        with_text_encoder(pipe)  # SD pipelines scale the text encoder's LoRA layers for a per-call scale
+        loras = [random_lora(unet, rank=rank, seed=rank) for rank in (8, 16)]
+        pipe.enable_lora_hotswap(target_rank=16)
+        pipe.load_lora_weights(loras[0], adapter_name="style")
+
+        def change(on: bool) -> None:
+            pipe.load_lora_weights(loras[on], adapter_name="style", hotswap=True)
+            extra["cross_attention_kwargs"] = {"scale": 0.6 if on else 0.8}
+
+        change(False)
+    elif feature == "freeu":
+        values = ((0.9, 0.2, 1.5, 1.6), (0.8, 0.3, 1.4, 1.5))  # FreeU's SD1.5 values, then others
+
+        def change(on: bool) -> None:
+            unet.enable_freeu(*values[on])
+
+        change(False)
+    elif feature == "ip-adapter":
+        embed_dim = 1024 if unet.config.cross_attention_dim >= 768 else 16  # SD1.5's IP-Adapter: a ViT-H encoder
+        unet._load_ip_adapter_weights([random_ip_adapter(unet, embed_dim)])
+        generator = torch.Generator("cpu").manual_seed(3)  # negative and positive image embeddings, one image
+        extra["ip_adapter_image_embeds"] = [torch.randn(2, 1, embed_dim, generator=generator).to(unet.device,
+                                                                                                  unet.dtype)]
+
+        def change(on: bool) -> None:
+            pipe.set_ip_adapter_scale(0.5 if on else 1.0)
+    elif feature == "pag":
+        from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+
+        kind = StableDiffusionXLPAGPipeline if unet.config.addition_embed_type == "text_time" else (
+            StableDiffusionPAGPipeline)
+        pipe = kind.from_pipe(pipe, pag_applied_layers=["mid"])
+        pipe.set_progress_bar_config(disable=True)
+        extra["pag_scale"] = 3.0
+
+        def change(on: bool) -> None:  # nothing: the next call installs the PAG processors again
+            pass
+    try:
+        yield pipe, extra, change
+    finally:
+        if feature == "lora":
+            pipe.unload_lora_weights()
+            unet._prepare_lora_hotswap_kwargs = None
+            pipe.text_encoder = text_encoder
+        elif feature == "freeu":
+            unet.disable_freeu()
+        elif feature == "ip-adapter":
+            pipe.unload_ip_adapter()
+
+
 def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> str:
     with_ssim = any(r.ssim is not None for r in results)
     lines = [FIDELITY_NOTE,
              f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers {env['diffusers']} "
              f"| weights: {env['weights']} | inductor cache: {CACHE_MODES[cache_mode]}", "",
-             "| config | peer | s/call | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
-             + ("| SSIM " if with_ssim else "") + "| warm-up s | peak reserved GiB | TFLOP/call |",
-             "|---" * (11 + with_ssim) + "|"]
+             "| config | peer | s/call | ms/image | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
+             + ("| SSIM " if with_ssim else "") + "| warm-up s | peak reserved GiB | TFLOP/call "
+             "| change: first call s (graphs) |",
+             "|---" * (13 + with_ssim) + "|"]
     by_config: dict[str, dict[str, Result]] = {}
     for r in results:
         by_config.setdefault(r.config, {})[r.peer] = r
@@ -345,11 +434,14 @@ def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> 
             def fmt(value, spec):
                 return "—" if value is None else format(value, spec)
 
-            lines.append(f"| {config} | {peer} | {r.seconds:.3f} | {fmt(ratio['eager'], '.2f')}x | "
+            change = "—" if "change_s" not in r.extra else (
+                f"{r.extra['change_s']:.2f} ({r.extra['graphs_on_change'] + r.extra['recordings_on_change']})")
+            lines.append(f"| {config} | {peer} | {r.seconds:.3f} | {fmt(r.extra.get('ms_per_image'), '.1f')} | "
+                         f"{fmt(ratio['eager'], '.2f')}x | "
                          f"{fmt(ratio['deepcache'], '.2f')}x | {fmt(ratio['compile'], '.2f')}x | "
                          f"{fmt(r.rel_l2_latents, '.2e')} | {fmt(r.psnr_db, '.1f')} | "
                          + (f"{fmt(r.ssim, '.4f')} | " if with_ssim else "") + f"{r.warmup_s:.1f} | "
-                         f"{fmt(r.peak_mem_gib, '.2f')} | {fmt(r.extra.get('tflop_per_call'), '.3f')} |")
+                         f"{fmt(r.peak_mem_gib, '.2f')} | {fmt(r.extra.get('tflop_per_call'), '.3f')} | {change} |")
     return "\n".join(lines)
 
 
@@ -399,7 +491,8 @@ def main(argv=None) -> list[Result]:
         p.error(f"unknown peers {sorted(unknown)}; valid: {PEERS}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
-        args.subset = "controlnet-smoke" if args.subset.startswith("controlnet") else "smoke"
+        args.subset = next((f"{kind}-smoke" for kind in ("controlnet", "pipelines") if args.subset.startswith(kind)),
+                           "smoke")
         args.steps, args.repeat = min(args.steps, 6), 1
     elif device == "cpu":
         p.error("the full benchmark needs a CUDA device; use --smoke on CPU")
@@ -421,13 +514,14 @@ def main(argv=None) -> list[Result]:
                 pipe = build_pipeline(config.preset, dtype=dtype, device=device)
                 pipes[model] = with_controlnet(pipe, config.controlnets) if config.controlnets else pipe
             logger.info("== %s", config.name)
-            for r in run_config(pipes[model], config, peers, args.steps, args.repeat, cache_root, args.cache_mode,
-                                  args.fidelity):
-                results.append(r)
-                jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
-                jsonl.flush()
-                (out / "results.md").write_text(markdown(results, env, args.cache_mode) + "\n")
-                logger.info("   %-10s %.3f s/call (warm-up %.1f s) %s", r.peer, r.seconds, r.warmup_s, r.extra)
+            with feature_applied(pipes[model], config.feature) as (pipe, extra, change):
+                for r in run_config(pipe, config, peers, args.steps, args.repeat, cache_root, args.cache_mode,
+                                    args.fidelity, extra, change):
+                    results.append(r)
+                    jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
+                    jsonl.flush()
+                    (out / "results.md").write_text(markdown(results, env, args.cache_mode) + "\n")
+                    logger.info("   %-10s %.3f s/call (warm-up %.1f s) %s", r.peer, r.seconds, r.warmup_s, r.extra)
     table = markdown(results, env, args.cache_mode)
     chart(results, out / "results.png", env)
     print(table)

@@ -3,7 +3,9 @@
 # By default one device call (9.5 minutes at most) gives a verdict: the GPU tests first (they say whether the speed
 # numbers can be trusted), then the bench of five peers; the profile, other peers and other subsets are opt-in.
 #   tests    tests/test_gpu.py: CUDA-graph recordings, no re-records, no host sync, static graphs (recaptured when
-#            the weights move), tuned variant; with each test's duration (capped at 180 s)
+#            the weights move), tuned variant; with each test's duration (capped at 180 s); then, as a row of its own
+#            (capped at 120 s), its settings tests: a LoRA hot-swap and a per-call scale record no CUDA graph
+#            (reduce-overhead and static-cudagraphs), a new IP-Adapter scale is captured once, never replayed stale
 #   bench    bench/compare.py --subset $SUBSET (default gpu-check: SD2.1 512 fp16 50 DDIM CFG I3B0), peers $PEERS
 #            (default eager,deepcache,compile,fastcache,fastcache-static-fused) side by side in one inductor cache
 #            (--cache-mode shared: later peers may reuse earlier peers' kernels; each warm-up is still reported),
@@ -23,6 +25,7 @@
 #        PEERS=all bash bench/device_check.sh bench
 #        SUBSET=sdxl-check PRESET=sdxl SIZE=1024 bash bench/device_check.sh bench profile
 #        SUBSET=controlnet PEERS=eager,deepcache,compile,fastcache bash bench/device_check.sh bench
+#        SUBSET=pipelines PEERS=eager,deepcache,compile,fastcache bash bench/device_check.sh bench   (LoRA, FreeU, ...)
 #        bash bench/device_check.sh serve                   (needs the serving wheels, below)
 #        bash bench/device_check.sh tune                    (alone: it takes most of a device call)
 # BUDGET_S (default 570) bounds the whole script: each stage gets at most what is left, so a device command
@@ -90,8 +93,10 @@ run() {
 
 for stage in "${stages[@]}"; do
     case "$stage" in
-        tests) run 180 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider --durations=0 2>&1 \
-                   | tee "$OUT/gpu_tests.log" ;;
+        tests) run 180 python3 -m pytest -q tests/test_gpu.py -k "not settings" -p no:cacheprovider --durations=0 \
+                   2>&1 | tee "$OUT/gpu_tests.log"
+               run 120 python3 -m pytest -q tests/test_gpu.py -k settings -p no:cacheprovider --durations=0 2>&1 \
+                   | tee -a "$OUT/gpu_tests.log" ;;
         bench) run 420 python3 bench/compare.py --subset "${SUBSET:-gpu-check}" \
                    --peers "${PEERS:-eager,deepcache,compile,fastcache,fastcache-static-fused}" \
                    --cache-mode shared --cache-dir "$CACHE" --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;

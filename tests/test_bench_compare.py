@@ -117,3 +117,26 @@ def test_controlnet_smoke_counts_what_caching_saves(compare, tmp_path):
     assert by_peer["fastcache"].extra["rel_l2_vs_deepcache"] < 1e-4
     assert by_peer["fastcache"].extra["counters"]["controlnet_shallow"] > 0
     assert "TFLOP/call" in (tmp_path / "results.md").read_text()
+
+
+def test_pipelines_smoke_measures_each_feature_and_what_a_change_costs(compare, tmp_path, monkeypatch):
+    """The pipelines subset on CPU: a LoRA (hot-swap and per-call scale), FreeU, an IP-Adapter, PAG, each peer side
+    by side, and the first call after a change with the graphs it made. Dynamo without inductor (backend "eager"):
+    what is checked is which change compiles, and the cached path's result, not kernels."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile(fn, backend="eager", fullgraph=True,
+                                                                         dynamic=False))
+    results = compare.main(["--smoke", "--subset", "pipelines", "--peers", "eager,deepcache,fastcache",
+                            "--out", str(tmp_path)])
+    by = {(r.config.split(" +")[1].split()[0], r.peer): r for r in results}
+    assert {feature for feature, _ in by} == set(compare.FEATURES) and len(results) == 12
+    for feature in compare.FEATURES:
+        fastcache = by[feature, "fastcache"]
+        assert fastcache.extra["rel_l2_vs_deepcache"] < 1e-4, feature
+        assert fastcache.extra["counters"]["fallbacks"] == 0 and fastcache.extra["counters"]["shallow"] > 0
+        assert fastcache.extra["ms_per_image"] > 0 and fastcache.extra["change_s"] > 0
+    # a hot-swap with a new per-call scale, and PAG's next call, compile nothing; new FreeU values and a new IP-Adapter
+    # scale are constants: one graph per path
+    assert {f: by[f, "fastcache"].extra["graphs_on_change"] for f in compare.FEATURES} == {
+        "lora": 0, "pag": 0, "freeu": 2, "ip-adapter": 2}
+    assert "change: first call s (graphs)" in (tmp_path / "results.md").read_text()

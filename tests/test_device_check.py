@@ -78,14 +78,16 @@ def test_default_is_the_gpu_tests_then_the_bench_of_five_peers_in_one_shared_cac
     assert "install skipped" in run.stdout
     assert run.calls[0][0] == "nvidia-smi"
     assert run.calls[1][:3] == ["python3", "-c", "import"]  # the import check goes through the same python3
-    assert run.stages == ["tests", "bench"]
+    assert run.stages == ["tests", "tests", "bench"]  # the GPU tests, then their settings tests as a row of their own
+    tests = [" ".join(call) for call in run.calls if "pytest" in call]
+    assert "-k not settings " in tests[0] and "-k settings " in tests[1]
     bench = run.args("bench")
     assert option(bench, "--subset") == "gpu-check"
     assert option(bench, "--peers") == DEFAULT_PEERS
     assert option(bench, "--cache-mode") == "shared"
     assert option(bench, "--out") == str(run.out)
     # each stage's output is kept in $OUT beside what it wrote there itself
-    assert "fake pytest: 1 passed" in (run.out / "gpu_tests.log").read_text()
+    assert (run.out / "gpu_tests.log").read_text().count("fake pytest: 1 passed") == 2
     assert (run.out / "fake_pytest.txt").exists()
     assert "fake bench: 1 peer" in (run.out / "bench.log").read_text()
     assert (run.out / "results.jsonl").exists()

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import AdapterRunner, ControlNetRunner, InpaintRunner, Runner, rel_l2
+from conftest import AdapterRunner, ControlNetRunner, InpaintRunner, Runner, image_embeds, rel_l2, save_lora
 from diffusers import EulerDiscreteScheduler
 
 from fastcache import compile_pipeline
 from fastcache.graphs import cudagraph_recordings
+from fastcache.models import random_ip_adapter, with_text_encoder
 from fastcache.variants import VARIANTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -226,3 +227,66 @@ def test_adapter_and_inpaint_pipelines_record_two_graphs_and_match_eager(make, b
     assert torch.equal(again, first) and rel_l2(first, expected) < 5e-3
     assert handle.counters.fallbacks == 0 and handle.counters.shallow >= handle.counters.full > 0
     handle.disable()
+
+
+# -- settings (run as their own row of bench/device_check.sh): hot-swaps and scales under CUDA graphs ---------------
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "static-cudagraphs"])
+def test_settings_lora_hot_swaps_and_per_call_scales_record_no_cuda_graph(mode, lora_dir):
+    """Under enable_lora_hotswap a swap copies weights and scalings in place and a per-call scale multiplies the
+    scaling tensors in place: the graphs recorded at the first call replay every later one and compute the new
+    LoRA (against the eager runtime)."""
+    runner = cuda_runner()
+    pipe = with_text_encoder(runner.pipe)
+    pipe.enable_lora_hotswap(target_rank=8)
+    loras = [save_lora(pipe, lora_dir, rank=4, seed=1), save_lora(pipe, lora_dir, rank=8, seed=2)]
+    pipe.load_lora_weights(loras[0], adapter_name="style")
+    calls = [(1, dict(cross_attention_kwargs={"scale": 0.5})), (1, {}),  # (which LoRA, call arguments)
+             (0, dict(cross_attention_kwargs={"scale": 1.3}))]
+
+    def run_all() -> list[torch.Tensor]:
+        outputs = []
+        for lora, kwargs in calls:
+            pipe.load_lora_weights(loras[lora], adapter_name="style", hotswap=True)
+            outputs.append(runner(**kwargs))
+        return outputs
+
+    eager = compile_pipeline(pipe, 3, 0, compile=False)
+    expected = run_all()
+    eager.disable()
+    handle = compile_pipeline(pipe, 3, 0, mode=mode)
+    runner(cross_attention_kwargs={"scale": 0.5})  # lora 0: records (or captures) both paths
+    recorded = cudagraph_recordings() + handle.counters.captures
+    with torch.compiler.set_stance("fail_on_recompile"):
+        outputs = run_all()
+    assert cudagraph_recordings() + handle.counters.captures == recorded, "no CUDA graph recorded again"
+    assert (handle.counters.recompiles, handle.counters.recaptures, handle.counters.fallbacks) == (0, 0, 0)
+    assert all(rel_l2(out, exp) < 5e-3 for out, exp in zip(outputs, expected, strict=True))
+    assert rel_l2(outputs[0], outputs[2]) > 5e-3, "the swaps and scales must change the output"
+    handle.disable()
+
+
+def test_settings_static_cudagraphs_capture_per_ip_adapter_scale_and_never_replay_a_stale_one():
+    """OneDiff #839 (the same image for every set_ip_adapter_scale): a capture is replayed only under the settings it
+    was captured with; a new scale captures once, going back replays the first capture."""
+    runner = cuda_runner()
+    pipe = runner.pipe
+    pipe.unet._load_ip_adapter_weights([random_ip_adapter(pipe.unet, 16)])
+    embeds = [e.to("cuda", torch.float16) for e in image_embeds()]
+    eager = compile_pipeline(pipe, 3, 0, compile=False)
+    expected = {}
+    for scale in (1.0, 0.3):
+        pipe.set_ip_adapter_scale(scale)
+        expected[scale] = runner(ip_adapter_image_embeds=embeds)
+    eager.disable()
+    static = compile_pipeline(pipe, 3, 0, mode="static-cudagraphs")
+    outputs = []
+    for scale in (1.0, 0.3, 1.0):
+        pipe.set_ip_adapter_scale(scale)
+        outputs.append((scale, runner(ip_adapter_image_embeds=embeds)))
+    assert static.counters.captures == 4 and static.counters.recaptures == 2
+    assert static.counters.recapture_reasons == {"IP-Adapter scales": 2}
+    assert all(rel_l2(out, expected[scale]) < 5e-3 for scale, out in outputs)
+    assert torch.equal(outputs[0][1], outputs[2][1])
+    static.disable()
