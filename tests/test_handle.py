@@ -60,6 +60,27 @@ def test_disable_restores_the_exact_baseline_and_enable_resumes(runner):
     assert torch.equal(runner(), cached)
 
 
+def test_disable_holds_with_a_users_hook_registered_after_fastcaches(sd_runner):
+    """diffusers' remove_hook leaves a later hook calling the removed one: that one must run the original forward."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Passing(ModelHook):  # a user's hook that wraps forward
+        def new_forward(self, module, *args, **kwargs):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    baseline = sd_runner()
+    handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
+    HookRegistry.check_if_exists_or_initialize(sd_runner.pipe.unet).register_hook(Passing(), "user's hook")
+    cached = sd_runner()
+    handle.disable()
+    evaluations = handle.counters.full + handle.counters.shallow
+    assert torch.equal(sd_runner(), baseline)
+    assert handle.counters.full + handle.counters.shallow == evaluations, "a disabled handle ran its paths"
+    handle.enable()
+    assert torch.equal(sd_runner(), cached)
+    assert handle.counters.fallbacks == 0
+
+
 def test_no_feature_leaks_between_calls_prompts_or_shapes(sd_runner):
     other = random_prompt_embeds(sd_runner.pipe, seed=1)
     handle = compile_pipeline(sd_runner.pipe, 3, 0, compile=False)
