@@ -36,7 +36,10 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 DeepCache==0.1.1 \
-#       torchmetrics==1.9.0 lightning-utilities==0.15.3
+#       torchmetrics==1.9.0 lightning-utilities==0.15.3 peft==0.21.2 accelerate==1.16.0
+# fastcache imports peft (LoRA support), and peft imports transformers, accelerate, psutil and yaml: if the image
+# lacks transformers, add transformers==5.24.0 and tokenizers (binary wheels) the same way. None of this has been
+# tried on the device image yet; the import check below fails in seconds, naming what is missing.
 # and for the serve stage, with their dependencies:
 #   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn prometheus-client httpx
@@ -72,7 +75,7 @@ ln -sfn "$PWD/kernels" "$SITE/fastcache_kernels"  # the name `pip install .` giv
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # fail in seconds, not after a model build, when something the stages import is missing
-python3 -c "import diffusers, DeepCache, triton, torch, pytest, matplotlib, pynvml, torchmetrics
+python3 -c "import diffusers, DeepCache, triton, torch, pytest, matplotlib, pynvml, torchmetrics, peft
 import fastcache.variants, fastcache.fused_step, fastcache.sweep
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" || exit 1
 if [[ " ${stages[*]} " == *" serve "* ]]; then
