@@ -122,7 +122,7 @@ def _describe(error: RequestValidationError, rules: Mapping[str, str], content_t
             return f"the request body must be a JSON object{hint}.", None, "invalid_body"
         field = loc[0][:40]
         param = param or field
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and len(loc) == 1:  # inside a field ({"cache": {"branch": 1}}): its rule
             problems.append(f"{field!r} is not a field of this request")
             code, listing = "unknown_field", True
         elif field in rules:
