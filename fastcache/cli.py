@@ -30,6 +30,7 @@ from .config import FastCacheConfig  # noqa: E402
 from .graphs import COMPILE_MODES  # noqa: E402
 from .models import INPAINT_PRESETS, PRESETS, Geometry, check_device, default_dtype, model_geometry  # noqa: E402
 from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
+from .serving.loras import DEFAULT_MAX_SLOTS  # noqa: E402
 from .serving.request import size_problem  # noqa: E402
 
 transformers_logging.set_verbosity(_verbosity)
@@ -291,6 +292,18 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         sub.add_argument("--intervals", help="comma-separated cache levels a request may ask for with "
                                              "\"cache\": {\"interval\": K}; must include --interval (default: "
                                              "--interval alone)")
+        lora = sub.add_argument_group("LoRA adapters a request may ask for (see README, Serving)")
+        lora.add_argument("--lora", action="append", metavar="NAME=PATH",
+                          help="load a LoRA (a .safetensors file, or a folder holding one) as adapter NAME; repeat for "
+                               "several. Requests pick theirs with \"lora\": switching compiles nothing (hot-swaps "
+                               "into prepared slots)")
+        lora.add_argument("--lora-slots", type=int,
+                          help="adapters one request may combine; each slot costs a LoRA of --lora-rank on every "
+                               "layer the adapters target, used or not (default: the adapters loaded, at most "
+                               f"{DEFAULT_MAX_SLOTS})")
+        lora.add_argument("--lora-rank", type=int,
+                          help="the slots' rank: an adapter of a wider rank is refused (default: the widest "
+                               "adapter's)")
         if name == "warmup":
             sub.add_argument("--report", help="append the warm-up's report (seconds per bucket, cold or warm, cache "
                                               "hits, card, versions) to this JSON-lines file")
@@ -352,6 +365,7 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Validated ``ServiceOptions`` for ``warmup`` and ``serve``: the command line's own checks (parsing, files,
     ports), then the dataclasses' (``EngineConfig``, ``ServiceOptions``), said with the flags' names."""
     from .serving.engine import EngineConfig
+    from .serving.loras import LoraOptions, parse_adapter
     from .serving.service import ServiceOptions
 
     pick = apply_tuned(parser, args)
@@ -393,10 +407,12 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.inpaint_model:
         check_model_path(parser, args.inpaint_model, "--inpaint-model")
     with field_errors(parser):
+        lora = LoraOptions(adapters=tuple(parse_adapter(text) for text in args.lora or ()), slots=args.lora_slots,
+                           rank=args.lora_rank)
         return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
                               cache_dir=args.cache_dir, engine=EngineConfig(**engine),
                               inpaint_model=args.inpaint_model, inpaint_preset=args.inpaint_preset,
-                              level_labels=pick.levels if pick else None)
+                              level_labels=pick.levels if pick else None, lora=lora)
 
 
 def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):

@@ -105,6 +105,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "seed": 2**64}, "seed must be between 0"),
     ({"prompt": "x", "response_format": "url"}, "response_format must be 'b64_json'"),
     ({"prompt": "x", "cache": {"interval": 2, "branch": 1}}, "cache must be {\"interval\": k}"),
+    ({"prompt": "x", "lora": "style"}, "this server serves no LoRA adapters"),
 ]
 
 

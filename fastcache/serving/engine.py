@@ -1,11 +1,13 @@
 """The serving engine: the served pipelines, their declared buckets, and a worker thread that batches requests.
 
-Requests with equal batch keys (kind, size, steps, guidance, strength, cache level; ``request.ImageRequest``) are run
-as one pipeline call, up to the largest warmed batch, after waiting at most ``max_delay_ms`` for company. A batch is
-padded to the smallest warmed batch size that holds it, so that every call runs a shape compiled during warm-up. Each
-image has its own generator (``seed + i`` for the ``i``-th image of a request), so an image does not depend on what
-it was batched with. Each kind of request has its pipeline: text-to-image the served one, edits its ``from_pipe``
-pipelines (same UNet, same graphs) or an inpainting model's, each with its fastcache handle.
+Requests with equal batch keys (kind, size, steps, guidance, strength, cache level, LoRA adapters;
+``request.ImageRequest``) are run as one pipeline call, up to the largest warmed batch, after waiting at most
+``max_delay_ms`` for company. A batch is padded to the smallest warmed batch size that holds it, so that every call
+runs a shape compiled during warm-up. Each image has its own generator (``seed + i`` for the ``i``-th image of a
+request), so an image does not depend on what it was batched with. Each kind of request has its pipeline:
+text-to-image the served one, edits its ``from_pipe`` pipelines (same UNet, same graphs) or an inpainting model's,
+each with its fastcache handle. A request's LoRA adapters are put in place on its pipeline's UNet before the call
+(``loras.ServedLoras``: hot-swaps, no compile).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .edits import edit_pipeline, warmup_inputs
+from .loras import ServedLoras
 from .request import EDIT_KINDS, ImageRequest, InvalidRequest, pipeline_kwargs, size_problem
 
 logger = logging.getLogger(__name__)
@@ -148,12 +151,13 @@ class Engine:
     pipelines of ``pipe``, which share its UNet and handle.
 
     ``submit`` is thread-safe and returns a future of the request's images (float arrays, HxWx3 in [0, 1]).
-    ``on_batch(images, padded)`` is called after each pipeline call (metrics).
+    ``on_batch(images, padded)`` is called after each pipeline call (metrics); ``loras`` serves requests' LoRA
+    adapters (their UNets prepared with ``loras.attach``), ``None``: none are served.
     """
 
     def __init__(self, pipe, config: EngineConfig, handle=None, on_batch: Callable[[int, int], None] | None = None,
-                 targets: Mapping[str, Target] | None = None):
-        self.pipe, self.config, self.handle = pipe, config, handle
+                 targets: Mapping[str, Target] | None = None, loras: ServedLoras | None = None):
+        self.pipe, self.config, self.handle, self.loras = pipe, config, handle, loras
         self.targets = {"generate": Target(pipe, handle)}
         for kind in config.edits:
             self.targets[kind] = (targets or {}).get(kind) or Target(edit_pipeline(pipe, kind), handle)
@@ -201,6 +205,11 @@ class Engine:
             levels = ", ".join(map(str, self.levels)) or "none (no cache on this server)"
             raise InvalidRequest(f"cache.interval {request.interval} is not served; served levels: {levels}.",
                                  "cache")
+        if request.lora:
+            if self.loras is None:
+                raise InvalidRequest("lora: this server serves no LoRA adapters (fastcache serve --lora NAME=PATH "
+                                     "loads them).", "lora")
+            self.loras.check(request.lora)
 
     def check_size(self, width: int, height: int) -> None:
         """Raise ``InvalidRequest`` naming the served sizes unless ``width`` x ``height`` is one (or, on demand, a
@@ -247,6 +256,8 @@ class Engine:
         total = sum(request.n for request in requests)
         pad_to = min((size for size in self.config.batch_sizes if size >= total), default=total)
         kwargs = pipeline_kwargs(target.pipe, requests, pad_to)
+        if self.loras is not None:  # every call sets them: a call without adapters sets every slot to 0
+            self.loras.apply(target.pipe.unet, first.lora)
         level = first.interval or self.default_interval
         if target.handle is None or level == self.default_interval:
             images = target.pipe(**kwargs).images
@@ -258,6 +269,8 @@ class Engine:
                 target.handle.set_interval(self.default_interval)
         if record and self.on_batch is not None:
             self.on_batch(total, pad_to)
+        if record and self.loras is not None:
+            self.loras.count(first.lora, total)
         out, start = [], 0
         for request in requests:
             out.append(list(images[start:start + request.n]))

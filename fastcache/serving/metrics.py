@@ -1,8 +1,9 @@
 """Prometheus metrics of one serving process, in its own registry (several apps can live in one process, as in tests).
 
 What the service does (requests, latency, queue, batches, images, warm-up) is recorded as it happens; what the
-runtime does (UNet steps by path, fallbacks, compile failures) is read from the handle's ``Counters`` at scrape time,
-and GPU memory from torch, so nothing is counted twice.
+runtime does (UNet steps by path, fallbacks, compile failures) is read from the handles' ``Counters`` at scrape time,
+as are the served LoRA adapters' images per adapter set and hot-swaps, and GPU memory from torch, so nothing is
+counted twice.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ _RUNTIME = {
 
 class ServeMetrics:
     """The metrics ``GET /metrics`` exposes, for one engine and the fastcache handles of its pipelines (the base
-    model's, an inpainting model's), whose counters are added up."""
+    model's, an inpainting model's), whose counters are added up, and the LoRA adapters it serves (``ServedLoras``)."""
 
-    def __init__(self, handles=()):
+    def __init__(self, handles=(), loras=None):
         self.registry = registry = CollectorRegistry()
         self.latency = Histogram("fastcache_request_seconds", "Time from request to response of answered "
                                  "generations (200), seconds",
@@ -49,7 +50,7 @@ class ServeMetrics:
                                     registry=registry)
         self.eager_buckets = Gauge("fastcache_eager_buckets", "Warmed buckets whose compile failed, served eagerly",
                                    registry=registry)
-        registry.register(_RuntimeCollector(list(handles)))
+        registry.register(_RuntimeCollector(list(handles), loras))
 
     def on_batch(self, images: int, padded_to: int) -> None:
         self.batch_images.observe(images)
@@ -61,10 +62,12 @@ class ServeMetrics:
 
 
 class _RuntimeCollector:
-    """The handles' counters (added up) and the GPU's memory, read when scraped."""
+    """The handles' counters (added up), the served LoRAs' counts and the GPU's memory, read when scraped. Images per
+    LoRA adapter set are labelled by the set's names sorted: only loaded names can appear, at most ``--lora-slots``
+    in a set, so the labels are bounded."""
 
-    def __init__(self, handles: list):
-        self.handles = handles
+    def __init__(self, handles: list, loras=None):
+        self.handles, self.loras = handles, loras
 
     def collect(self):
         if self.handles:
@@ -76,6 +79,17 @@ class _RuntimeCollector:
                 value = sum(getattr(handle.counters, name) for handle in self.handles)
                 families[suffix].add_metric([path] if path else [], value)
             yield from families.values()
+        if self.loras is not None:
+            images = CounterMetricFamily("fastcache_lora_images", "Images generated for requests, by LoRA adapter set "
+                                         "(names sorted, comma-separated; none: no adapter)", labels=["adapters"])
+            for label, count in self.loras.images.copy().items():  # a copy: the engine's thread adds sets
+                images.add_metric([label], count)
+            yield images
+            yield CounterMetricFamily("fastcache_lora_switches", "Pipeline calls whose LoRA adapters or weights "
+                                      "differ from the previous call's (no compile: slots hot-swapped, scalings set)",
+                                      value=self.loras.switches)
+            yield CounterMetricFamily("fastcache_lora_hotswaps", "LoRA adapters copied into a slot (a call's set "
+                                      "named one that no slot held)", value=self.loras.hotswaps)
         if torch.cuda.is_available():
             memory = GaugeMetricFamily("fastcache_gpu_memory_bytes", "GPU memory held by torch", labels=["kind"])
             memory.add_metric(["allocated"], torch.cuda.memory_allocated())

@@ -8,11 +8,13 @@ batched with.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -26,6 +28,7 @@ DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 MAX_SEED = 2**63 - 1  # image i of a request uses seed + i: the last of them must fit too
 MAX_GUIDANCE = 50.0
 MAX_PROMPT_CHARS = 10_000  # text encoders read 77 tokens; this only bounds the work a request asks
+MAX_LORA_SCALE = 10.0  # the weight of one LoRA adapter in a request, either sign
 
 
 class InvalidRequest(ValueError):
@@ -47,8 +50,8 @@ def size_problem(width: int, height: int, multiple: int, max_size: int | None = 
 
 
 def request_problem(prompt, negative_prompt: str = "", n: int = 1, guidance_scale: float = 7.5,
-                    seed: int | None = None, *, strength: float | None = None,
-                    interval: int | None = None) -> tuple[str, str] | None:
+                    seed: int | None = None, *, strength: float | None = None, interval: int | None = None,
+                    lora=()) -> tuple[str, str] | None:
     """``(message, field)`` for the first field of an image request that no server could serve, or ``None``.
     ``ImageRequest`` checks itself with it, the command line its arguments before a model is built; the ranges a
     server serves (``n``, steps, sizes, cache levels) are ``Engine.check``'s."""
@@ -73,7 +76,47 @@ def request_problem(prompt, negative_prompt: str = "", n: int = 1, guidance_scal
         return f"strength must be a number in (0, 1] (1: the image is fully renoised); got {strength!r}.", "strength"
     if interval is not None and not (_is_int(interval) and interval >= 1):
         return f"cache.interval must be an integer >= 1 (1: uncached); got {interval!r}.", "cache"
+    adapters = lora_adapters(lora)
+    if isinstance(adapters, str):
+        return adapters, "lora"
     return None
+
+
+LORA_FORM = 'an adapter\'s name, {"name": NAME, "scale": S} or a list of them'
+
+
+def lora_adapters(value) -> tuple[tuple[str, float], ...] | str:
+    """A request's ``lora`` as sorted ``(name, scale)`` pairs, or why it cannot be one (a message). It may be
+    ``None``, an adapter's name (scale 1), ``{"name": NAME, "scale": S}`` (JSON's form), or a list or tuple of
+    those or of ``(name, scale)`` pairs (Python's), each adapter once. Whether they are loaded is the server's check."""
+    items = () if value is None else value if isinstance(value, (list, tuple)) else (value,)
+    pairs = []
+    for item in items:
+        if isinstance(item, dict) and set(item) <= {"name", "scale"}:
+            name, scale = item.get("name"), item.get("scale", 1.0)
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            name, scale = item
+        else:
+            name, scale = item, 1.0
+        if not isinstance(name, str) or not name:
+            return f"lora must be {LORA_FORM}; got {_shown(item)}."
+        if not (_is_number(scale) and abs(scale) <= MAX_LORA_SCALE):
+            return (f"lora {name[:64]!r}: scale must be a finite number from {-MAX_LORA_SCALE:g} to "
+                    f"{MAX_LORA_SCALE:g}; got {_shown(scale)}.")
+        pairs.append((name, float(scale)))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        return "lora must name each adapter once (one scale per adapter)."
+    return tuple(sorted(pairs))
+
+
+def _shown(value) -> str:
+    """A value of a request as JSON, cut short (an error message repeats it)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text[:80]
 
 
 def _is_int(value) -> bool:
@@ -91,7 +134,8 @@ class ImageRequest:
 
     An edit carries its ``image`` (``width`` x ``height``, as the server resized or refused it) and, to inpaint, a
     ``mask`` of the same size (white: repaint); ``strength`` defaults to the kind's ``DEFAULT_STRENGTH``.
-    ``interval`` is the cache level (a full UNet step every ``interval`` steps); ``None``: the server's.
+    ``interval`` is the cache level (a full UNet step every ``interval`` steps); ``None``: the server's. ``lora`` is the
+    request's LoRA adapters in any form ``lora_adapters`` reads, kept as sorted ``(name, scale)`` pairs.
     """
 
     prompt: str
@@ -106,14 +150,16 @@ class ImageRequest:
     mask: Image.Image | None = field(default=None, repr=False)
     strength: float | None = None
     interval: int | None = None
+    lora: Any = ()  # after construction: sorted (name, scale) pairs
     future: Future = field(default_factory=Future, repr=False)
     arrived: float = field(default_factory=time.monotonic, repr=False)
 
     def __post_init__(self):
         problem = request_problem(self.prompt, self.negative_prompt, self.n, self.guidance_scale, self.seed,
-                                  strength=self.strength, interval=self.interval)
+                                  strength=self.strength, interval=self.interval, lora=self.lora)
         if problem:
             raise InvalidRequest(*problem)
+        self.lora = lora_adapters(self.lora)
         self._check_images()
         if self.seed is None:
             self.seed = secrets.randbits(31)
@@ -145,11 +191,11 @@ class ImageRequest:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share a pipeline call: same kind, size, steps, guidance, strength and cache
-        level (a per-request LoRA adds its adapter set here). Empty and given negative prompts do not mix: without
-        any, a text-encoder pipeline gets ``negative_prompt=None``, as in a direct call (SDXL then uses zeros)."""
+        """Requests with equal keys can share a pipeline call: same kind, size, steps, guidance, strength, cache
+        level and LoRA adapters with their scales. Empty and given negative prompts do not mix: without any, a
+        text-encoder pipeline gets ``negative_prompt=None``, as in a direct call (SDXL then uses zeros)."""
         return (self.kind, self.width, self.height, self.steps, float(self.guidance_scale), bool(self.negative_prompt),
-                self.strength, self.interval)
+                self.strength, self.interval, self.lora)
 
 
 def pipeline_kwargs(pipe, requests: list[ImageRequest], pad_to: int | None = None) -> dict:

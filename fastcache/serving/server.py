@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import os
 import re
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import Response
@@ -31,7 +32,7 @@ from .edge import EdgeConfig
 from .edits import fit, fit_mask, read_image
 from .engine import EngineConfig, QueueFull, ShuttingDown
 from .errors import error_response
-from .request import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, InvalidRequest
+from .request import LORA_FORM, MAX_GUIDANCE, MAX_LORA_SCALE, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, InvalidRequest
 from .service import Service
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class GenerationBody(BaseModel):
     guidance_scale: StrictFloat = 7.5  # integers are numbers too
     seed: StrictInt | None = None  # image i of the request uses seed + i; default: random
     cache: CacheLevel | None = None  # default: the server's --interval
+    lora: Any = None  # "name", {"name": "x", "scale": 0.8} or a list of them (request.lora_adapters reads it)
     model: StrictStr | None = None
     user: StrictStr | None = None
 
@@ -72,7 +74,8 @@ class GenerationBody(BaseModel):
 class EditForm(BaseModel):
     """``POST /v1/images/edits``: the form fields beside the ``image`` and ``mask`` files (multipart, so every value
     arrives as text). ``size`` defaults to the image's own size when that is served, else the first served size; an
-    image of another size is resized when ``resize`` is true, else refused. ``cache`` is JSON: ``{"interval": 2}``."""
+    image of another size is resized when ``resize`` is true, else refused. ``cache`` is JSON: ``{"interval": 2}``;
+    ``lora`` an adapter's name or JSON as in generations: ``[{"name": "x", "scale": 0.8}]``."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -87,6 +90,7 @@ class EditForm(BaseModel):
     strength: float | None = None  # default: 0.8 without a mask, 1.0 with one (diffusers' defaults)
     resize: bool = False
     cache: str | None = None
+    lora: str | None = None
 
 
 def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool = True) -> FastAPI:
@@ -111,7 +115,7 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
 
     app = FastAPI(title="fastcache", lifespan=lifespan)
     errors.install(app)
-    app.state.field_rules = field_rules(config)  # generations' and edits' fields
+    app.state.field_rules = field_rules(config, service.options.lora.names)  # generations' and edits' fields
     edge.install(app)
     app.add_middleware(_Measure, metrics=metrics)  # outermost: the edge's answers (401, 408, 413) are counted too
 
@@ -180,6 +184,7 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             "cache_levels": [dict((options.level_labels or {}).get(level, {}), interval=level)
                              for level in engine.levels],
             "edits": list(config.edits), "inpaint_model": options.inpainting_model,
+            "lora_adapters": list(options.lora.names), "lora_slots": options.lora.slot_count,
             "max_body_mb": edge.max_body_mb, "max_image_size": config.max_size,
             "compile": options.cache.mode if options.cache.compile else "eager",
             "runtime": service.environment(),
@@ -237,9 +242,9 @@ def _warm_up(service: Service) -> None:
         logger.exception("fastcache: warm-up failed; the server will not become ready")
 
 
-def field_rules(config: EngineConfig) -> dict[str, str]:
+def field_rules(config: EngineConfig, adapters: tuple[str, ...] = ()) -> dict[str, str]:
     """What each field of a generations or edits request may be on this server (added to the messages of invalid
-    fields)."""
+    fields); ``adapters``: the LoRA adapters it serves."""
     sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
     guidance = "" if len(config.guidance) == 2 else (" and above 1 (classifier-free guidance is warmed on only)"
                                                       if config.guidance[0] else
@@ -256,6 +261,9 @@ def field_rules(config: EngineConfig) -> dict[str, str]:
         "seed": f"an integer between 0 and {MAX_SEED} - (n - 1) (image i uses seed + i)",
         "cache": f"{{\"interval\": k}} with k one of {', '.join(map(str, config.intervals)) or 'the served interval'} "
                  f"(1: uncached)",
+        "lora": (f"{LORA_FORM} (S from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, default 1), NAME one of the "
+                 f"loaded adapters: {', '.join(adapters) or 'none (this server serves no LoRA)'} (edits: the name, or "
+                 f"that JSON)"),
         "image": f"a PNG, JPEG or WebP file of at most {config.max_size} pixels a side (edits only)",
         "mask": "an image file of the image's size, white where the image is repainted (edits only)",
         "strength": "a number from 0 to 1 (edits only; default 0.8 without a mask, 1 with one)",
@@ -273,7 +281,7 @@ def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
     steps = config.steps if body.num_inference_steps is None else body.num_inference_steps
     return ImageRequest(body.prompt, width, height, steps, float(body.guidance_scale), n=body.n,
                         negative_prompt=body.negative_prompt, seed=body.seed,
-                        interval=body.cache.interval if body.cache else None)
+                        interval=body.cache.interval if body.cache else None, lora=body.lora)
 
 
 def _edit_request(form: EditForm, uploads: dict[str, bytes | None], service: Service) -> ImageRequest:
@@ -287,6 +295,7 @@ def _edit_request(form: EditForm, uploads: dict[str, bytes | None], service: Ser
         except ValidationError:
             raise InvalidRequest(f"cache must be JSON like {{\"interval\": 2}}; got {form.cache[:40]!r}.",
                                  "cache") from None
+    lora = _form_lora(form.lora) if form.lora is not None else None
     image = read_image(uploads["image"], "image", config.max_size)
     mask = read_image(uploads["mask"], "mask", config.max_size) if uploads["mask"] is not None else None
     if form.size is not None:
@@ -303,7 +312,18 @@ def _edit_request(form: EditForm, uploads: dict[str, bytes | None], service: Ser
     return ImageRequest(form.prompt, width, height, steps, form.guidance_scale, n=form.n,
                         negative_prompt=form.negative_prompt, seed=form.seed,
                         image=fit(image, width, height, form.resize).convert("RGB"), mask=fitted_mask,
-                        strength=form.strength, interval=interval)
+                        strength=form.strength, interval=interval, lora=lora)
+
+
+def _form_lora(text: str):
+    """An edits form's ``lora``: JSON (a list, an object or a quoted name), or else an adapter's name as it is."""
+    if not text.lstrip().startswith(("[", "{", '"')):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidRequest(f"lora must be {LORA_FORM}, as JSON or a bare name; got {text[:40]!r}.",
+                             "lora") from None
 
 
 def _check_format(response_format: str) -> None:

@@ -24,6 +24,7 @@ from . import compile_cache
 from .compile_cache import CompileCache
 from .edits import inpainting_model
 from .engine import Engine, EngineConfig, Target
+from .loras import LoraOptions, ServedLoras
 from .metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,13 @@ class ServiceOptions:
     # measured speed and fidelity per cache level, shown by /v1/models: {interval: {"speedup": ..., "psnr_db": ...}},
     # as fastcache.tune.levels(FILE) gives them (serve --tuned FILE passes them)
     level_labels: Mapping[int, Mapping[str, Any]] | None = None
+    lora: LoraOptions = field(default_factory=LoraOptions)  # LoRA adapters a request may ask for (--lora NAME=PATH)
 
     def __post_init__(self):
         if self.model is None and self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}.")
         check_device(self.device)
-        for name, kind in (("cache", FastCacheConfig), ("engine", EngineConfig)):
+        for name, kind in (("cache", FastCacheConfig), ("engine", EngineConfig), ("lora", LoraOptions)):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"{name} must be a {kind.__name__}; got {type(getattr(self, name)).__name__}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -97,10 +99,14 @@ class Service:
         self.cache = CompileCache(options.cache_dir, self.identity()) if options.cache_dir else None
         self.pipe, self.label = open_pipeline(options.model, options.preset, device=options.device,
                                               dtype=options.dtype, seed=options.seed)
+        # the LoRA slots go in before anything compiles: the graphs are made with them
+        self.loras = ServedLoras(options.lora, type(self.pipe), options.dtype) if options.lora.adapters else None
+        if self.loras is not None:
+            self.loras.attach(self.pipe)
         self.handle = compile_pipeline(self.pipe, config=options.cache)
         targets = {"inpaint": self._inpainting_target()} if options.inpainting_model else {}
-        self.engine = Engine(self.pipe, self._engine_config(), self.handle, targets=targets)
-        self.metrics = ServeMetrics(self.engine.handles)
+        self.engine = Engine(self.pipe, self._engine_config(), self.handle, targets=targets, loras=self.loras)
+        self.metrics = ServeMetrics(self.engine.handles, self.loras)
         self.engine.on_batch = self.metrics.on_batch
         self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
         self.warmup_seconds: float | None = None
@@ -118,6 +124,8 @@ class Service:
             raise ValueError(f"inpaint model {options.inpainting_model} makes multiples of {multiple} pixels, the base "
                              f"model other ones: serve models of one family.")
         logger.info("fastcache: inpainting with %s", label)
+        if self.loras is not None:
+            self.loras.attach(pipe)
         return Target(pipe, compile_pipeline(pipe, config=options.cache))
 
     def _engine_config(self) -> EngineConfig:
