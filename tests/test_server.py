@@ -124,7 +124,10 @@ def test_models_health_and_metrics(server):
     model = httpx.get(f"{server.url}/v1/models").json()["data"][0]
     assert model["id"] == "tiny-sd" and "derived deterministically from the prompt text" in model["prompt_embeddings"]
     assert model["sizes"] == ["32x32"] and model["batch_sizes"] == [1, 2, 4]
-    assert httpx.get(f"{server.url}/health").status_code == 200
+    health, ready = httpx.get(f"{server.url}/health"), httpx.get(f"{server.url}/ready")
+    assert health.status_code == ready.status_code == 200
+    assert ready.json()["pid"] == health.json()["pid"] == server.proc.pid  # which process answered, behind a proxy
+    assert ready.json()["compile_cache"] == "cold" and ready.json()["warmup_seconds"] > 0  # no --cache-dir
     metrics = server.metrics()
     assert metrics['fastcache_warmup_seconds{cache="cold"}'] > 0
     assert "fastcache_queue_depth" in metrics and "fastcache_unet_fallbacks_total" in metrics

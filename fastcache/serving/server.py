@@ -197,7 +197,8 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
     @app.get("/ready")
     async def ready():
         if engine.ready.is_set() and engine.alive:
-            return {"status": "ready", "warmup_seconds": service.warmup_seconds}
+            return {"status": "ready", "warmup_seconds": service.warmup_seconds, "compile_cache": service.warmup_cache,
+                    "pid": os.getpid()}  # which replica answered behind a proxy, and how it warmed up
         if engine.ready.is_set():
             return error_response(503, "the engine is not running.", code="engine_stopped")
         return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)

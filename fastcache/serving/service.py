@@ -110,6 +110,7 @@ class Service:
         self.engine.on_batch = self.metrics.on_batch
         self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
         self.warmup_seconds: float | None = None
+        self.warmup_cache: str | None = None  # cold or warm: whether the compile cache had this configuration
         logger.info("fastcache: serving %s on %s (%s)", self.label, options.device, options.dtype)
 
     def _inpainting_target(self) -> Target:
@@ -159,7 +160,7 @@ class Service:
         start = time.perf_counter()
         per_bucket = self.engine.warm_up(progress)
         self.warmup_seconds = seconds = time.perf_counter() - start
-        state = "warm" if loaded else "cold"
+        self.warmup_cache = state = "warm" if loaded else "cold"
         cache = self.options.cache
         self.metrics.warmup_seconds.labels(state).set(seconds)
         self.metrics.eager_buckets.set(len(self.engine.eager_buckets))
