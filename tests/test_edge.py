@@ -2,7 +2,6 @@
 SIGTERM with a stalled client, and a seeded fuzz of malformed requests. Every socket has a timeout; the servers are
 this module's own processes, stopped by their pid."""
 
-import json
 import random
 import signal
 import socket
@@ -12,16 +11,15 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import HOST, ServerProcess, assert_error, png_array, wait_until
+from conftest import HOST, ServerProcess, assert_error, load_script, png_array, wait_until
 
 from fastcache.serving.edge import EdgeConfig
 
 KEY, ENV_KEY = "sk-edge-test-4f9a1c", "sk-from-environment-77b2"  # one by --api-key, one by FASTCACHE_API_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
-READ_TIMEOUT, KEEP_ALIVE, MAX_CONNECTIONS, MAX_BODY = 3.0, 1.0, 8, 2**20
+READ_TIMEOUT, KEEP_ALIVE, MAX_CONNECTIONS, MAX_BODY, MAX_SIZE = 3.0, 1.0, 8, 2**20, 64
 GENERATIONS = "/v1/images/generations"
-FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "num_inference_steps", "guidance_scale",
-          "seed", "model", "user")
+serve_fuzz = load_script("bench/serve_fuzz.py")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +27,8 @@ def server():
     server = ServerProcess("--preset", "tiny-sd", "--no-compile", "--sizes", "32", "--batch-sizes", "1,2", "--steps",
                            "2", "--max-steps", "8", "--max-delay-ms", "0", "--api-key", KEY, "--read-timeout",
                            str(READ_TIMEOUT), "--keep-alive-timeout", str(KEEP_ALIVE), "--max-connections",
-                           str(MAX_CONNECTIONS), "--max-body-mb", "1", env={"FASTCACHE_API_KEY": ENV_KEY},
-                           headers=AUTH)
+                           str(MAX_CONNECTIONS), "--max-body-mb", "1", "--max-size", str(MAX_SIZE),
+                           env={"FASTCACHE_API_KEY": ENV_KEY}, headers=AUTH)
     yield server
     server.stop()
 
@@ -64,28 +62,9 @@ def test_edge_config_hides_its_keys_and_refuses_an_open_host_without_them():
     assert EdgeConfig(metrics_public=True).open_paths == ("/health", "/ready", "/metrics")
 
 
-def raw_exchange(port: int, data: bytes, wait: float = READ_TIMEOUT + 2) -> tuple[int | None, bytes, float]:
-    """Send ``data`` on a new connection and read until the server closes it (at most ``wait`` seconds): the status
-    (None if nothing came), the body, and the seconds it took."""
-    start = time.monotonic()
-    with socket.create_connection((HOST, port), timeout=wait) as sock:
-        try:
-            sock.sendall(data)
-        except OSError:  # the server may answer and close before a long request is written
-            pass
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except TimeoutError:
-            raise AssertionError(f"no close within {wait} s; got {received[:200]!r}") from None
-        except ConnectionResetError:
-            pass
-    seconds = time.monotonic() - start
-    if not received:
-        return None, b"", seconds
-    head, _, body = received.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body, seconds
+def raw_exchange(port: int, data: bytes) -> tuple[int | None, bytes, float]:
+    """``serve_fuzz.raw_exchange``, bounded by this server's read timeout."""
+    return serve_fuzz.raw_exchange(port, data, READ_TIMEOUT + 2)
 
 
 def generate(server, body: dict) -> httpx.Response:
@@ -169,136 +148,18 @@ def test_connections_over_the_cap_are_refused_with_a_503(server):
     wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 200, 10, "a connection after the cap")
 
 
-# -- the fuzz ----------------------------------------------------------------------------------------------------
+# -- the fuzz (bench/serve_fuzz.py's cases; bench/serve_faults.py fuzz runs more) ------------------------------------
 
-def _valid(rng: random.Random) -> dict:
-    return {"prompt": rng.choice(["a cat", "x", "ünïcode ☃"]), "n": rng.choice([1, 2]), "seed": rng.randrange(1000)}
-
-
-WRONG_TYPES = {  # per field: values of a type it does not take (None only where the field is required)
-    "str": [5, 1.5, True, [], ["x"], {"a": 1}], "opt_str": [5, 1.5, False, [], {}],
-    "int": ["2", 1.5, 2.0, True, [1], {"n": 1}], "opt_int": ["7", 0.5, False, [], {}],
-    "float": ["7.5", True, [7.5], {}, None],
-}
-FIELD_KIND = {"prompt": "str", "response_format": "str", "negative_prompt": "str", "size": "opt_str",
-              "model": "opt_str", "user": "opt_str", "n": "int", "num_inference_steps": "opt_int", "seed": "opt_int",
-              "guidance_scale": "float"}
-BAD_NUMBERS = {"n": [0, -1, 3, 10**30, -(10**30)], "num_inference_steps": [0, -1, 9, 10**40],
-               "seed": [-1, 2**63, 10**40, -(10**40)], "guidance_scale": [-0.5, 50.5, 1e308, -1e308, 1.0, 0.0],
-               "size": ["0x0", "99999x99999", "64x64", "32x33", "32", "x", "", "32x32x32", "-32x32", "３２x32"]}
-
-
-def fuzz_cases(rng: random.Random, count: int) -> list[tuple[str, object]]:
-    """``count`` malformed requests: ("http", (method, path, headers, body)) or ("raw", bytes)."""
-    json_type = {"Content-Type": "application/json"}
-
-    def http(body: bytes, headers=None, method="POST", path=GENERATIONS, auth=True):
-        return "http", (method, path, {**(AUTH if auth else {}), **json_type, **(headers or {})}, body)
-
-    def encoded(body) -> bytes:
-        return json.dumps(body).encode()
-
-    def wrong_type():
-        field = rng.choice(FIELDS)
-        return http(encoded({**_valid(rng), field: rng.choice(WRONG_TYPES[FIELD_KIND[field]])}))
-
-    def bad_number():
-        field = rng.choice(sorted(BAD_NUMBERS))
-        return http(encoded({**_valid(rng), field: rng.choice(BAD_NUMBERS[field])}))
-
-    def not_finite():
-        literal = rng.choice(["NaN", "Infinity", "-Infinity"])
-        return http(f'{{"prompt": "x", "guidance_scale": {literal}}}'.encode())
-
-    def not_utf8():
-        text = encoded(_valid(rng))
-        cut = text.index(b'"prompt": "') + 11
-        return http(text[:cut] + rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80\x80", b"\xf8\x88"])
-                    + text[cut:])
-
-    def truncated():
-        text = encoded(_valid(rng))
-        return http(text[:rng.randrange(len(text))])
-
-    def nested():
-        depth = rng.choice([50, 2_000, 100_000])
-        inner = "[" * depth + "]" * depth
-        return http((f'{{"prompt": {inner}}}' if rng.random() < 0.5 else inner).encode())
-
-    def wrong_content_type():
-        kind = rng.choice(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b",
-                           "application/xml", "image/png", None])
-        return "http", ("POST", GENERATIONS, {**AUTH, **({"Content-Type": kind} if kind else {})},
-                        encoded(_valid(rng)))
-
-    def unknown_field():
-        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(1, 12)))
-        name = name if name not in FIELDS else name + "_x"
-        return http(encoded({**_valid(rng), name: rng.choice([1, "x", None, [], {}])}))
-
-    def gzip_body():
-        garbage = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
-        return http(b"\x1f\x8b\x08\x00" + garbage, {"Content-Encoding": "gzip"})
-
-    def no_or_wrong_key():
-        headers = rng.choice([{}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}])
-        return "http", ("POST", GENERATIONS, {**json_type, **headers}, encoded(_valid(rng)))
-
-    def routing():
-        if rng.random() < 0.5:
-            return http(b"", method=rng.choice(["GET", "PUT", "DELETE", "PATCH"]))
-        return http(encoded(_valid(rng)), path=rng.choice(["/v1/images/edit", "/v1/images", "/v2/x", "/v1/models/x"]))
-
-    def bad_text():
-        field = rng.choice(["prompt", "negative_prompt"])
-        value = rng.choice(["", "   ", "x" * 10_001, "\ud800"]) if field == "prompt" else rng.choice(
-            ["y" * 10_001, "\udfff"])
-        return http(encoded({**_valid(rng), field: value}))
-
-    def raw():
-        head = rng.choice([
-            b"GARBAGE\r\n\r\n", bytes(rng.randrange(256) for _ in range(40)) + b"\r\n\r\n",
-            b"G(T /health HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /health HTTP/1.1\r\n\r\n",
-            b"GET /health HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
-            b"GET /health HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n",
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(MAX_BODY + 1).encode()
-            + b"\r\n\r\n",
-            b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n",
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n",
-            b"GET /health HTTP/1.1\r\nHost: x\x00y\r\n\r\n",
-        ])
-        return "raw", head
-
-    kinds = [wrong_type, bad_number, not_finite, not_utf8, truncated, nested, wrong_content_type, unknown_field,
-             gzip_body, no_or_wrong_key, routing, bad_text, raw]
-    return [kinds[i % len(kinds)]() for i in range(count)]
-
-
-def test_a_seeded_fuzz_of_malformed_requests_gets_4xx_in_one_format(server):
+def test_a_seeded_fuzz_of_malformed_generations_and_edits_gets_4xx_in_one_format(server):
     reference = generate(server, {"prompt": "the same before and after", "seed": 11})
     assert reference.status_code == 200
-    cases = fuzz_cases(random.Random(18), 325)
-    failures = []
-    with httpx.Client(base_url=server.url, timeout=READ_TIMEOUT + 2) as client:
-        for index, (kind, request) in enumerate(cases):
-            if kind == "raw":
-                status, body, seconds = raw_exchange(server.port, request)
-            else:
-                method, path, headers, content = request
-                start = time.monotonic()
-                response = client.request(method, path, headers=headers, content=content)
-                status, body, seconds = response.status_code, response.content, time.monotonic() - start
-            try:
-                assert status is not None and 400 <= status < 500 and seconds < READ_TIMEOUT
-                assert_error(status, body)
-            except (AssertionError, ValueError, KeyError):
-                failures.append((index, kind, str(request)[:200], status, body[:200], round(seconds, 2)))
+    rng = random.Random(18)
+    cases = (serve_fuzz.generation_cases(rng, 325, KEY, MAX_BODY)
+             + serve_fuzz.edit_cases(rng, 200, KEY, MAX_BODY, size=32, max_size=MAX_SIZE))
+    outcomes = serve_fuzz.run_cases(server.url, server.port, cases, READ_TIMEOUT + 2)
+    failures = [o for o in outcomes if not o["ok"] or o["seconds"] >= READ_TIMEOUT]
     assert not failures, failures[:10]
+    assert {o["kind"] for o in outcomes} == {"http", "raw"} and len(outcomes) == 525
     assert server.proc.poll() is None and httpx.get(f"{server.url}/ready").status_code == 200
     again = generate(server, {"prompt": "the same before and after", "seed": 11})
     assert again.status_code == 200
