@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,21 +56,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @contextmanager
-def launched(arguments: str, ready_timeout: float):
-    """``fastcache serve`` on a free 127.0.0.1 port; its URL once ready; SIGTERM (a drain) at the end."""
+def launched(arguments: str, ready_timeout: float, quiet: bool = False):
+    """``fastcache serve`` on a free 127.0.0.1 port; its URL and process once ready; SIGTERM (a drain) at the end.
+    ``quiet``: its log goes to a temporary file (named in this log) instead of this terminal."""
     port = free_port()
+    log = tempfile.NamedTemporaryFile("wb", prefix="fastcache-serve-", suffix=".log", delete=False) if quiet else None
+    if log is not None:
+        logger.info("server log: %s", log.name)
     proc = subprocess.Popen([sys.executable, "-m", "fastcache.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             *shlex.split(arguments)])
+                             *shlex.split(arguments)], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, ready_timeout, alive=lambda: proc.poll() is None)
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if log is not None:
+            log.close()
 
 
 def batch_counts(url: str) -> dict[float, float]:
@@ -167,7 +174,7 @@ def main(argv=None) -> list[dict]:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.url:
         return measure(args.url, args)
-    with launched(args.launch, args.ready_timeout) as url:
+    with launched(args.launch, args.ready_timeout) as (url, _):
         return measure(url, args)
 
 
