@@ -14,6 +14,7 @@ def compare():
     return load_script("bench/compare.py")
 
 
+@pytest.mark.slow  # every peer compiled (~3-5 min here): the pipelines smoke represents the sweeps in CI
 def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
     cache = tmp_path / "inductor"
     results = compare.main(["--smoke", "--out", str(tmp_path), "--cache-dir", str(cache)])
@@ -38,7 +39,7 @@ def test_smoke_runs_every_peer_side_by_side(compare, tmp_path):
                                                                                     "fastcache-tuned"]
 
 
-@pytest.mark.slow  # a compiled sweep: test_smoke_runs_every_peer_side_by_side represents it in CI
+@pytest.mark.slow  # a compiled sweep: the pipelines smoke represents the sweeps in CI
 def test_shared_mode_compiles_every_peer_into_one_cache_emptied_once(compare, tmp_path, monkeypatch):
     cache = tmp_path / "inductor"
     events = []  # in order: the in-memory kernel caches cleared, each peer measured with the cache it was given
@@ -106,7 +107,7 @@ def test_a_failing_peer_is_logged_and_the_others_still_run(compare, tmp_path, mo
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "caller's" and "TRITON_CACHE_DIR" not in os.environ
 
 
-@pytest.mark.slow  # a compiled sweep: test_smoke_runs_every_peer_side_by_side represents it in CI
+@pytest.mark.slow  # a compiled sweep: the pipelines smoke represents the sweeps in CI
 def test_controlnet_smoke_counts_what_caching_saves(compare, tmp_path):
     """The ControlNet subset on CPU: the shallow ControlNet's saving shows in FLOPs per call, and the compiled
     runtime computes what the helper computes."""
