@@ -34,6 +34,10 @@ class FastCacheConfig:
         inductor_options: extra ``torch._inductor.config`` settings for the paths (and the VAE decoder), merged into
             ``mode``'s own, e.g. ``graphs.UNET_INDUCTOR_OPTIONS``.
         compile_vae: also compile ``pipe.vae.decoder`` (without CUDA graphs).
+        dynamic_batch: compile one graph per path for every batch size (the batch dimension of every input marked
+            dynamic; CUDA graphs are still recorded per batch size; a batch of one gets a graph of its own, as dynamo
+            specialises size 1); ``False``: fully static graphs, one compilation per path and batch size. Measured
+            on CPU only so far (README, "Cold start").
     """
 
     interval: int = 3
@@ -45,6 +49,7 @@ class FastCacheConfig:
     mode: str = "reduce-overhead"
     inductor_options: Mapping[str, Any] | None = None
     compile_vae: bool = False
+    dynamic_batch: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "interval", as_int(self.interval, "interval", 1))
@@ -53,7 +58,7 @@ class FastCacheConfig:
             make_schedule(self.schedule, self.interval)  # TypeError/ValueError naming what is valid
             object.__setattr__(self, "schedule", tuple(self.schedule))
         self.plan  # noqa: B018 (validates the schedule with center and pow)
-        for name in ("compile", "compile_vae"):
+        for name in ("compile", "compile_vae", "dynamic_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
         if self.inductor_options is not None and not isinstance(self.inductor_options, Mapping):
@@ -82,7 +87,8 @@ class FastCacheConfig:
         """One line for logs and reports."""
         compiled = self.mode if self.compile else "eager"
         return (f"interval={self.interval}, branch={self.branch}, schedule={self.plan.kind}, compile={compiled}, "
-                f"inductor_options={dict(self.inductor_options or {})}, compile_vae={self.compile_vae}")
+                f"inductor_options={dict(self.inductor_options or {})}, compile_vae={self.compile_vae}, "
+                f"dynamic_batch={self.dynamic_batch}")
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(FastCacheConfig))

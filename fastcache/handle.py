@@ -360,7 +360,8 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
         controlnet_partition = ControlNetPartition(nets, partition.boundary)
         split_controlnet = SplitControlNet(controlnet, nets, controlnet_partition,
                                            _build_paths(controlnet_partition, controlnet, counters, config))
-    decoder = compile_decoder(pipe.vae.decoder, config.inductor_options) if config.compile_vae else None
+    decoder = (compile_decoder(pipe.vae.decoder, config.inductor_options, config.dynamic_batch) if config.compile_vae
+               else None)
     handle = FastCacheHandle(pipe, config, partition, plan, paths, StepDispatcher(plan), FeatureBuffers(partition),
                              counters, decoder, split_controlnet)
     handle.enable()
@@ -374,7 +375,7 @@ def _build_paths(partition, model: torch.nn.Module, counters: Counters,
     them)."""
     if not config.compile:
         return Paths(partition, counters)
-    compiled = CompiledPaths(partition, counters, config.mode, config.inductor_options)
+    compiled = CompiledPaths(partition, counters, config.mode, config.inductor_options, config.dynamic_batch)
     if config.mode == "static-cudagraphs":
         return StaticGraphPaths(compiled, model, counters, path_settings(partition, model))
     return compiled

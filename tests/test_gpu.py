@@ -50,6 +50,35 @@ def test_a_second_shape_records_its_own_pair_without_disturbing_the_first():
     handle.disable()
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "static-cudagraphs"])
+def test_dynamic_batch_compiles_once_records_cuda_graphs_per_bucket_and_matches_static_shapes(mode):
+    """Guidance on, 1, 2 and 4 images: one graph per path for all three buckets (no compile after the first), CUDA
+    graphs recorded (cudagraph trees) or captured (by hand) per bucket and replayed after, images as the static
+    graphs'."""
+    runner = cuda_runner()
+    sizes = (1, 2, 4)
+    static = compile_pipeline(runner.pipe, 3, 0, mode=mode, dynamic_batch=False)
+    expected = {n: runner(num_images_per_prompt=n) for n in sizes}
+    assert static.counters.compiles == 6
+    static.disable()
+    torch._dynamo.reset()  # the dynamic handle makes its own graphs (the paths' code is shared)
+
+    handle = compile_pipeline(runner.pipe, 3, 0, mode=mode)
+    recordings = cudagraph_recordings()
+    first = {1: runner()}
+    with torch.compiler.set_stance("fail_on_recompile"):
+        first.update({n: runner(num_images_per_prompt=n) for n in sizes[1:]})
+        graphs = cudagraph_recordings() - recordings + handle.counters.captures
+        assert handle.counters.compiles == 2 and graphs == 2 * len(sizes), "one compile per path, graphs per bucket"
+        for n in sizes:
+            assert torch.equal(runner(num_images_per_prompt=n), first[n])
+    assert cudagraph_recordings() - recordings + handle.counters.captures == graphs, "replayed, not recorded again"
+    assert handle.counters.recompiles == handle.counters.fallbacks == 0
+    for n in sizes:
+        assert rel_l2(first[n], expected[n]) < 5e-3, n
+    handle.disable()
+
+
 @pytest.mark.parametrize("variant, scheduler_step", [("fastcache", False), ("fastcache-static-fused", True)])
 def test_steady_state_steps_never_sync_with_the_host(variant, scheduler_step):
     """UNet calls (and with the fused step, scheduler steps) as the pipeline makes them: no grad, warmed shapes."""

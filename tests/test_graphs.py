@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import (
+    TINY_PRESETS,
     Runner,
     against_helper,
     helper_run,
@@ -14,7 +15,7 @@ from conftest import (
 )
 from torch._dynamo.utils import counters as dynamo_counters
 
-from fastcache import compile_pipeline
+from fastcache import compile_pipeline, graphs
 from fastcache.counters import Counters
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, CompiledPaths, Paths, compile_options
 from fastcache.models import with_text_encoder
@@ -90,11 +91,7 @@ def test_a_shape_whose_compile_fails_runs_eagerly_from_then_on(sd_runner, monkey
         raise RuntimeError("inductor failed")
 
     monkeypatch.setattr(paths, "full", failing_compile)
-    unet = sd_runner.pipe.unet
-    inputs = dict(sample=torch.randn(2, 4, 16, 16), timestep=torch.tensor(10), encoder_hidden_states=torch.randn(
-        2, 77, unet.config.cross_attention_dim), added_cond_kwargs=None, timestep_cond=None, class_labels=None,
-        down_block_additional_residuals=None, mid_block_additional_residual=None,
-        cache=torch.empty(feature_shape(unet, partition.boundary, (2, 4, 16, 16))))
+    inputs = _path_inputs(partition)
     with torch.no_grad():
         expected = partition.full(**dict(inputs, cache=inputs["cache"].clone()))
         first = paths(True, "key", inputs)
@@ -102,6 +99,74 @@ def test_a_shape_whose_compile_fails_runs_eagerly_from_then_on(sd_runner, monkey
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert attempts == [1]  # not compiled again at every call
     assert counters.compile_failures == 1 and counters.compiles == 0
+
+
+def _path_inputs(partition: UNetPartition, batch: int = 2) -> dict:
+    """A path's inputs at 16x16 latents, with a feature buffer of their shape."""
+    unet = partition.unet
+    return dict(sample=torch.randn(batch, 4, 16, 16), timestep=torch.tensor(10), encoder_hidden_states=torch.randn(
+        batch, 77, unet.config.cross_attention_dim), added_cond_kwargs=None, timestep_cond=None, class_labels=None,
+        down_block_additional_residuals=None, mid_block_additional_residual=None,
+        cache=torch.empty(feature_shape(unet, partition.boundary, (batch, 4, 16, 16))))
+
+
+def test_compiles_counts_the_graphs_dynamo_made_and_every_first_call_where_torch_cannot_tell(
+        sd_runner, monkeypatch, caplog):
+    """``counters.compiles`` reads dynamo's graph list around a shape's first call: a call that made no graph (here
+    the path runs uncompiled) counts none. Where a torch release no longer offers that private list, every
+    (shape, path) pair's first call counts one, with one warning, and nothing fails."""
+    partition = UNetPartition(sd_runner.pipe.unet, 0)
+    counters = Counters()
+    paths = CompiledPaths(partition, counters, "default")
+    monkeypatch.setattr(paths, "full", partition.full)  # dynamo makes no graph for it
+    with torch.no_grad():
+        paths(True, "a", _path_inputs(partition))
+        assert counters.compiles == 0
+        monkeypatch.delattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list")
+        monkeypatch.setattr(graphs, "_GRAPH_COUNT_WARNED", False)
+        for key in ("b", "b", "c"):
+            paths(True, key, _path_inputs(partition))
+    assert counters.compiles == 2 and counters.compile_failures == 0
+    assert sum("does not list dynamo's graphs" in record.message for record in caplog.records) == 1
+
+
+def test_one_graph_per_path_takes_every_batch_size():
+    """With guidance on (UNet batches 2, 4, 8) the dynamic-batch graphs made at the first call take the next batch
+    sizes without compiling (dynamo's stance fails on any compile), and their images equal the eager runtime's (the
+    static graphs': the slow test below). On CPU, PyTorch's fp32 convolution picks its backend by ``batch >= 16``, so
+    a UNet batch of 16 or more gets a second graph per path (README)."""
+    runner = Runner("tiny-sd")
+    handle = compile_pipeline(runner.pipe, 2, 0)
+    dynamic = {1: runner(steps=4)}
+    with torch.compiler.set_stance("fail_on_recompile"):
+        dynamic.update({n: runner(steps=4, num_images_per_prompt=n) for n in (2, 4)})
+    assert (handle.counters.compiles, handle.counters.shapes, handle.counters.recompiles) == (2, 3, 0)
+    handle.disable()
+    eager = compile_pipeline(runner.pipe, 2, 0, compile=False)
+    for n, images in dynamic.items():
+        assert rel_l2(images, runner(steps=4, num_images_per_prompt=n)) < 1e-4, n
+    eager.disable()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_dynamic_batch_warm_up_equals_the_static_one_for_every_batch_size(preset):
+    """Batch sizes 1, 2, 4 with guidance on and one image without guidance (a UNet batch of one, which dynamo
+    specialises: a graph of its own), SD and SDXL (``added_cond_kwargs`` batched too): the dynamic graphs' images
+    equal the static graphs' within 1e-4, and compile 4 graphs where static shapes compile 8."""
+    runner = Runner(preset)
+    calls = [dict(num_images_per_prompt=n) for n in (1, 2, 4)] + [dict(guidance_scale=1.0)]
+    outputs, compiles = {}, {}
+    for dynamic_batch in (True, False):
+        torch._dynamo.reset()  # each mode makes its own graphs (the paths' code is shared)
+        handle = compile_pipeline(runner.pipe, 2, 0, dynamic_batch=dynamic_batch)
+        outputs[dynamic_batch] = [runner(steps=4, **call) for call in calls]
+        compiles[dynamic_batch] = handle.counters.compiles
+        assert handle.counters.fallbacks == handle.counters.recompiles == 0
+        handle.disable()
+    for call, got, expected in zip(calls, outputs[True], outputs[False], strict=True):
+        assert rel_l2(got, expected) < 1e-4, call
+    assert compiles == {True: 4, False: 8}
 
 
 def test_the_recompile_limit_is_raised_while_compiled_handles_are_enabled_and_then_put_back():

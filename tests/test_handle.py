@@ -127,6 +127,7 @@ def test_the_paths_hear_of_each_pipeline_call_once(sd_runner, monkeypatch):
     (dict(mode="fastest"), ValueError, "mode must be one of"),
     (dict(compile="yes"), TypeError, "compile must be True or False"),
     (dict(compile_vae=1), TypeError, "compile_vae must be True or False"),
+    (dict(dynamic_batch="no"), TypeError, "dynamic_batch must be True or False"),
     (dict(inductor_options=[("conv_1x1_as_mm", True)]), TypeError, "inductor_options must be a mapping"),
     (dict(inductor_options={"conv_1x1_as_mm": True, "go_fast": True}), ValueError,
      r"unknown inductor options \['go_fast'\]"),

@@ -33,7 +33,8 @@ def test_without_cuda_the_compiled_paths_run_directly_and_nothing_is_captured(sd
         shallow = paths(False, "key", dict(inputs, cache=cache))
         expected_shallow = partition.shallow(**inputs, cache=cache)
     assert torch.equal(full, expected_full) and torch.equal(shallow, expected_shallow)
-    assert (counters.captures, counters.replays, counters.compiles, paths.graphs) == (0, 0, 2, {})
+    # the compiled functions are the eager ones here: dynamo made no graph, so counters.compiles counts none
+    assert (counters.captures, counters.replays, counters.compiles, paths.graphs) == (0, 0, 0, {})
 
 
 def test_graphs_are_dropped_at_the_next_call_once_the_weights_moved(sd_runner, monkeypatch):
