@@ -112,6 +112,8 @@ def add_compile_options(group) -> None:
 def check_compile_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.mode is not None and not args.compile:
         parser.error("--mode needs --compile (--no-compile runs the paths eagerly)")
+    if getattr(args, "static_shapes", False) and not args.compile:
+        parser.error("--static-shapes needs --compile (--no-compile runs the paths eagerly)")
     args.mode = args.mode or FastCacheConfig.mode
 
 
@@ -158,7 +160,7 @@ def cache_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> F
     """The cache options as a ``FastCacheConfig`` (which checks them); a bad one: one line, exit code 2."""
     options = dict(interval=args.interval, branch=args.branch, schedule=args.schedule)
     if hasattr(args, "compile"):
-        options.update(compile=args.compile, mode=args.mode)
+        options.update(compile=args.compile, mode=args.mode, dynamic_batch=not getattr(args, "static_shapes", False))
     with field_errors(parser):
         return FastCacheConfig(**options)
 
@@ -279,6 +281,9 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                               "on, off or on,off")
         sub.add_argument("--steps", type=int, default=25, help="steps of the warm-up and of requests that give none")
         sub.add_argument("--max-steps", type=int, default=100, help="the most steps a request may ask for")
+        sub.add_argument("--static-shapes", action="store_true",
+                         help="compile each path once per batch size (fully static graphs) instead of once for all "
+                              "batch sizes (a dynamic batch dimension); CUDA graphs are per bucket either way")
         sub.add_argument("--cache-dir", help="persistent compile cache: a restart with the same model, options, "
                                              "buckets and versions warms up from it")
         sub.add_argument("--edits", default="img2img,inpaint",

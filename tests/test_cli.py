@@ -40,6 +40,7 @@ BAD = [
     (["generate", "x", "--seed", str(2**64)], "--seed must be between 0 and"),
     (["generate", "x", "--guidance", "nan"], "--guidance must be a finite number"),
     (["generate", "x", "--no-compile", "--mode", "default"], "--mode needs --compile"),
+    (["warmup", "--no-compile", "--static-shapes"], "--static-shapes needs --compile"),
     (["serve", "--max-delay-ms", "inf"], "--max-delay-ms must be a finite number from 0 to 60000"),
     (["serve", "--max-delay-ms", "nan"], "--max-delay-ms must be a finite number"),
     (["serve", "--drain-seconds", "-1"], "--drain-seconds must be a finite number"),
@@ -172,3 +173,11 @@ def test_a_busy_port_is_one_line_before_any_model(capsys, monkeypatch):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot listen there" in err
+
+
+@pytest.mark.parametrize("command", ["warmup", "serve"])
+def test_static_shapes_turns_the_dynamic_batch_off(command):
+    parser, commands = cli.build_parser()
+    for flags, dynamic in (([], True), (["--static-shapes"], False)):
+        options = cli.service_options(commands[command], parser.parse_args([command, *flags]))
+        assert options.cache.dynamic_batch is dynamic

@@ -173,5 +173,6 @@ class Service:
                     artifacts_saved=saved, buckets={str(bucket): s for bucket, s in per_bucket.items()},
                     eager_buckets=[str(bucket) for bucket in self.engine.eager_buckets], model=self.options.model_name,
                     interval=cache.interval, intervals=list(self.engine.levels), branch=cache.branch,
-                    compile=cache.compile and cache.mode, **hits,
+                    compile=cache.compile and cache.mode, dynamic_batch=cache.dynamic_batch,
+                    compiles=sum(handle.counters.compiles for handle in self.engine.handles), **hits,
                     **self.environment())
