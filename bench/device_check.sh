@@ -10,9 +10,12 @@
 #            (default eager,deepcache,compile,fastcache,fastcache-static-fused) side by side in one inductor cache
 #            (--cache-mode shared: later peers may reuse earlier peers' kernels; each warm-up is still reported),
 #            kept under $SCRATCH/inductor/shared
-#   serve    (opt-in) fastcache warmup of $PRESET $SIZE (default sd21 512) batch sizes $BATCHES (default 1,4), 50
-#            steps, twice, each a new process with one --cache-dir (cold, then warm: the restart target is <= 10 s),
-#            reports in warmup.jsonl; then bench/serve_load.py against a server warmed from that cache
+#   serve    (opt-in) bench/cold_start.py: fastcache warmup of $PRESET $SIZE (default sd21 512) batch sizes $BATCHES
+#            (default 1,4), 50 steps, guidance on, dynamic batch (the default) then --static-shapes, each cold (an
+#            empty --cache-dir) then warm (a restart from it; the restart target is <= 10 s), a new process each, and
+#            after each warm restart every bucket timed $REPEATS (default 3) times: cold/warm seconds, compiles and
+#            speed per bucket, dynamic against static, in cold_start_gpu.json/.md (at most 450 s of the budget);
+#            then bench/serve_load.py against a server warmed from the dynamic run's cache
 #   profile  (opt-in) tools/profile_steps.py I3B0 on $PRESET $SIZE (default sd21 512), variant $VARIANT (default
 #            fastcache-tuned), reusing the bench's cache; gzipped torch.profiler trace
 #   tune     (opt-in) fastcache tune on SD2.1 512 fp16, 50 DDIM steps, CFG 7.5, compiled (reduce-overhead): the 8 first
@@ -103,14 +106,17 @@ for stage in "${stages[@]}"; do
         bench) run 420 python3 bench/compare.py --subset "${SUBSET:-gpu-check}" \
                    --peers "${PEERS:-eager,deepcache,compile,fastcache,fastcache-static-fused}" \
                    --cache-mode shared --cache-dir "$CACHE" --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
-        serve) warmup=(--preset "${PRESET:-sd21}" --device cuda --sizes "${SIZE:-512}" --batch-sizes "${BATCHES:-1,4}"
-                       --steps 50 --cache-dir "$SCRATCH/serve-cache")
-               rm -rf "$SCRATCH/serve-cache"
-               for state in cold warm; do
-                   echo "== $state warm-up"
-                   run 360 python3 -m fastcache.cli warmup "${warmup[@]}" --report "$OUT/warmup.jsonl"
-               done 2>&1 | tee "$OUT/serve.log"
-               run 240 python3 bench/serve_load.py --launch "${warmup[*]}" --clients 8 --requests 32 --out "$OUT" \
+        serve) rm -rf "$SCRATCH/cold-start"
+               left=$((BUDGET_S - (SECONDS - start)))
+               ((left > 450)) && left=450
+               # its own budget: no warm-up starts that the timeout would cut; its files are rewritten after each one
+               run 450 python3 bench/cold_start.py --preset "${PRESET:-sd21}" --device cuda --size "${SIZE:-512}" \
+                   --batch-sizes "${BATCHES:-1,4}" --single= --steps 50 --speed-repeats "${REPEATS:-3}" \
+                   --budget-s "$((left - 10))" --cap-s 240 --scratch "$SCRATCH/cold-start" --out "$OUT" --tag gpu \
+                   2>&1 | tee "$OUT/serve.log"
+               launch=(--preset "${PRESET:-sd21}" --device cuda --sizes "${SIZE:-512}" --batch-sizes "${BATCHES:-1,4}"
+                       --steps 50 --edits none --cache-dir "$SCRATCH/cold-start/dynamic-all")
+               run 240 python3 bench/serve_load.py --launch "${launch[*]}" --clients 8 --requests 32 --out "$OUT" \
                    2>&1 | tee -a "$OUT/serve.log" ;;
         profile) variant=${VARIANT:-fastcache-tuned}
                  trace=$SCRATCH/trace.json

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PEERS = "eager,deepcache,compile,fastcache,fastcache-static-fused"
 STAGE_OF = {"pytest": "tests", "bench/compare.py": "bench", "tools/profile_steps.py": "profile",
-            "fastcache.cli": "warmup", "bench/serve_load.py": "serve-load"}
+            "fastcache.cli": "warmup", "bench/serve_load.py": "serve-load", "bench/cold_start.py": "cold-start"}
 
 # one line a call (the import check's code has a newline); the inductor cache it was given at the end
 FAKE_PYTHON = r"""#!/bin/sh
@@ -135,18 +135,21 @@ def test_a_stage_is_cut_at_the_budget_and_the_next_skipped(tmp_path):
     assert 25 < run.seconds < 40
 
 
-def test_serve_warms_up_cold_then_warm_from_one_cache_then_loads_a_server_from_it(tmp_path):
+def test_serve_measures_cold_and_warm_starts_dynamic_and_static_then_loads_a_server_from_the_cache(tmp_path):
     run = Run(tmp_path, "serve", BATCHES="1,2")
     assert run.returncode == 0, run.stderr
     assert any("fastapi" in " ".join(call) for call in run.calls)  # the serving packages are checked first
-    assert run.stages == ["warmup", "warmup", "serve-load"]
-    cold, warm = (call for call in run.calls if "fastcache.cli" in call)
-    assert cold == warm and option(cold, "--cache-dir") == str(run.scratch / "serve-cache")
-    assert option(cold, "--batch-sizes") == "1,2" and option(cold, "--preset") == "sd21"
+    assert run.stages == ["cold-start", "serve-load"]
+    cold_start = run.args("cold-start")
+    assert [option(cold_start, name) for name in ("--preset", "--device", "--batch-sizes", "--steps", "--tag")] == [
+        "sd21", "cuda", "1,2", "50", "gpu"]
+    assert "--single=" in cold_start and "--modes" not in cold_start  # no baseline run; both modes (the default)
+    assert 400 < int(option(cold_start, "--budget-s")) <= 440  # within what the stage's timeout gives it
+    cache = str(run.scratch / "cold-start")
+    assert option(cold_start, "--scratch") == cache and option(cold_start, "--out") == str(run.out)
     load = run.args("serve-load")
-    assert "--cache-dir" in load and str(run.scratch / "serve-cache") in load  # the launched server's arguments
-    assert len((run.out / "warmup.jsonl").read_text().splitlines()) == 2
-    assert "== warm warm-up" in (run.out / "serve.log").read_text()
+    assert "--cache-dir" in load and f"{cache}/dynamic-all" in load  # the launched server's arguments
+    assert "fake bench" in (run.out / "serve.log").read_text()
 
 
 def test_tune_measures_nine_candidates_on_sd21_512_resumably_and_brings_back_its_report(tmp_path):
