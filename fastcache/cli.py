@@ -38,7 +38,8 @@ transformers_logging.set_verbosity(_verbosity)
 logger = logging.getLogger("fastcache")
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"compare": "bench/compare.py", "serve-load": "bench/serve_load.py"}
+BENCHMARKS = {"compare": "bench/compare.py", "serve-load": "bench/serve_load.py",
+              "serve-faults": "bench/serve_faults.py", "cold-start": "bench/cold_start.py"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -357,11 +358,13 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
 
     add_tune_command(commands)
 
-    bench = commands.add_parser("bench", help="run a benchmark of bench/ (compare, serve-load)",
+    bench = commands.add_parser("bench", help=f"run a benchmark of bench/ ({', '.join(BENCHMARKS)})",
                                 description="Run a benchmark script of the source tree's bench/ folder; arguments "
                                             "after the name go to the script (try: fastcache bench compare --help).")
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS),
-                       help="compare: the peers side by side on one model; serve-load: load on a running server")
+                       help="compare: the peers side by side on one model; serve-load: load on a running server; "
+                            "serve-faults: soak, burst, fuzz and Ray fault figures; cold-start: cold and warm "
+                            "warm-ups, dynamic batch vs static shapes")
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed to the script")
     return parser, commands.choices
 

@@ -146,10 +146,12 @@ def test_the_main_job_uses_the_prompt_for_presets(tmp_path):
     assert np.abs(images[0] - images[1]).mean() > 1
 
 
-def test_bench_runs_a_script_of_bench(capsys):
+@pytest.mark.parametrize(("benchmark", "option"), [("compare", "--peers"), ("serve-load", "--clients"),
+                                                   ("serve-faults", "--soak-requests"), ("cold-start", "--modes")])
+def test_bench_runs_a_script_of_bench(capsys, benchmark, option):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", "compare", "--help"])
-    assert exit_info.value.code == 0 and "--peers" in capsys.readouterr().out
+        cli.main(["bench", benchmark, "--help"])
+    assert exit_info.value.code == 0 and option in capsys.readouterr().out
 
 
 def _no_model(*args, **kwargs):
