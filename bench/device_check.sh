@@ -74,7 +74,6 @@ if [ -e "${wheels[0]}" ]; then
 else
     echo "no wheels in $WHEELS: install skipped"
 fi
-ln -sfn "$PWD/kernels" "$SITE/fastcache_kernels"  # the name `pip install .` gives the kernels folder
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # fail in seconds, not after a model build, when something the stages import is missing
