@@ -443,3 +443,19 @@ def freeu_out_of_place():
 @pytest.fixture(scope="session")
 def lora_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("loras")
+
+
+@contextmanager
+def app_in_thread(app, timeout: float = 300):
+    """``app`` served by uvicorn on a thread of this process (loopback, a free port), until ready: its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        probe.wait_ready(f"http://{HOST}:{server.config.port}", timeout, alive=thread.is_alive)
+        yield f"http://{HOST}:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)

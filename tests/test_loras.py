@@ -4,14 +4,12 @@ compiles nothing (one compiled test, counters), and over HTTP an unknown name ge
 
 import logging
 import re
-import threading
 from dataclasses import replace
 
 import httpx
 import pytest
 import torch
-import uvicorn
-from conftest import HOST, assert_error, free_port, png_array, rel_l2, save_lora
+from conftest import app_in_thread, assert_error, png_array, rel_l2, save_lora
 from safetensors.torch import save_file
 
 from fastcache import FastCacheConfig, compile_pipeline
@@ -21,7 +19,6 @@ from fastcache.models import build_pipeline
 from fastcache.serving.edits import warmup_inputs
 from fastcache.serving.engine import Engine, EngineConfig
 from fastcache.serving.loras import LoraOptions
-from fastcache.serving.probe import wait_ready
 from fastcache.serving.request import ImageRequest, InvalidRequest, lora_adapters, pipeline_kwargs
 from fastcache.serving.server import make_app
 from fastcache.serving.service import Service, ServiceOptions
@@ -242,17 +239,8 @@ def test_switching_adapters_between_calls_compiles_nothing(loras):
 @pytest.fixture(scope="module")
 def server(loras):
     service = Service(options(loras, edits=("img2img",), max_delay_ms=300))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(make_app(service), host=HOST, port=free_port(),
-                                                   log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    url = f"http://{HOST}:{uvicorn_server.config.port}"
-    try:
-        wait_ready(url, 300, alive=thread.is_alive)
+    with app_in_thread(make_app(service)) as url:
         yield url
-    finally:
-        uvicorn_server.should_exit = True
-        thread.join(60)
 
 
 def generate(url: str, **body) -> httpx.Response:

@@ -3,13 +3,12 @@ process (tiny models, eager runtime, an inpainting model beside the base model, 
 
 import base64
 import io
-import threading
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
+from conftest import app_in_thread
 from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 from test_edits import bomb, direct, encoded, picture
@@ -19,7 +18,6 @@ from fastcache.models import build_pipeline, prompt_inputs
 from fastcache.serving.edge import EdgeConfig
 from fastcache.serving.edits import inpainting_model
 from fastcache.serving.engine import EngineConfig
-from fastcache.serving.probe import free_port, wait_ready
 from fastcache.serving.request import ImageRequest
 from fastcache.serving.server import make_app
 from fastcache.serving.service import Service, ServiceOptions
@@ -38,16 +36,8 @@ def url():
                                                  intervals=(1, 2, 3), max_size=64))
     service = Service(options)
     app = make_app(service, EdgeConfig(max_body_mb=LIMIT_MB))
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    address = f"http://{HOST}:{server.config.port}"
-    try:
-        wait_ready(address, 300, alive=thread.is_alive)
+    with app_in_thread(app) as address:
         yield address
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 @pytest.fixture(scope="module")
