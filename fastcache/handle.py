@@ -324,9 +324,11 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
 
     Args:
         pipe: a diffusers pipeline with a ``UNet2DConditionModel`` as ``pipe.unet`` (SD 1.x/2.x, SDXL, ...).
-        interval, branch, **options: ``FastCacheConfig``'s fields (``schedule``, ``compile``, ``mode``,
-            ``inductor_options``, ``compile_vae``, ...), which document them; defaults are its defaults.
+        interval: a full UNet step every ``interval`` steps (``FastCacheConfig.interval``).
+        branch: the DeepCache branch id (``FastCacheConfig.branch``).
         config: a ``FastCacheConfig`` to start from (the keywords given override its fields).
+        **options: ``FastCacheConfig``'s other fields (``schedule``, ``compile``, ``mode``, ``inductor_options``,
+            ``compile_vae``, ...), which document them; defaults are its defaults.
 
     Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing changes, on the pipeline or in
     torch's process-wide settings, if an argument is invalid: every check runs first.
