@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels run on the CPU through Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter. Forced, not defaulted: with an inherited
+    # TRITON_INTERPRET=0, guided_step runs its PyTorch reference on CPU tensors, and the kernel tests would compare
+    # the reference with itself. Triton reads it when @triton.jit decorates a kernel, at the import of
+    # fastcache_kernels, so it is set here, before anything imports them.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from fastcache import compile_pipeline
 from fastcache.models import (
@@ -240,6 +244,19 @@ def runner(request) -> Runner:
 @pytest.fixture
 def sd_runner() -> Runner:
     return Runner("tiny-sd")
+
+
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """``guided_step`` must launch the Triton kernel (through the interpreter on a CPU), never its PyTorch fallback:
+    a test that compared the fallback's result with the reference would pass whatever the kernel computes."""
+    import fastcache_kernels.guided_step as kernel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("guided_step ran its PyTorch reference instead of the Triton kernel "
+                             f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} on a CPU)")
+
+    monkeypatch.setattr(kernel, "guided_step_reference", refuse)
 
 
 @pytest.fixture(autouse=True)
