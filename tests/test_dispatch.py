@@ -26,7 +26,16 @@ class Evaluations:
 
     def __init__(self, interval=3):
         self.dispatcher = StepDispatcher(Schedule("uniform", interval))
-        self.buffers, self.schedulers = {}, []
+        self.buffers, self.schedulers, self.loops = {}, [], []  # loops: each loop an evaluation was placed in
+        place = self.dispatcher.loops.place
+
+        def placed(*args):
+            placement = place(*args)
+            if placement.loop is not None and placement.loop not in self.loops:
+                self.loops.append(placement.loop)
+            return placement
+
+        self.dispatcher.loops.place = placed
 
     def timesteps(self, n: int = 6) -> torch.Tensor:
         """Fresh timesteps of a scheduler (kept here), as ``set_timesteps`` makes them for each call."""
@@ -90,7 +99,9 @@ def test_a_thread_moving_to_another_loop_leaves_the_old_ones_feature_behind():
     assert run(second[0], 2) == (True, 2)
     assert run(first[1], 1) == (True, 1), "step 1 is shallow by the schedule, but its feature is gone"
     assert run(first[2], 1) == (False, 1)
-    assert not any(loop.saved for loop in run.dispatcher.loops._retired[threading.get_ident()])
+    back, left = run.loops  # the thread went back to the first loop, leaving the second
+    assert left.saved == {} and not run.dispatcher.loops.is_running(left), "nothing kept for the loop it left"
+    assert run.dispatcher.loops.is_running(back)
 
 
 def test_a_broken_loop_never_reads_the_buffer():

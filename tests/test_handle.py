@@ -345,7 +345,8 @@ def test_pag_pipelines_take_the_cached_path_and_equal_the_helper(name):
     handle = compile_pipeline(pipe, 3, 0, compile=False)
     assert rel_l2(run(), expected) < 1e-5
     assert handle.counters.fallbacks == 0 and handle.counters.shallow > 0
-    assert [dict(key)["sample"][1][0] for key in handle.buffers._buffers] == [3], "one shape, batch 3: PAG and CFG"
+    assert [buffer.shape[0] for buffer in handle.buffers.values()] == [3], "one shape, batch 3: PAG and CFG"
+    assert handle.counters.shapes == 1
 
 
 class _Call:
