@@ -5,6 +5,7 @@ import ast
 import base64
 import importlib.util
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -15,9 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from DeepCache import DeepCacheSDHelper
 
-if not torch.cuda.is_available():  # Triton kernels run on the CPU through Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter. Forced, not defaulted: with an inherited
+    # TRITON_INTERPRET=0, guided_step runs its PyTorch reference on CPU tensors, and the kernel tests would compare
+    # the reference with itself. Triton reads it when @triton.jit decorates a kernel, at the import of
+    # fastcache_kernels, so it is set here, before anything imports them.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from fastcache import compile_pipeline
 from fastcache.models import (
@@ -62,12 +68,43 @@ def deepcache_function(module: str, name: str):
     return namespace[name]
 
 
-@contextmanager
-def deepcache_helper(pipe, interval: int, branch: int):
-    """The oracle: a fresh ``DeepCacheSDHelper`` enabled on ``pipe``."""
-    from DeepCache import DeepCacheSDHelper
+class StepCountingHelper(DeepCacheSDHelper):
+    """The helper with one defect fixed, its step counter, for the schedulers that repeat timesteps.
 
-    helper = DeepCacheSDHelper(pipe=pipe)
+    The helper numbers a UNet evaluation ``list(pipe.scheduler.timesteps).index(t)``, the first index holding ``t``.
+    PNDM's timesteps ``[t0, t1, t1, t2, ...]`` and Heun's (each step evaluates at two timesteps, and each timestep but
+    the first twice) repeat, so its steps drift from the scheduler's and its full steps fall elsewhere. Here the step
+    is the number of the call's UNet evaluations before this one, divided by the scheduler's ``order`` (evaluations
+    per step: 2 for Heun), which is the step the scheduler is at. What is cached, reused and recomputed stays the
+    helper's own code. ``extra_full``: steps that run full besides the schedule's (fastcache runs full the first step
+    of a new input signature, whose feature buffer holds nothing of the call).
+    """
+
+    def __init__(self, pipe, extra_full=()):
+        super().__init__(pipe=pipe)
+        self.extra_full = frozenset(extra_full)
+
+    def wrap_unet_forward(self):
+        forward = self.pipe.unet.forward
+        self.function_dict["unet_forward"] = forward  # what the helper's unwrap_modules puts back
+        evaluations = itertools.count()
+
+        def counted(*args, **kwargs):
+            self.cur_timestep = next(evaluations) // self.pipe.scheduler.order
+            return forward(*args, **kwargs)
+
+        self.pipe.unet.forward = counted
+
+    def is_skip_step(self, block_i, layer_i, blocktype="down"):
+        skip = super().is_skip_step(block_i, layer_i, blocktype)
+        return skip and self.cur_timestep not in self.extra_full
+
+
+@contextmanager
+def deepcache_helper(pipe, interval: int, branch: int, count_steps: bool = False, extra_full=()):
+    """The oracle: a fresh ``DeepCacheSDHelper`` enabled on ``pipe``; with ``count_steps`` or ``extra_full``, a fresh
+    ``StepCountingHelper`` (for schedulers that repeat timesteps, or with steps run full besides the schedule's)."""
+    helper = StepCountingHelper(pipe, extra_full) if count_steps or extra_full else DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
     try:
@@ -240,6 +277,19 @@ def runner(request) -> Runner:
 @pytest.fixture
 def sd_runner() -> Runner:
     return Runner("tiny-sd")
+
+
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """``guided_step`` must launch the Triton kernel (through the interpreter on a CPU), never its PyTorch fallback:
+    a test that compared the fallback's result with the reference would pass whatever the kernel computes."""
+    import fastcache_kernels.guided_step as kernel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("guided_step ran its PyTorch reference instead of the Triton kernel "
+                             f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} on a CPU)")
+
+    monkeypatch.setattr(kernel, "guided_step_reference", refuse)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ direct pipeline call with those adapters loaded and weighted the ordinary diffus
 compiles nothing (one compiled test, counters), and over HTTP an unknown name gets a 400 naming the loaded adapters."""
 
 import logging
-import re
 from dataclasses import replace
 
 import httpx
@@ -19,7 +18,7 @@ from fastcache.models import build_pipeline
 from fastcache.serving.edits import warmup_inputs
 from fastcache.serving.engine import Engine, EngineConfig
 from fastcache.serving.loras import LoraOptions
-from fastcache.serving.request import ImageRequest, InvalidRequest, lora_adapters, pipeline_kwargs
+from fastcache.serving.request import ImageRequest, InvalidRequest, pipeline_kwargs
 from fastcache.serving.server import make_app
 from fastcache.serving.service import Service, ServiceOptions
 from fastcache.settings import SettingsWatch
@@ -78,29 +77,6 @@ def direct(loras, lora: tuple, seed: int, interval: int = INTERVAL, steps: int =
     finally:
         if handle is not None:
             handle.disable()
-
-
-LORA_FORMS = [
-    (None, ()), ("a", (("a", 1.0),)), ({"name": "a", "scale": 0.5}, (("a", 0.5),)), ({"name": "a"}, (("a", 1.0),)),
-    (["b", {"name": "a", "scale": -2}], (("a", -2.0), ("b", 1.0))), ((("b", 0.3), "a"), (("a", 1.0), ("b", 0.3))),
-    ([], ()),
-    ({"name": "a", "path": "/x"}, "lora must be an adapter's name, {\"name\": NAME, \"scale\": S} or a list"),
-    (5, "got 5."), ([""], "lora must be"), ({"scale": 1}, "lora must be"), ([{"name": 3}], "lora must be"),
-    ({"name": "a", "scale": "1"}, "lora 'a': scale must be a finite number from -10 to 10; got \"1\""),
-    (("a", float("nan")), "lora must be"), ([("a", float("inf"))], "scale must be a finite number"),
-    ([("a", True)], "scale must be a finite number"), ([{"name": "a", "scale": 10.5}], "from -10 to 10"),
-    (["a", ("a", 2)], "lora must name each adapter once"),
-]
-
-
-@pytest.mark.parametrize("value, expected", LORA_FORMS, ids=[repr(v)[:30] for v, _ in LORA_FORMS])
-def test_a_request_reads_every_form_of_lora_and_names_the_forms_otherwise(value, expected):
-    if isinstance(expected, str):
-        with pytest.raises(InvalidRequest, match=re.escape(expected)) as error:
-            request(1, value)
-        assert error.value.param == "lora"
-    else:
-        assert request(1, value).lora == expected == lora_adapters(value)
 
 
 def test_a_server_without_adapters_refuses_lora():
