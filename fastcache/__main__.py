@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import (
+from .cli_options import (
     Parser,
     add_cache_options,
     add_model_options,
@@ -26,9 +26,9 @@ from .cli import (
     check_steps,
     model_errors,
     parse_size,
+    quiet_imports,
 )
-from .handle import compile_pipeline
-from .models import default_dtype, open_pipeline, prompt_inputs
+from .presets import default_dtype
 from .variants import VARIANTS
 
 logger = logging.getLogger("fastcache")
@@ -94,6 +94,9 @@ def time_pipeline(pipe, call_kwargs: dict, repeat: int, seed: int) -> Timing:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with quiet_imports():
+        from .handle import compile_pipeline
+        from .models import open_pipeline, prompt_inputs
     dtype = default_dtype(args.device)
     with model_errors(args.parser, args):
         pipe, label = open_pipeline(args.model, args.preset, device=args.device, dtype=dtype, seed=args.seed)

@@ -26,6 +26,7 @@ from torch._dynamo.utils import guard_failures
 from torch.utils._pytree import tree_map_only
 
 from .counters import Counters
+from .errors_text import examples, listing
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def compile_options(mode: str, inductor_options: Mapping[str, Any] | None) -> di
     known = torch._inductor.config.get_config_copy()
     unknown = sorted(key for key in inductor_options if key.replace("-", "_") not in known)
     if unknown:
-        raise ValueError(f"unknown inductor options {unknown}: keys must be torch._inductor.config settings, "
-                         f"e.g. {sorted(UNET_INDUCTOR_OPTIONS)}.")
+        raise ValueError(f"unknown inductor options: {listing(unknown, 'name')}; keys must be torch._inductor.config "
+                         f"settings, {examples(UNET_INDUCTOR_OPTIONS)}.")
     return dict(options={**torch._inductor.list_mode_options(mode), **inductor_options})
 
 

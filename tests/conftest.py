@@ -324,6 +324,30 @@ def save_tiny_clip(folder: Path) -> Path:
     return folder
 
 
+# -- the command line: a bad argument is one line a person reads ------------------------------------------------------
+
+MAX_ERROR_CHARS = 400  # one line, as a terminal shows it: a count and a few names, never every name
+
+
+def one_line_error(run, capsys) -> str:
+    """The error of a command line that ``run()`` must refuse: exit code 2, and on stderr exactly one line of at most
+    ``MAX_ERROR_CHARS`` characters, said once (every bad-input test of the command line checks it through here)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2, exit_info.value.code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert len(err) - 1 <= MAX_ERROR_CHARS, f"{len(err) - 1} characters: {err}"
+    return err
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """``one_line_error`` of ``fastcache ARGV``."""
+    from fastcache import cli
+
+    return one_line_error(lambda: cli.main(argv), capsys)
+
+
 # fastcache tune on the tiny preset: 32 px, 4 steps, 2 prompts, I1 and I2 at branches 0 and 1, eager, with CLIP
 TINY_TUNE = ["tune", "--size", "32", "--steps", "4", "--num-prompts", "2", "--intervals", "1,2", "--branches", "0,1"]
 

@@ -6,6 +6,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error, one_line_error
 from PIL import Image
 
 from fastcache import cli
@@ -70,28 +71,21 @@ BAD = [
 def test_a_bad_argument_is_one_line_and_exit_code_2(argv, message, capsys, monkeypatch):
     monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)  # all of this is known before any model
     monkeypatch.delenv("FASTCACHE_API_KEY", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    err = cli_error(argv, capsys)
+    assert message in err, err
     assert "sk bad key" not in err  # a key is never repeated
 
 
 def test_a_bad_key_in_the_environment_is_refused_without_showing_it(capsys, monkeypatch):
     monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)
     monkeypatch.setenv("FASTCACHE_API_KEY", "sk-good-key,sk-bäd-key")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["serve", "--host", "0.0.0.0"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "key 2 is not" in err and "sk-" not in err
+    err = cli_error(["serve", "--host", "0.0.0.0"], capsys)
+    assert "key 2 is not" in err and "sk-" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_refused(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["generate", "x", "--device", "cuda"])
-    assert exit_info.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+    assert "sees no CUDA device" in cli_error(["generate", "x", "--device", "cuda"], capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -102,11 +96,7 @@ def test_cuda_without_cuda_is_refused(capsys):
     (["--guidance", "inf"], "--guidance must be a finite number"),
 ])
 def test_the_main_job_checks_every_argument_first(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main_job_args(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
+    assert message in one_line_error(lambda: main_job_args(argv), capsys)
 
 
 def test_help_explains_every_option_with_its_default(capsys):
@@ -170,11 +160,8 @@ def test_a_busy_port_is_one_line_before_any_model(capsys, monkeypatch):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(["serve", "--port", str(port), "--no-compile"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot listen there" in err
+        err = cli_error(["serve", "--port", str(port), "--no-compile"], capsys)
+    assert "cannot listen there" in err
 
 
 @pytest.mark.parametrize("command", ["warmup", "serve"])

@@ -48,7 +48,7 @@ class ServiceOptions:
     inpaint_model: str | None = None  # a diffusers folder or hub id
     inpaint_preset: str | None = None  # one of models.INPAINT_PRESETS (random weights)
     # measured speed and fidelity per cache level, shown by /v1/models: {interval: {"speedup": ..., "psnr_db": ...}},
-    # as fastcache.tune.levels(FILE) gives them (serve --tuned FILE passes them)
+    # as fastcache.tuning.report.levels(FILE) gives them (serve --tuned FILE passes them)
     level_labels: Mapping[int, Mapping[str, Any]] | None = None
     lora: LoraOptions = field(default_factory=LoraOptions)  # LoRA adapters a request may ask for (--lora NAME=PATH)
 
