@@ -203,7 +203,7 @@ class SplitControlNet:
         """The UNet inputs with the ControlNet residuals its step consumes (whoever computed them): all on a full
         step; on a skip step those of the skip connections it computes, and the mid residual only where the cached
         feature is the mid block's output (elsewhere the cached feature already holds it)."""
-        down, mid = inputs["down_block_additional_residuals"], inputs["mid_block_additional_residual"]
+        down, mid = inputs.get("down_block_additional_residuals"), inputs.get("mid_block_additional_residual")
         if full or (down is None and mid is None):
             return inputs
         return dict(inputs, down_block_additional_residuals=None if down is None else down[:boundary.shallow_skips],
