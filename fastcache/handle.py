@@ -173,7 +173,8 @@ class FastCacheHandle:
         # at the deepest branch a skip step needs the mid residual too: the whole ControlNet
         at_mid = self.partition.boundary.at_mid_output
         with self._lock:
-            shallow = not at_mid and self.dispatcher.peek(call["timestep"], signature(call["sample"]))
+            shallow = not at_mid and self.dispatcher.peek(call["timestep"], signature(call["sample"]),
+                                                          self.partition.frame_signature)
             self.counters.controlnet_shallow += shallow
         return self.controlnet.run(call, shallow, original)
 
@@ -189,6 +190,8 @@ class FastCacheHandle:
         partial = self.controlnet and self.controlnet.take_partial(call.get("down_block_additional_residuals"),
                                                                    call.get("mid_block_additional_residual"))
         inputs, key = self._inputs(call)
+        if key not in self.buffers:  # a new shape: what the UNet itself cannot take gets a clear error, nothing runs
+            self.partition.check_input(inputs["sample"].shape)
         unsupported = self._unsupported(call, processor_kwargs, inputs, key)
         if unsupported:
             if partial:

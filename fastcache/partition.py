@@ -254,6 +254,15 @@ class UNetPartition:
         """Shape of the cached hidden state for a UNet input of ``sample_shape``."""
         return feature_shape(self.unet, self.boundary, sample_shape)
 
+    def check_input(self, sample_shape) -> None:
+        """``ValueError`` naming what is valid for an input the UNet itself cannot take (checked at a new shape, before
+        anything runs); images: none."""
+
+    def frame_signature(self, sample_signature):
+        """A sample's ``(dtype, shape, device)`` as the per-frame images a video pipeline's ControlNet gets (for
+        images: itself)."""
+        return sample_signature
+
     def full(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
              class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None,
              down_intrablock_additional_residuals=None):

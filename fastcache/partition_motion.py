@@ -34,6 +34,25 @@ class MotionPartition(UNetPartition):
         batch, channels, frames, height, width = sample_shape
         return super().feature_shape((batch * frames, channels, height, width))
 
+    def check_input(self, sample_shape) -> None:
+        """The motion modules' positional embeddings hold ``motion_max_seq_length`` frames: a longer video fails in
+        diffusers with a shape error, unless FreeNoise windows the frames (its window must fit)."""
+        frames, limit = sample_shape[2], self.unet.config.motion_max_seq_length
+        block = self.unet.down_blocks[0].motion_modules[0].transformer_blocks[0]
+        window = getattr(block, "context_length", None)  # FreeNoise's transformer blocks window the frames
+        if window is None and frames > limit:
+            raise ValueError(f"this motion adapter takes at most {limit} frames (motion_max_seq_length); got {frames}. "
+                             f"For longer videos enable FreeNoise (pipe.enable_free_noise(context_length={limit})).")
+        if window is not None and window > limit:
+            raise ValueError(f"FreeNoise's context_length must be at most {limit} (motion_max_seq_length); "
+                             f"got {window}.")
+
+    def frame_signature(self, sample_signature):
+        if sample_signature is None:
+            return None
+        dtype, (batch, channels, frames, height, width), device = sample_signature
+        return dtype, torch.Size((batch * frames, channels, height, width)), device
+
     def full(self, sample, timestep, encoder_hidden_states, cache, timestep_cond=None, added_cond_kwargs=None,
              down_block_additional_residuals=None, mid_block_additional_residual=None):
         """Whole UNet; writes the per-frame feature at the boundary into ``cache``."""
