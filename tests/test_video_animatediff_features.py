@@ -7,7 +7,7 @@ from conftest import FRAMES, VIDEO_SIZE, VideoRunner, freeu_out_of_place, helper
 
 from fastcache import compile_pipeline
 from fastcache.models import PRESETS, random_lora, with_text_encoder
-from fastcache.video_models import VIDEO_PRESETS, motion_unet
+from fastcache.video_models import VIDEO_PRESETS
 
 
 def check(runner, interval=2, branch=1, shallow=True, **kwargs):
@@ -58,16 +58,17 @@ def test_video_to_video_starts_mid_schedule(animatediff):
 
 
 def test_animatediff_sdxl():
-    from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL, DDIMScheduler
+    from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 
     from fastcache.video_models import ANIMATEDIFF_SCHEDULER
 
     torch.manual_seed(0)
     tiny = VIDEO_PRESETS["tiny-animatediff"]
-    unet = motion_unet(PRESETS["tiny-sdxl"]["unet"], dict(tiny["motion"], use_motion_mid_block=False))
     pipe = AnimateDiffSDXLPipeline(vae=AutoencoderKL(**PRESETS["tiny-sdxl"]["vae"]), text_encoder=None,
-                                   text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-                                   motion_adapter=None, scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER))
+                                   text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                   unet=UNet2DConditionModel(**PRESETS["tiny-sdxl"]["unet"]),
+                                   motion_adapter=MotionAdapter(**dict(tiny["motion"], use_motion_mid_block=False)),
+                                   scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER))
     pipe.set_progress_bar_config(disable=True)
     check(VideoRunner("tiny-animatediff", pipe), 2, 4)
 
