@@ -80,7 +80,8 @@ def test_free_noise_windows_frames_inside_the_motion_modules(animatediff, tmp_pa
 
     pipe = with_text_encoder(animatediff.pipe)
     folder = save_tiny_clip(tmp_path / "clip")
-    pipe.register_modules(tokenizer=CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    pipe.register_modules(tokenizer=tokenizer)
     runner = VideoRunner("tiny-animatediff", pipe)
     runner.inputs = dict(prompt={0: "a boat", 4: "a storm"}, negative_prompt="blur")
     pipe.enable_free_noise(context_length=4, context_stride=2)
