@@ -35,7 +35,7 @@ def test_every_branch_full_path_equals_the_forward_and_shallow_reproduces_it():
         assert torch.equal(part.shallow(cache=cache, **inputs), full), branch
 
 
-@pytest.mark.parametrize("interval, branch", [(2, 0), (3, 3)])
+@pytest.mark.parametrize("interval, branch", [(2, 0), pytest.param(3, 3, marks=pytest.mark.slow)])
 def test_text_to_video_equals_the_helper(interval, branch):
     from diffusers import TextToVideoSDPipeline
 

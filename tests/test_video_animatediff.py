@@ -13,7 +13,10 @@ def animatediff() -> VideoRunner:
     return VideoRunner("tiny-animatediff")
 
 
-@pytest.mark.parametrize("interval, branch", [(2, 0), (3, 4), (2, 8)])
+slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize("interval, branch", [(2, 0), pytest.param(3, 4, marks=slow), pytest.param(2, 8, marks=slow)])
 def test_eager_equals_the_helper(animatediff, interval, branch):
     expected = helper_run(animatediff, interval, branch)
     handle = compile_pipeline(animatediff.pipe, interval, branch, compile=False)

@@ -9,6 +9,8 @@ from fastcache import compile_pipeline
 from fastcache.models import PRESETS, random_lora, with_text_encoder
 from fastcache.video_models import VIDEO_PRESETS
 
+slow = pytest.mark.slow  # CI runs the other features; python -m pytest -m slow runs these too
+
 
 def check(runner, interval=2, branch=1, shallow=True, **kwargs):
     """The handle (eager) against the helper on ``runner``'s pipeline; returns the handle's counters."""
@@ -57,6 +59,7 @@ def test_video_to_video_starts_mid_schedule(animatediff):
     assert counters.full + counters.shallow == 4
 
 
+@slow
 def test_animatediff_sdxl():
     from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 
@@ -118,6 +121,7 @@ def test_lora_on_the_unet_and_a_motion_lora_with_a_per_call_scale(animatediff):
         pipe.unload_lora_weights()
 
 
+@slow
 def test_ip_adapter(animatediff):
     from conftest import image_embeds, ip_adapter_state_dict
 
@@ -157,6 +161,7 @@ def test_controlnet_shallow_as_for_images(animatediff):
     assert counters.controlnet_shallow == counters.shallow and counters.controlnet_recomputes == 0
 
 
+@slow
 def test_sparse_controlnet_runs_whole_and_the_unet_takes_its_shallow_residuals(animatediff):
     """SparseCtrl (motion modules in its encoder, a conditioning mask) is not split: it runs whole at every step, as
     the pipeline calls it, and a skip step of the UNet adds the residuals of the skips it computes."""
@@ -176,6 +181,7 @@ def test_sparse_controlnet_runs_whole_and_the_unet_takes_its_shallow_residuals(a
     assert counters.controlnet_shallow == 0
 
 
+@slow
 def test_pag(animatediff):
     from diffusers import AnimateDiffPAGPipeline
 

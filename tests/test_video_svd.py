@@ -23,7 +23,8 @@ def eager_run(runner, interval, branch, **kwargs):
         handle.disable()
 
 
-@pytest.mark.parametrize("interval, branch, guidance", [(2, 0, 3.0), (3, 2, 1.0), (2, 5, 3.0)],
+@pytest.mark.parametrize("interval, branch, guidance", [(2, 0, 3.0), (3, 2, 1.0),
+                                                        pytest.param(2, 5, 3.0, marks=pytest.mark.slow)],
                          ids=["guided-b0", "unguided-b2", "guided-mid"])
 def test_eager_equals_the_helper(svd, interval, branch, guidance):
     """Per-frame guidance on (a batch of two) and off (max_guidance_scale 1: a batch of one)."""
@@ -65,6 +66,7 @@ def test_custom_sigmas_with_a_repeated_timestep_follow_the_steps(svd):
     assert (counters.full, counters.shallow, counters.fallbacks) == (3, 2, 0)
 
 
+@pytest.mark.slow  # compiles both paths and the decoder: the compiled representative is the test below
 def test_decode_chunk_size_and_compiled_vae_decoder_get_the_frame_count(svd):
     """AutoencoderKLTemporalDecoder's decoder mixes frames, so it needs num_frames: chunks of 3 and 1 frames decode
     as the plain pipeline decodes them only if the compiled decoder's hook passes it on."""
