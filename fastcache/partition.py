@@ -205,7 +205,9 @@ def feature_shape(unet: UNet2DConditionModel, boundary: Boundary, sample_shape: 
 
 
 def _out_channels(resnet: torch.nn.Module) -> int:
-    """A resnet's output channels (SVD's spatio-temporal resnet holds a 2-D one, which says)."""
+    """A resnet's output channels (SVD's spatio-temporal resnet holds a 2-D one, which says; FreeNoise's split
+    inference wraps resnets in a module that holds the resnet)."""
+    resnet = getattr(resnet, "module", resnet)
     return getattr(resnet, "spatial_res_block", resnet).out_channels
 
 

@@ -76,12 +76,12 @@ def test_animatediff_sdxl():
     check(VideoRunner("tiny-animatediff", pipe), 2, 4)
 
 
-def test_free_noise_windows_frames_inside_the_motion_modules(animatediff, tmp_path):
+def test_free_noise_windows_frames_inside_the_motion_modules(tmp_path):
     """FreeNoise: 6 frames in windows of 4 (stride 2) inside every motion module, one UNet call per step; a prompt per
     keyframe (FreeNoise takes text only: a tiny tokenizer and text encoder)."""
     from transformers import CLIPTokenizer
 
-    pipe = with_text_encoder(animatediff.pipe)
+    pipe = with_text_encoder(VideoRunner("tiny-animatediff").pipe)  # its own: split inference wraps its modules
     folder = save_tiny_clip(tmp_path / "clip")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     pipe.register_modules(tokenizer=tokenizer)
@@ -94,7 +94,6 @@ def test_free_noise_windows_frames_inside_the_motion_modules(animatediff, tmp_pa
         check(runner, frames=6)
     finally:
         pipe.disable_free_noise()
-        pipe.register_modules(tokenizer=None)
 
 
 def test_free_init_is_a_denoising_loop_per_iteration(animatediff):
