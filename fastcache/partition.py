@@ -375,7 +375,7 @@ class UNetPartition:
             h = self._layer(up, i, torch.cat([h, skip], dim=1), emb, context)
         if up.upsamplers is not None:
             for upsampler in up.upsamplers:
-                h = upsampler(h)
+                h = upsampler(hidden_states=h)  # by name, as the blocks call it (FreeNoise's split inference)
         return h
 
     def _head(self, h, skips, emb, context):

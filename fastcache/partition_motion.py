@@ -102,10 +102,10 @@ class MotionPartition(UNetPartition):
     @staticmethod
     def _layer(block, i, h, emb, context):
         """Layer ``i`` of a block: its resnet, its transformer if it has one, then its motion module."""
-        context, frames = context
-        h = block.resnets[i](h, emb)
+        context, frames = context  # called with the keywords the motion blocks use: FreeNoise's split inference
+        h = block.resnets[i](input_tensor=h, temb=emb)  # splits the inputs it finds by name
         if getattr(block, "attentions", None) is not None:
-            h = block.attentions[i](h, encoder_hidden_states=context, return_dict=False)[0]
+            h = block.attentions[i](hidden_states=h, encoder_hidden_states=context, return_dict=False)[0]
         return block.motion_modules[i](h, num_frames=frames)
 
 

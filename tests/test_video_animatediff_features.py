@@ -160,24 +160,19 @@ def test_controlnet_shallow_as_for_images(animatediff):
     assert counters.controlnet_shallow == counters.shallow and counters.controlnet_recomputes == 0
 
 
-@slow
-def test_sparse_controlnet_runs_whole_and_the_unet_takes_its_shallow_residuals(animatediff):
-    """SparseCtrl (motion modules in its encoder, a conditioning mask) is not split: it runs whole at every step, as
-    the pipeline calls it, and a skip step of the UNet adds the residuals of the skips it computes."""
+def test_sparse_controlnet_is_refused_naming_what_is_supported(animatediff):
+    """SparseCtrl is not supported: run whole at every step beside the cached UNet it did not equal the helper (rel L2
+    0.03 on the tiny model, not understood yet), so compile_pipeline refuses it and changes nothing."""
     from diffusers import AnimateDiffSparseControlNetPipeline, SparseControlNetModel
 
-    torch.manual_seed(0)
     tiny = VIDEO_PRESETS["tiny-animatediff"]["unet"]
     net = SparseControlNetModel(block_out_channels=tiny["block_out_channels"], layers_per_block=2, norm_num_groups=8,
                                 cross_attention_dim=32, attention_head_dim=8, motion_num_attention_heads=2,
                                 down_block_types=("CrossAttnDownBlockMotion",) * 2 + ("DownBlockMotion",))
-    for layer in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding):
-        torch.nn.init.normal_(layer.weight, std=0.05)
     pipe = AnimateDiffSparseControlNetPipeline.from_pipe(animatediff.pipe, controlnet=net)
-    pipe.set_progress_bar_config(disable=True)
-    counters = check(VideoRunner("tiny-animatediff", pipe), 2, 1, conditioning_frames=frames_of(1),
-                     controlnet_frame_indices=[0])
-    assert counters.controlnet_shallow == 0
+    with pytest.raises(ValueError, match=r"supports ControlNetModel .* has \['SparseControlNetModel'\]"):
+        compile_pipeline(pipe)
+    assert getattr(pipe.unet, "_diffusers_hook", None) is None or pipe.unet._diffusers_hook.get_hook("fastcache") is None
 
 
 @slow
