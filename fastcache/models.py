@@ -38,19 +38,23 @@ from .presets import (  # noqa: F401 (the presets' names, re-exported: fastcache
     PRESETS,
     SD_SCHEDULER,
     TINY_REFINER_UNET,
+    VIDEO_PRESETS,
     Geometry,
     check_device,
     default_dtype,
     model_geometry,
     preset_spec,
 )
+from .video_models import build_video_pipeline
 
 
 def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    seed: int = 0) -> DiffusionPipeline:
-    """A pipeline of the ``preset`` architecture (``PRESETS`` or ``INPAINT_PRESETS``) with random weights and no text
-    encoder."""
+    """A pipeline of the ``preset`` architecture (``PRESETS``, ``INPAINT_PRESETS`` or ``VIDEO_PRESETS``) with random
+    weights and no text encoder."""
     spec = preset_spec(preset)
+    if preset in VIDEO_PRESETS:
+        return build_video_pipeline(preset, dtype=dtype, device=device, seed=seed)
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the target device: seconds instead of a minute for SDXL
         unet = UNet2DConditionModel(**spec["unet"])
@@ -155,7 +159,8 @@ def random_prompt_embeds(pipe: DiffusionPipeline, batch_size: int = 1, *, seed: 
     width = unet.config.cross_attention_dim
     kwargs = dict(prompt_embeds=randn(batch_size, seq_len, width),
                   negative_prompt_embeds=randn(batch_size, seq_len, width))
-    if unet.config.addition_embed_type == "text_time":  # SDXL: 6 time ids, or the refiner's 5 with aesthetic scores
+    # SDXL: 6 time ids, or the refiner's 5 with aesthetic scores (a video UNet's config may not have the key)
+    if unet.config.get("addition_embed_type") == "text_time":
         time_ids = 5 if pipe.config.get("requires_aesthetics_score") else 6
         pooled = unet.config.projection_class_embeddings_input_dim - time_ids * unet.config.addition_time_embed_dim
         kwargs.update(pooled_prompt_embeds=randn(batch_size, pooled),
@@ -287,7 +292,8 @@ def random_ip_adapter(unet: UNet2DConditionModel, embed_dim: int, seed: int = 0)
                   "norm.weight": random(cross) + 1, "norm.bias": random(cross)}
     ip_adapter, key = {}, 1
     for name in unet.attn_processors:
-        if not name.endswith("attn1.processor"):  # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them
+        # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them (AnimateDiff's motion modules have none)
+        if not name.endswith("attn1.processor") and "motion_modules" not in name:
             hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
             ip_adapter[f"{key}.to_k_ip.weight"] = random(hidden, cross)
             ip_adapter[f"{key}.to_v_ip.weight"] = random(hidden, cross)

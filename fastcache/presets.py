@@ -79,6 +79,46 @@ INPAINT_PRESETS: dict[str, dict[str, Any]] = {
     for name, base in (("sd15-inpaint", "sd15"), ("tiny-sd-inpaint", "tiny-sd"))
 }
 
+# Each preset: the 2-D UNet and motion adapter (AnimateDiff) or the spatio-temporal UNet, VAE and image encoder (SVD)
+# configs, the frames a call makes by default, and the name of the pipeline class (built by fastcache.video_models).
+VIDEO_PRESETS: dict[str, dict[str, Any]] = {
+    # SD 1.5 with the v1-5-3 motion adapter's config (no motion module in the mid block)
+    "animatediff": dict(unet=PRESETS["sd15"]["unet"], vae=PRESETS["sd15"]["vae"], frames=16,
+                        pipeline="AnimateDiffPipeline",
+                        motion=dict(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
+                                    motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32,
+                                    use_motion_mid_block=False)),
+    "tiny-animatediff": dict(unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8,
+                                       attention_head_dim=8, cross_attention_dim=32, sample_size=8,
+                                       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+                             vae=_TINY_VAE, frames=4, pipeline="AnimateDiffPipeline",
+                             motion=dict(block_out_channels=(32, 64, 64), motion_layers_per_block=2,
+                                         motion_num_attention_heads=2, motion_norm_num_groups=8,
+                                         motion_max_seq_length=32, use_motion_mid_block=True)),
+    # stabilityai/stable-video-diffusion-img2vid-xt: 25 frames at 576x1024, CLIP ViT-H/14 image encoder
+    "svd-xt": dict(unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                             num_attention_heads=(5, 10, 20, 20), addition_time_embed_dim=256,
+                             projection_class_embeddings_input_dim=768, in_channels=8, out_channels=4, num_frames=25,
+                             sample_size=96),
+                   vae=dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            layers_per_block=2, latent_channels=4, sample_size=768),
+                   image_encoder=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                      num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1024),
+                   frames=25, pipeline="StableVideoDiffusionPipeline"),
+    "tiny-svd": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+                               down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                               up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                               num_attention_heads=(2, 4), addition_time_embed_dim=8,
+                               projection_class_embeddings_input_dim=24, in_channels=8, out_channels=4, num_frames=4,
+                               sample_size=8),
+                     vae=dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                              layers_per_block=1, latent_channels=4),
+                     image_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=4, patch_size=32, image_size=224, projection_dim=32),
+                     frames=4, pipeline="StableVideoDiffusionPipeline"),
+}
+
 # The schedule Stable Diffusion ships with, as a DDIM scheduler.
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1)
@@ -99,10 +139,10 @@ def check_device(device: str) -> None:
 
 def preset_spec(preset: str) -> dict[str, Any]:
     """The configs of a preset name; ``ValueError`` naming the valid ones."""
-    spec = PRESETS.get(preset) or INPAINT_PRESETS.get(preset)
+    spec = PRESETS.get(preset) or INPAINT_PRESETS.get(preset) or VIDEO_PRESETS.get(preset)
     if spec is None:
-        raise ValueError(f"preset must be one of {listing(PRESETS, 'preset')}, or an inpainting preset "
-                         f"{examples(INPAINT_PRESETS)}; got {preset!r}.")
+        raise ValueError(f"preset must be one of {listing(PRESETS, 'preset')}, an inpainting preset "
+                         f"{examples(INPAINT_PRESETS)} or a video preset {examples(VIDEO_PRESETS)}; got {preset!r}.")
     return spec
 
 

@@ -533,3 +533,54 @@ def app_in_thread(app, timeout: float = 300):
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+# -- video: AnimateDiff and Stable Video Diffusion, tiny, few frames and steps ----------------------------------------
+
+FRAMES = 4
+VIDEO_STEPS = 5
+VIDEO_SIZE = 16  # pixels; latents 8x8 with the tiny VAEs
+
+
+def motion_unet_inputs(unet, batch=2, frames=FRAMES, size=8, seed=0) -> dict:
+    """Random inputs of a ``UNetMotionModel``: a ``(batch, channels, frames, h, w)`` sample and per-frame text
+    embeddings, as ``AnimateDiffPipeline`` passes them (SDXL's added conditions included)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(sample=torch.randn(batch, 4, frames, size, size, generator=g), timestep=torch.tensor(501),
+                  encoder_hidden_states=torch.randn(batch * frames, 77, unet.config.cross_attention_dim, generator=g))
+    if unet.config.get("addition_embed_type") == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
+                                           time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]] * batch))
+    return inputs
+
+
+def svd_unet_inputs(unet, batch=2, frames=FRAMES, size=8, seed=0) -> dict:
+    """Random inputs of a ``UNetSpatioTemporalConditionModel``: a ``(batch, frames, 2 * 4, h, w)`` sample (noise and
+    image latents), one image embedding per video and SVD's three added time ids (fps, motion bucket, noise aug)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, frames, unet.config.in_channels, size, size, generator=g),
+                timestep=torch.tensor(0.7), added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * batch),
+                encoder_hidden_states=torch.randn(batch, 1, unet.config.cross_attention_dim, generator=g))
+
+
+class VideoRunner:
+    """A tiny video pipeline plus a call that returns the final latents for a fixed seed."""
+
+    def __init__(self, preset: str, pipe=None):
+        from fastcache.video_models import build_video_pipeline
+
+        self.preset = preset
+        self.pipe = pipe or build_video_pipeline(preset)
+        self.svd = preset.endswith("svd")
+        if self.svd:
+            from fastcache.video_models import conditioning_image
+
+            self.inputs = dict(image=conditioning_image((VIDEO_SIZE, VIDEO_SIZE)))
+        else:
+            self.inputs = random_prompt_embeds(self.pipe)
+
+    def __call__(self, steps: int = VIDEO_STEPS, seed: int = 0, frames: int = FRAMES, size: int = VIDEO_SIZE,
+                 output_type: str = "latent", **kwargs) -> torch.Tensor:
+        return self.pipe(num_inference_steps=steps, num_frames=frames, height=size, width=size, output_type=output_type,
+                         generator=torch.Generator().manual_seed(seed), **{**self.inputs, **kwargs}).frames
