@@ -32,6 +32,7 @@ from .models import INPAINT_PRESETS, PRESETS, Geometry, check_device, default_dt
 from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
 from .serving.loras import DEFAULT_MAX_SLOTS  # noqa: E402
 from .serving.request import size_problem  # noqa: E402
+from .serving.video_options import add_video_arguments  # noqa: E402
 
 transformers_logging.set_verbosity(_verbosity)
 
@@ -210,7 +211,7 @@ def model_errors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> I
     """A model that cannot be loaded, or that fastcache refuses (known only once loaded, for hub ids): one line."""
     try:
         yield
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:  # ImportError: an extra the model needs (video: PyAV)
         parser.error(f"{args.model or args.preset}: {error}".replace("\n", " "))
 
 
@@ -310,6 +311,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         lora.add_argument("--lora-rank", type=int,
                           help="the slots' rank: an adapter of a wider rank is refused (default: the widest "
                                "adapter's)")
+        add_video_arguments(sub, serving=name == "serve")
         if name == "warmup":
             sub.add_argument("--report", help="append the warm-up's report (seconds per bucket, cold or warm, cache "
                                               "hits, card, versions) to this JSON-lines file")
@@ -375,6 +377,7 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     from .serving.engine import EngineConfig
     from .serving.loras import LoraOptions, parse_adapter
     from .serving.service import ServiceOptions
+    from .serving.video_options import VideoOptions
 
     pick = apply_tuned(parser, args)
     tuned_size = pick.size if pick else None
@@ -414,13 +417,19 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
         engine.update(max_size=max(max(size) for size in sizes))
     if args.inpaint_model:
         check_model_path(parser, args.inpaint_model, "--inpaint-model")
+    video = dict(sizes=tuple(parse_size(parser, text, geometry) for text in args.video_sizes.split(",")) if (
+        args.video_sizes) else (), frames=parse_int_list(parser, args.video_frames, "--video-frames") if (
+        args.video_frames) else ())
+    if serving:
+        video.update(fps=args.video_fps, data_dir=args.data_dir, ttl=args.video_ttl, max_jobs=args.max_video_jobs,
+                     crf=args.video_crf)
     with field_errors(parser):
         lora = LoraOptions(adapters=tuple(parse_adapter(text) for text in args.lora or ()), slots=args.lora_slots,
                            rank=args.lora_rank)
         return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
                               cache_dir=args.cache_dir, engine=EngineConfig(**engine),
                               inpaint_model=args.inpaint_model, inpaint_preset=args.inpaint_preset,
-                              level_labels=pick.levels if pick else None, lora=lora)
+                              level_labels=pick.levels if pick else None, lora=lora, video=VideoOptions(**video))
 
 
 def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -526,6 +535,7 @@ def warmup(parser, args) -> int:
 def serve(parser, args) -> int:
     options = service_options(parser, args)
     edge = edge_config(parser, args)
+    check_video_serving(parser, args, options)
     if args.replicas:
         from .serving.ray_serve import run_replicas
 
@@ -539,12 +549,30 @@ def serve(parser, args) -> int:
     sock = _bind(parser, args.host, args.port)  # a busy port fails now, not after the model is built
     with model_errors(parser, args):
         service = Service(options)
-    app = make_app(service, edge)
+        app = make_app(service, edge)  # a video server opens its --data-dir here (one server per folder)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, runs the app's shutdown (the engine's queue), then raises
     # the signal again with the handler it found: after a drained SIGTERM, that one exits 0
     signal.signal(signal.SIGTERM, _exit_drained)
     uvicorn.Server(edge.uvicorn_config(app, log_level="info")).run(sockets=[sock])
     return 0
+
+
+def check_video_serving(parser: argparse.ArgumentParser, args: argparse.Namespace, options) -> None:
+    """A model known to make video (a preset, a local folder) needs PyAV and one process, before it is built."""
+    from .models import preset_spec
+    from .serving.video_file import require_av
+    from .serving.video_options import makes_video
+
+    preset = "" if args.model else preset_spec(args.preset)["pipeline"].__name__
+    if not makes_video(args.model, preset):
+        return
+    if args.replicas:
+        parser.error("--replicas: video jobs live in one process's --data-dir; serve video from one process")
+    try:
+        require_av()
+    except ImportError as error:
+        parser.error(str(error))
+    check_writable(parser, options.video.data_dir, "--data-dir", folder=True)
 
 
 def _exit_drained(*_) -> None:

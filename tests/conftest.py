@@ -459,3 +459,66 @@ def app_in_thread(app, timeout: float = 300):
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+# -- video: tiny AnimateDiff and SVD pipelines (random weights), until the video runtime's presets land ---------------
+
+def tiny_animatediff(seed: int = 0):
+    """A tiny ``AnimateDiffPipeline``: the tiny SD UNet made a ``UNetMotionModel`` by a tiny ``MotionAdapter`` (random
+    weights), no text encoder (prompt embeddings derived as for the presets)."""
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+
+    from fastcache.models import SD_SCHEDULER, preset_spec
+
+    spec = preset_spec("tiny-sd")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    adapter = MotionAdapter(block_out_channels=unet.config.block_out_channels, motion_layers_per_block=2,
+                            motion_norm_num_groups=8, motion_num_attention_heads=2, motion_max_seq_length=16)
+    pipe = AnimateDiffPipeline(vae=AutoencoderKL(**spec["vae"]), text_encoder=None, tokenizer=None, unet=unet,
+                               motion_adapter=adapter, scheduler=DDIMScheduler(**SD_SCHEDULER))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_svd(seed: int = 0):
+    """A tiny ``StableVideoDiffusionPipeline`` (random weights; its CLIP image encoder reads 224-pixel images, as the
+    pipeline resizes to that)."""
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=32,
+        num_attention_heads=8, projection_class_embeddings_input_dim=96, addition_time_embed_dim=32, num_frames=4)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                       latent_channels=4, layers_per_block=1)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=1,
+                                                             num_attention_heads=4, image_size=224, patch_size=32,
+                                                             intermediate_size=37))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+                                       steps_offset=1, timestep_spacing="leading", timestep_type="continuous",
+                                       use_karras_sigmas=True)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+                                        feature_extractor=CLIPImageProcessor(crop_size=224, size=224))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_video_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny AnimateDiff and SVD pipelines saved as local diffusers folders (what ``fastcache serve --model``
+    loads): their paths by family."""
+    root = tmp_path_factory.mktemp("video-models")
+    folders = {"animatediff": root / "animatediff", "svd": root / "svd"}
+    tiny_animatediff().save_pretrained(folders["animatediff"])
+    tiny_svd().save_pretrained(folders["svd"])
+    return folders
