@@ -45,10 +45,10 @@ class VideoOptions:
     crf: int = DEFAULT_CRF
 
     def __post_init__(self):
-        sizes = tuple(tuple(size) for size in self.sizes)
-        if not all(len(size) == 2 and all(_is_int(side) and side >= 1 for side in size) for size in sizes):
+        if not all(isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(side) and side >= 1
+                                                                              for side in size) for size in self.sizes):
             raise ValueError(f"video_sizes must be (width, height) pairs of positive integers; got {self.sizes!r}")
-        object.__setattr__(self, "sizes", tuple(dict.fromkeys(sizes)))
+        object.__setattr__(self, "sizes", tuple(dict.fromkeys(tuple(size) for size in self.sizes)))
         frames = tuple(self.frames)
         if not all(_is_int(count) and 1 <= count <= MAX_FRAMES for count in frames):
             raise ValueError(f"video_frames must be integers from 1 to {MAX_FRAMES}; got {self.frames!r}")

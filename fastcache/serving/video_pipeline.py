@@ -152,11 +152,14 @@ class VideoModel:
             sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes)
             raise InvalidRequest(f"size {width}x{height} is not served for video; served sizes: {sizes}.", "size")
 
+    def lengths(self, fps: int) -> str:
+        """The served frame counts and how long each lasts at ``fps``."""
+        return ", ".join(f"{n} ({n / fps:.3g} s)" for n in self.frames)
+
     def check_frames(self, frames: int, fps: int) -> None:
         if frames not in self.frames:
-            lengths = ", ".join(f"{n} ({n / fps:g} s)" for n in self.frames)
             raise InvalidRequest(f"num_frames {frames} is not served; served frame counts (at {fps} fps): "
-                                 f"{lengths}.", "num_frames")
+                                 f"{self.lengths(fps)}.", "num_frames")
 
     def check(self, request: VideoRequest) -> None:
         """``InvalidRequest`` naming what is served unless a warmed bucket and this server's levels and adapters

@@ -155,7 +155,8 @@ def field_rules(model: VideoModel) -> dict[str, str]:
         "negative_prompt": (f"a string of at most {MAX_PROMPT_CHARS} characters" if text else
                             "not taken by image to video"),
         "cache": (f"{{\"interval\": k}} with k one of {', '.join(map(str, model.levels))} (1: uncached)" if
-                  model.levels else f"not served ({model.cache_note or 'no cache on this server'})"),
+                  model.levels else f"{{\"interval\": k}}, but no cache level is served "
+                                    f"({model.cache_note or 'no cache on this server'})"),
         "lora": f"{LORA_FORM} (S from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}); multipart: the name, or that JSON",
         "resize": "true or false: resize an input_reference of another size than size (multipart only)",
         "model": "a string (ignored)",
@@ -232,7 +233,7 @@ def _frames(seconds, num_frames: int | None, fps: int, model: VideoModel) -> int
         said = (f"num_frames {num_frames} at {fps} fps lasts {num_frames / fps:g} s, not {lasting:g}; give one of "
                 f"seconds and num_frames" if num_frames is not None else
                 f"seconds {lasting:g} at {fps} fps is not a whole number of frames")
-        raise InvalidRequest(f"{said} (served: {field_rules(model)['seconds']}).", "seconds")
+        raise InvalidRequest(f"{said}; served frame counts (at {fps} fps): {model.lengths(fps)}.", "seconds")
     model.check_frames(frames, fps)
     return frames
 

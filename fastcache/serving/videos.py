@@ -11,6 +11,7 @@ model makes images, every one of them answers 400 naming what it serves.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 from fastapi import FastAPI, Request
@@ -114,16 +115,16 @@ def install(app: FastAPI, service) -> VideoJobs | None:
 
 
 async def _read_body(http: Request):
-    """The fields of a ``POST /v1/videos`` and its ``input_reference`` file (bytes, or ``None``): JSON, or
-    multipart/form-data. A field that is not valid is ``RequestValidationError`` (the one error format names the
-    field's rule)."""
+    """The fields of a ``POST /v1/videos`` and its ``input_reference`` file (bytes, or ``None``): JSON, or a form
+    (multipart/form-data; url-encoded without a file). A field that is not valid is ``RequestValidationError`` (the
+    one error format names the field's rule)."""
     content_type = http.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
-    if media == "multipart/form-data":
+    if media in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await http.form(max_files=1, max_fields=32)
         except HTTPException as error:  # starlette's parser: a malformed body, too many files or fields
-            raise InvalidRequest(f"the multipart body could not be read ({error.detail}).") from None
+            raise InvalidRequest(f"the form could not be read ({error.detail}).") from None
         try:
             texts, upload = {}, None
             for name, value in form.multi_items():
@@ -140,14 +141,27 @@ async def _read_body(http: Request):
         finally:
             await form.close()
     if media in ("", "application/json") or media.endswith("+json"):
-        return _validated(VideoBody, await http.body()), None
-    raise InvalidRequest(f"the request body must be JSON (Content-Type: application/json) or multipart/form-data "
-                         f"(with an input_reference file); got Content-Type {media[:60]!r}.")
+        return _validated(VideoBody, _json(await http.body())), None
+    raise InvalidRequest(f"the request body must be JSON (Content-Type: application/json) or a form "
+                         f"(multipart/form-data, with an input_reference file); got Content-Type {media[:60]!r}.")
+
+
+def _json(body: bytes):
+    """A JSON body read as FastAPI reads the images API's (the same errors, in the one format): ``None`` if empty."""
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as error:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", error.pos),
+                                       "msg": "JSON decode error"}]) from None
+    except Exception as error:  # not UTF-8, nested too deeply, a number too long: errors.py says which
+        raise HTTPException(400, "There was an error parsing the body") from error
 
 
 def _validated(model, data):
     try:
-        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise RequestValidationError(error.errors(include_url=False, include_context=False,
                                                   include_input=False)) from None
