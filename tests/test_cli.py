@@ -61,6 +61,13 @@ BAD = [
     (["serve", "--inpaint-preset", "tiny-sd"], "invalid choice"),
     (["serve", "--inpaint-model", "/etc"], "--inpaint-model /etc: not a diffusers pipeline folder"),
     (["serve", "--inpaint-model", "./missing"], "--inpaint-model ./missing: no such folder"),
+    (["serve", "--video-sizes", "30"], "multiples of 8 pixels"),
+    (["serve", "--video-frames", "0"], "--video-frames values must be >= 1"),
+    (["warmup", "--video-frames", "2000"], "--video-frames must be integers from 1 to 1024"),
+    (["serve", "--video-fps", "0"], "--video-fps must be an integer from 1 to 120"),
+    (["serve", "--video-ttl", "0"], "--video-ttl must be a number of seconds above 0"),
+    (["serve", "--max-video-jobs", "0"], "--max-video-jobs must be an integer from 1 to 100000"),
+    (["serve", "--video-crf", "52"], "--video-crf must be an integer from 0 (lossless) to 51"),
     (["bench", "nothing"], "invalid choice"),
     (["dance"], "invalid choice"),
 ]
@@ -183,3 +190,40 @@ def test_static_shapes_turns_the_dynamic_batch_off(command):
     for flags, dynamic in (([], True), (["--static-shapes"], False)):
         options = cli.service_options(commands[command], parser.parse_args([command, *flags]))
         assert options.cache.dynamic_batch is dynamic
+
+
+def test_the_video_flags_make_the_video_options(tmp_path):
+    from fastcache.serving.video_options import VideoOptions
+
+    parser, commands = cli.build_parser()
+    args = parser.parse_args(["serve", "--video-sizes", "64x32,32", "--video-frames", "8,4", "--video-fps", "12",
+                              "--data-dir", str(tmp_path), "--video-ttl", "60", "--max-video-jobs", "3",
+                              "--video-crf", "0"])
+    assert cli.service_options(commands["serve"], args).video == VideoOptions(
+        sizes=((64, 32), (32, 32)), frames=(4, 8), fps=12, data_dir=str(tmp_path), ttl=60, max_jobs=3, crf=0)
+    warmup = cli.service_options(commands["warmup"], parser.parse_args(["warmup", "--video-frames", "16"]))
+    assert warmup.video.frames == (16,)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "2"], "--replicas: video jobs live in one process's --data-dir; serve video from one process"),
+    (["--data-dir", "/etc/passwd"], "--data-dir /etc/passwd: not a folder"),
+])
+def test_serving_a_video_model_is_checked_before_it_is_built(tiny_video_models, argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("fastcache.serving.service.Service", _no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(tiny_video_models["animatediff"]), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_serving_video_without_pyav_is_one_line_naming_the_install(tiny_video_models, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av fails, as where the video extra is not installed
+    monkeypatch.setattr("fastcache.serving.service.Service", _no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(tiny_video_models["svd"])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert 'serving video needs PyAV: pip install "fastcache[video]"' in err
