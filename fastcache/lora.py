@@ -117,6 +117,8 @@ def check_hotswap_rank(unet: torch.nn.Module, state_dict: dict, prefix: str | No
 def refuse_wide_hotswaps(unet: torch.nn.Module) -> Callable[[], None]:
     """Make ``unet.load_lora_adapter`` (what ``pipe.load_lora_weights`` calls) first refuse a hot-swap wider than the
     adapter's layers (``check_hotswap_rank``); returns the function that puts the UNet's own back."""
+    if not hasattr(unet, "load_lora_adapter"):  # a UNet without LoRA support (SVD's): nothing to guard
+        return lambda: None
     previous = vars(unet).get("load_lora_adapter")
     load = unet.load_lora_adapter
 

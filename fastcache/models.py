@@ -34,6 +34,8 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
+from .video_models import VIDEO_PRESETS, build_video_pipeline
+
 _SD_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -116,9 +118,11 @@ def check_device(device: str) -> None:
 
 def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    seed: int = 0) -> DiffusionPipeline:
-    """A pipeline of the ``preset`` architecture (``PRESETS`` or ``INPAINT_PRESETS``) with random weights and no text
-    encoder."""
+    """A pipeline of the ``preset`` architecture (``PRESETS``, ``INPAINT_PRESETS`` or ``VIDEO_PRESETS``) with random
+    weights and no text encoder."""
     spec = preset_spec(preset)
+    if preset in VIDEO_PRESETS:
+        return build_video_pipeline(preset, dtype=dtype, device=device, seed=seed)
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the target device: seconds instead of a minute for SDXL
         unet = UNet2DConditionModel(**spec["unet"])
@@ -136,10 +140,10 @@ def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: s
 
 def preset_spec(preset: str) -> dict[str, Any]:
     """The configs of a preset name; ``ValueError`` naming the valid ones."""
-    spec = PRESETS.get(preset) or INPAINT_PRESETS.get(preset)
+    spec = PRESETS.get(preset) or INPAINT_PRESETS.get(preset) or VIDEO_PRESETS.get(preset)
     if spec is None:
         raise ValueError(f"preset must be one of {sorted(PRESETS)} (or an inpainting preset: "
-                         f"{sorted(INPAINT_PRESETS)}); got {preset!r}.")
+                         f"{sorted(INPAINT_PRESETS)}, or a video preset: {sorted(VIDEO_PRESETS)}); got {preset!r}.")
     return spec
 
 
@@ -395,7 +399,8 @@ def random_ip_adapter(unet: UNet2DConditionModel, embed_dim: int, seed: int = 0)
                   "norm.weight": random(cross) + 1, "norm.bias": random(cross)}
     ip_adapter, key = {}, 1
     for name in unet.attn_processors:
-        if not name.endswith("attn1.processor"):  # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them
+        # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them (an AnimateDiff UNet's motion modules have none)
+        if not name.endswith("attn1.processor") and "motion_modules" not in name:
             hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
             ip_adapter[f"{key}.to_k_ip.weight"] = random(hidden, cross)
             ip_adapter[f"{key}.to_v_ip.weight"] = random(hidden, cross)

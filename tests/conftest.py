@@ -461,56 +461,67 @@ def app_in_thread(app, timeout: float = 300):
         thread.join(60)
 
 
-# -- video: tiny AnimateDiff and SVD pipelines (random weights), until the video runtime's presets land ---------------
+# -- video: AnimateDiff and Stable Video Diffusion, tiny, few frames and steps ----------------------------------------
+
+FRAMES = 4
+VIDEO_STEPS = 5
+VIDEO_SIZE = 16  # pixels; latents 8x8 with the tiny VAEs
+
+
+def motion_unet_inputs(unet, batch=2, frames=FRAMES, size=8, seed=0) -> dict:
+    """Random inputs of a ``UNetMotionModel``: a ``(batch, channels, frames, h, w)`` sample and per-frame text
+    embeddings, as ``AnimateDiffPipeline`` passes them (SDXL's added conditions included)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(sample=torch.randn(batch, 4, frames, size, size, generator=g), timestep=torch.tensor(501),
+                  encoder_hidden_states=torch.randn(batch * frames, 77, unet.config.cross_attention_dim, generator=g))
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
+                                           time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]] * batch))
+    return inputs
+
+
+def svd_unet_inputs(unet, batch=2, frames=FRAMES, size=8, seed=0) -> dict:
+    """Random inputs of a ``UNetSpatioTemporalConditionModel``: a ``(batch, frames, 2 * 4, h, w)`` sample (noise and
+    image latents), one image embedding per video and SVD's three added time ids (fps, motion bucket, noise aug)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, frames, unet.config.in_channels, size, size, generator=g),
+                timestep=torch.tensor(0.7), added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * batch),
+                encoder_hidden_states=torch.randn(batch, 1, unet.config.cross_attention_dim, generator=g))
+
+
+class VideoRunner:
+    """A tiny video pipeline plus a call that returns the final latents for a fixed seed."""
+
+    def __init__(self, preset: str, pipe=None):
+        from fastcache.video_models import build_video_pipeline
+
+        self.preset = preset
+        self.pipe = pipe or build_video_pipeline(preset)
+        self.svd = preset.endswith("svd")
+        if self.svd:
+            from fastcache.video_models import conditioning_image
+
+            self.inputs = dict(image=conditioning_image((VIDEO_SIZE, VIDEO_SIZE)))
+        else:
+            self.inputs = random_prompt_embeds(self.pipe)
+
+    def __call__(self, steps: int = VIDEO_STEPS, seed: int = 0, frames: int = FRAMES, size: int = VIDEO_SIZE,
+                 output_type: str = "latent", **kwargs) -> torch.Tensor:
+        return self.pipe(num_inference_steps=steps, num_frames=frames, height=size, width=size, output_type=output_type,
+                         generator=torch.Generator().manual_seed(seed), **{**self.inputs, **kwargs}).frames
+
+
+# -- serving video: the tiny video presets, saved as folders for `fastcache serve --model` -------------------------
 
 def tiny_animatediff(seed: int = 0):
-    """A tiny ``AnimateDiffPipeline``: the tiny SD UNet made a ``UNetMotionModel`` by a tiny ``MotionAdapter`` (random
-    weights), no text encoder (prompt embeddings derived as for the presets)."""
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
-
-    from fastcache.models import SD_SCHEDULER, preset_spec
-
-    spec = preset_spec("tiny-sd")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**spec["unet"])
-    adapter = MotionAdapter(block_out_channels=unet.config.block_out_channels, motion_layers_per_block=2,
-                            motion_norm_num_groups=8, motion_num_attention_heads=2, motion_max_seq_length=16)
-    pipe = AnimateDiffPipeline(vae=AutoencoderKL(**spec["vae"]), text_encoder=None, tokenizer=None, unet=unet,
-                               motion_adapter=adapter, scheduler=DDIMScheduler(**SD_SCHEDULER))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The ``tiny-animatediff`` preset (random weights, no text encoder)."""
+    return build_pipeline("tiny-animatediff", seed=seed)
 
 
 def tiny_svd(seed: int = 0):
-    """A tiny ``StableVideoDiffusionPipeline`` (random weights; its CLIP image encoder reads 224-pixel images, as the
-    pipeline resizes to that)."""
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(seed)
-    unet = UNetSpatioTemporalConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=8, out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=32,
-        num_attention_heads=8, projection_class_embeddings_input_dim=96, addition_time_embed_dim=32, num_frames=4)
-    vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                                       latent_channels=4, layers_per_block=1)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=1,
-                                                             num_attention_heads=4, image_size=224, patch_size=32,
-                                                             intermediate_size=37))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
-                                       steps_offset=1, timestep_spacing="leading", timestep_type="continuous",
-                                       use_karras_sigmas=True)
-    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
-                                        feature_extractor=CLIPImageProcessor(crop_size=224, size=224))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The ``tiny-svd`` preset (random weights)."""
+    return build_pipeline("tiny-svd", seed=seed)
 
 
 @pytest.fixture(scope="session")
