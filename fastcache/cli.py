@@ -33,6 +33,7 @@ from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
 from .serving.loras import DEFAULT_MAX_SLOTS  # noqa: E402
 from .serving.request import size_problem  # noqa: E402
 from .serving.video_options import add_video_arguments  # noqa: E402
+from .video_models import VIDEO_PRESETS  # noqa: E402
 
 transformers_logging.set_verbosity(_verbosity)
 
@@ -270,9 +271,11 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     generate.add_argument("--output-dir", default=".", help="where the PNG files go")
 
     for name, text in (("warmup", "compile and capture every bucket, storing the compile cache"),
-                       ("serve", "the OpenAI-style HTTP images API")):
+                       ("serve", "the OpenAI-style HTTP images API (videos: /v1/videos)")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_model_options(sub)
+        preset = next(action for action in sub._actions if action.dest == "preset")
+        preset.choices = sorted([*preset.choices, *VIDEO_PRESETS])  # served at /v1/videos
         add_cache_options(sub, tuned=True)
         sub.add_argument("--sizes", default=None, help="comma-separated sizes to serve, N or WIDTHxHEIGHT "
                                                        "(default: the model's native size)")

@@ -535,13 +535,13 @@ def tiny_video_models(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-def video_model(pipe, steps: int = 2, guidance=(True,), intervals=(), **options):
-    """``pipe`` as a server serves it (``VideoModel``; uncached while compile_pipeline refuses video UNets), its
-    engine not started: ``options`` are ``VideoOptions``' (sizes, frames, ...)."""
+def video_model(pipe, steps: int = 2, guidance=(True,), default_frames=None, **options):
+    """``pipe`` as a server serves it (``VideoModel``), without a fastcache handle (so, no cache levels), its engine
+    not started: ``options`` are ``VideoOptions``' (sizes, frames, ...)."""
     from fastcache.serving.engine import Engine, EngineConfig
     from fastcache.serving.video_options import VideoOptions
     from fastcache.serving.video_pipeline import VideoModel
 
-    engine = Engine(pipe, EngineConfig(sizes=((32, 32),), steps=steps, max_steps=50, guidance=guidance, edits=(),
-                                       intervals=intervals), images=False)
-    return VideoModel(pipe, engine, VideoOptions(**options))
+    engine = Engine(pipe, EngineConfig(sizes=((32, 32),), steps=steps, max_steps=50, guidance=guidance, edits=()),
+                    images=False)
+    return VideoModel(pipe, engine, VideoOptions(**options), default_frames)

@@ -18,7 +18,7 @@ def pipe():
 
 
 def jobs_in(pipe, data_dir, **options) -> VideoJobs:
-    model = video_model(pipe, frames=(4,), data_dir=str(data_dir), crf=0, **options)
+    model = video_model(pipe, sizes=((32, 32),), frames=(4,), data_dir=str(data_dir), crf=0, **options)
     return VideoJobs(model, "tiny", CollectorRegistry())
 
 

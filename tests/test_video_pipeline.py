@@ -1,6 +1,5 @@
 """The one call of a video pipeline (AnimateDiff from a prompt, SVD from an image): the same video as a direct call
-for the same seed, progress per step; what a served video model refuses; the cache binding until the video runtime
-lands."""
+for the same seed, progress per step; a served video model's defaults, and what it refuses."""
 
 import re
 
@@ -10,10 +9,9 @@ import torch
 from conftest import rel_l2, tiny_animatediff, tiny_svd, video_model
 from test_edits import picture
 
-from fastcache import FastCacheConfig
 from fastcache.models import prompt_inputs
 from fastcache.serving.request import InvalidRequest
-from fastcache.serving.video_pipeline import cache_handle, run_video
+from fastcache.serving.video_pipeline import run_video
 from fastcache.serving.video_request import VideoRequest
 
 
@@ -51,15 +49,16 @@ def test_image_to_video_equals_a_direct_call_with_the_same_seed(svd):
 
 def test_a_served_video_model_derives_its_defaults_from_the_model(animatediff, svd):
     text, image = video_model(animatediff), video_model(svd)
-    assert (text.sizes, text.frames, text.default_fps, text.default_guidance) == (((32, 32),), (16,), 8, 7.5)
-    assert text.max_frames == 16  # the motion adapter's motion_max_seq_length
-    assert (image.sizes, image.frames, image.default_fps, image.default_guidance) == (((32, 32),), (4,), 7, 3.0)
+    assert (text.sizes, text.frames, text.default_fps, text.default_guidance) == (((16, 16),), (16,), 8, 7.5)
+    assert text.max_frames == 32  # the motion adapter's motion_max_seq_length
+    assert video_model(animatediff, default_frames=4).frames == (4,)  # a preset's
+    assert (image.sizes, image.frames, image.default_fps, image.default_guidance) == (((16, 16),), (4,), 7, 3.0)
     assert [str(bucket) for bucket in video_model(animatediff, guidance=(True, False), frames=(4,)).buckets()] == [
-        "video 32x32, 4 frames, guidance on", "video 32x32, 4 frames, guidance off"]
+        "video 16x16, 4 frames, guidance on", "video 16x16, 4 frames, guidance off"]
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(frames=(17,)), "video_frames must be at most 16 for this model (its motion adapter's motion_max_seq_length)"),
+    (dict(frames=(33,)), "video_frames must be at most 32 for this model (its motion adapter's motion_max_seq_length)"),
     (dict(sizes=((36, 32),)), "video_sizes must be multiples of 8 pixels for this model; got 36x32"),
 ])
 def test_buckets_the_model_cannot_make_are_refused_at_start(animatediff, options, message):
@@ -71,23 +70,12 @@ def test_buckets_the_model_cannot_make_are_refused_at_start(animatediff, options
     (dict(steps=51), "num_inference_steps must be between 1 and 50; got 51."),
     (dict(guidance_scale=1.0), "guidance_scale 1 turns classifier-free guidance off, which this server did not "
                                "warm up"),
-    (dict(interval=2), "cache.interval 2 is not served; served levels: none"),
+    (dict(interval=2), "cache.interval 2 is not served; served levels: none (no cache level on this server)"),
     (dict(lora="style"), "lora: this server serves no LoRA adapters"),
 ])
 def test_what_a_server_does_not_serve_is_refused_naming_what_it_does(animatediff, fields, message):
-    model = video_model(animatediff, frames=(4,))
+    model = video_model(animatediff, frames=(4,), sizes=((32, 32),))
     request = VideoRequest(**{**dict(prompt="x", width=32, height=32, frames=4, fps=8, steps=2, guidance_scale=7.5),
                               **fields})
     with pytest.raises(InvalidRequest, match=re.escape(message)):
         model.check(request)
-
-
-def test_the_cache_binding_says_why_a_video_unet_runs_uncached(animatediff):
-    handle, note = cache_handle(animatediff, FastCacheConfig(compile=False))
-    if handle is None:  # compile_pipeline refuses video UNets until the video runtime lands
-        assert "UNetMotionModel" in note and note.startswith("uncached")
-        assert video_model(animatediff, frames=(4,)).describe()["cache"] == "fastcache"  # no note given: cached
-    else:  # the video runtime is there: the cached path runs, never the original forward
-        run_video(animatediff, VideoRequest("x", 32, 32, 4, 8, 2, 7.5, seed=0))
-        assert handle.counters.fallbacks == 0
-        handle.disable()

@@ -1,9 +1,9 @@
 """``/v1/videos`` over HTTP: real uvicorn servers on loopback ports (tiny AnimateDiff and SVD with random weights,
 lossless MP4s so that a video's pixels can be compared exactly), every wait bounded.
 
-In this process: the text-to-video server (an API key, at most 2 jobs), the image-to-video one (a 5 s TTL, a small
-body limit). In subprocesses: a ``fastcache serve`` killed by SIGKILL while a job runs, then restarted on the same
-``--data-dir``.
+Both run fastcache eagerly (interval 3, branch 0). In this process: the text-to-video server (an API key, at most
+2 jobs, cache levels 1 and 3), the image-to-video one (a 5 s TTL, a small body limit). In subprocesses: a
+``fastcache serve`` killed by SIGKILL while a job runs, then restarted on the same ``--data-dir``.
 """
 
 import json
@@ -18,7 +18,7 @@ from conftest import ServerProcess, app_in_thread, assert_error, wait_until
 from fastapi.testclient import TestClient
 from test_edits import bomb, encoded, picture
 
-from fastcache import FastCacheConfig
+from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import load_pipeline, prompt_inputs
 from fastcache.serving.edge import EdgeConfig
 from fastcache.serving.engine import EngineConfig
@@ -32,26 +32,32 @@ SIZE = 32
 LIMIT_MB = 0.05  # ~52 kB: prompts and the tiny PNGs pass, a padded body does not
 
 
-def service(folder, data_dir, steps=2, **video) -> Service:
-    """A video model served eagerly from ``folder`` (uncached while compile_pipeline refuses video UNets), its MP4s
-    lossless."""
+def service(folder, data_dir, intervals=(), **video) -> Service:
+    """A video model served from ``folder`` with an eager fastcache handle (interval 3, branch 0), 2 steps by default,
+    its MP4s lossless."""
     options = ServiceOptions(model=str(folder), cache=FastCacheConfig(compile=False),
-                             engine=EngineConfig(sizes=((SIZE, SIZE),), steps=steps, max_steps=200),
+                             engine=EngineConfig(sizes=((SIZE, SIZE),), steps=2, max_steps=200, intervals=intervals),
                              video=VideoOptions(sizes=((SIZE, SIZE),), data_dir=str(data_dir), crf=0, **video))
     return Service(options)
 
 
+def reference(folder):
+    """A separate copy of a served pipeline, with the server's cache settings, for direct calls."""
+    pipe = load_pipeline(str(folder), dtype=torch.float32)
+    return pipe, compile_pipeline(pipe, 3, 0, compile=False)
+
+
 @pytest.fixture(scope="module")
 def text(tiny_video_models, tmp_path_factory):
-    """The AnimateDiff server: its URL, a client with its key, and a separate copy of its pipeline for direct
-    calls."""
-    served = service(tiny_video_models["animatediff"], tmp_path_factory.mktemp("text-videos"), frames=(4, 8),
-                     max_jobs=2, ttl=600)
+    """The AnimateDiff server: its URL, a client with its key, and a separate copy of its pipeline (and handle) for
+    direct calls."""
+    served = service(tiny_video_models["animatediff"], tmp_path_factory.mktemp("text-videos"), intervals=(1, 3),
+                     frames=(4, 8), max_jobs=2, ttl=600)
     app = make_app(served, EdgeConfig(api_keys=(KEY,), max_body_mb=LIMIT_MB))
+    pipe, handle = reference(tiny_video_models["animatediff"])
     with app_in_thread(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
                                                  timeout=60) as client:
-        yield dict(url=url, client=client, direct=load_pipeline(str(tiny_video_models["animatediff"]),
-                                                                dtype=torch.float32))
+        yield dict(url=url, client=client, direct=pipe, handle=handle)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +65,10 @@ def image(tiny_video_models, tmp_path_factory):
     """The SVD server (no key; finished videos kept 5 s), and a separate copy of its pipeline."""
     data_dir = tmp_path_factory.mktemp("image-videos")
     served = service(tiny_video_models["svd"], data_dir, frames=(4,), ttl=5)
+    pipe, _ = reference(tiny_video_models["svd"])
     with app_in_thread(make_app(served, EdgeConfig(max_body_mb=LIMIT_MB))) as url, httpx.Client(
             base_url=url, timeout=60) as client:
-        yield dict(url=url, client=client, data_dir=data_dir,
-                   direct=load_pipeline(str(tiny_video_models["svd"]), dtype=torch.float32))
+        yield dict(url=url, client=client, data_dir=data_dir, direct=pipe)
 
 
 def finished(client: httpx.Client, video_id: str, timeout: float = 120) -> dict:
@@ -94,6 +100,7 @@ def metric(client: httpx.Client, name: str, **labels) -> float:
 # -- text to video ---------------------------------------------------------------------------------------------------
 
 def test_a_job_is_queued_runs_and_its_mp4_is_the_frames_of_a_direct_call(text, tmp_path):
+    """The server's default level (interval 3, cached) against the same pipeline with the same handle."""
     client, pipe = text["client"], text["direct"]
     seconds_before = metric(client, "fastcache_video_seconds_total")
     created = client.post("/v1/videos", json={"prompt": "a cat", "seconds": "1", "seed": 7,
@@ -114,6 +121,23 @@ def test_a_job_is_queued_runs_and_its_mp4_is_the_frames_of_a_direct_call(text, t
     assert metric(client, "fastcache_video_seconds_total") - seconds_before == 1.0
     assert metric(client, "fastcache_video_jobs", status="completed") >= 1
     assert metric(client, "fastcache_video_jobs_finished_total", status="completed") >= 1
+    assert metric(client, "fastcache_unet_steps_total", path="shallow") > 0
+    assert metric(client, "fastcache_unet_fallbacks_total") == 0  # the cached path, never the original forward
+
+
+def test_cache_level_1_is_the_plain_pipeline(text, tmp_path):
+    client, pipe = text["client"], text["direct"]
+    job = client.post("/v1/videos", json={"prompt": "a dog", "num_frames": 4, "seed": 3,
+                                          "cache": {"interval": 1}}).json()
+    assert finished(client, job["id"])["status"] == "completed"
+    frames, _ = mp4_frames(client, job["id"], tmp_path)
+    text["handle"].disable()
+    try:
+        plain = pipe(**prompt_inputs(pipe, ["a dog"]), num_frames=4, height=SIZE, width=SIZE, num_inference_steps=2,
+                     guidance_scale=7.5, output_type="np", generator=torch.Generator().manual_seed(3)).frames[0]
+    finally:
+        text["handle"].enable()
+    assert np.array_equal(frames, as_uint8(plain))
 
 
 def test_progress_rises_while_a_job_runs(text):
@@ -172,7 +196,7 @@ def test_the_list_is_paged_by_creation(text):
 
 BAD_VIDEO_REQUESTS = [
     ({"prompt": "x", "num_frames": 5}, "num_frames 5 is not served; served frame counts (at 8 fps): 4 (0.5 s), 8 (1"),
-    ({"prompt": "x", "num_frames": 17}, "num_frames 17 is not served"),  # beyond the motion adapter too
+    ({"prompt": "x", "num_frames": 33}, "num_frames 33 is not served"),
     ({"prompt": "x", "seconds": "3"}, "num_frames 24 is not served"),
     ({"prompt": "x", "seconds": "1", "num_frames": 4}, "num_frames 4 at 8 fps lasts 0.5 s, not 1"),
     ({"prompt": "x", "size": "64x64"}, "size 64x64 is not served for video; served sizes: 32x32."),
@@ -181,8 +205,8 @@ BAD_VIDEO_REQUESTS = [
     ({"prompt": "x", "num_inference_steps": 201}, "num_inference_steps must be between 1 and 200"),
     ({"prompt": "x", "guidance_scale": 1}, "turns classifier-free guidance off, which this server did not warm up"),
     ({"prompt": "x", "seed": -1}, "seed must be between 0"),
-    ({"prompt": "x", "cache": {"interval": 2}}, "cache.interval 2 is not served"),
-    ({"prompt": "x", "cache": {"interval": 2, "branch": 1}}, 'cache must be {"interval": k}, but no cache level'),
+    ({"prompt": "x", "cache": {"interval": 2}}, "cache.interval 2 is not served; served levels: 1, 3."),
+    ({"prompt": "x", "cache": {"interval": 2, "branch": 1}}, 'cache must be {"interval": k} with k one of 1, 3'),
     ({"prompt": "x", "lora": "style"}, "this server serves no LoRA adapters"),
     ({"prompt": "x", "num_frame": 4}, "'num_frame' is not a field of this request"),
     ({"prompt": "x", "input_reference": {"image_url": "data:"}}, "input_reference must be uploaded as a file"),

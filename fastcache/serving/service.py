@@ -22,6 +22,7 @@ from ..environment import environment
 from ..handle import compile_pipeline
 from ..models import INPAINT_PRESETS, PRESETS, check_device, default_dtype, has_text_encoder, open_pipeline
 from ..partition import downsampling_factor
+from ..video_models import VIDEO_PRESETS
 from . import compile_cache
 from .compile_cache import CompileCache
 from .edits import inpainting_model
@@ -57,8 +58,9 @@ class ServiceOptions:
     video: VideoOptions = field(default_factory=VideoOptions)  # a video model's buckets, job store and limits
 
     def __post_init__(self):
-        if self.model is None and self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}.")
+        if self.model is None and self.preset not in PRESETS and self.preset not in VIDEO_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} (or a video preset: {sorted(VIDEO_PRESETS)}); "
+                             f"got {self.preset!r}.")
         check_device(self.device)
         for name, kind in (("cache", FastCacheConfig), ("engine", EngineConfig), ("lora", LoraOptions),
                            ("video", VideoOptions)):
@@ -104,20 +106,17 @@ class Service:
         self.cache = CompileCache(options.cache_dir, self.identity()) if options.cache_dir else None
         self.pipe, self.label = open_pipeline(options.model, options.preset, device=options.device,
                                               dtype=options.dtype, seed=options.seed)
+        video = self._video_module()  # None: the model makes images
         # the LoRA slots go in before anything compiles: the graphs are made with them
         self.loras = ServedLoras(options.lora, type(self.pipe), options.dtype) if options.lora.adapters else None
         if self.loras is not None:
             self.loras.attach(self.pipe)
-        video = self._video_module()  # None: the model makes images
-        cache_note = None
-        if video is None:
-            self.handle = compile_pipeline(self.pipe, config=options.cache)
-        else:
-            self.handle, cache_note = video.cache_handle(self.pipe, options.cache)
+        self.handle = compile_pipeline(self.pipe, config=options.cache)
         targets = {"inpaint": self._inpainting_target()} if options.inpainting_model else {}
         self.engine = Engine(self.pipe, self._engine_config(images=video is None), self.handle, targets=targets,
                              loras=self.loras, images=video is None)
-        self.video = video.VideoModel(self.pipe, self.engine, options.video, cache_note) if video else None
+        frames = VIDEO_PRESETS.get(options.preset, {}).get("frames") if options.model is None else None
+        self.video = video.VideoModel(self.pipe, self.engine, options.video, frames) if video else None
         self.metrics = ServeMetrics(self.engine.handles, self.loras)
         self.engine.on_batch = self.metrics.on_batch
         self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
@@ -126,8 +125,8 @@ class Service:
         logger.info("fastcache: serving %s on %s (%s)", self.label, options.device, options.dtype)
 
     def _video_module(self):
-        """The ``video_pipeline`` module if the model makes video (checking that PyAV is there to encode it and that
-        no inpainting model is asked for), else ``None``."""
+        """The ``video_pipeline`` module if the model makes video (checking that PyAV is there to encode it, that no
+        inpainting model is asked for, and that LoRAs are only asked of a pipeline that loads them), else ``None``."""
         from . import video_pipeline
         from .video_file import require_av
 
@@ -136,6 +135,8 @@ class Service:
         require_av()
         if self.options.inpainting_model:
             raise ValueError(f"{self.options.model_name} makes video: it takes no inpainting model (image edits).")
+        if self.options.lora.adapters and not hasattr(self.pipe, "lora_state_dict"):
+            raise ValueError(f"lora: {type(self.pipe).__name__} loads no LoRA adapters; serve it without --lora.")
         return video_pipeline
 
     def _inpainting_target(self) -> Target:

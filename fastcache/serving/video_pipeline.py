@@ -66,20 +66,6 @@ def run_video(pipe, request: VideoRequest, progress: Callable[[int, int], None] 
     return pipe(**kwargs).frames[0]
 
 
-def cache_handle(pipe, config):
-    """``(handle, None)``: the fastcache handle of a video pipeline; ``(None, why)`` while ``compile_pipeline``
-    refuses its UNet (served uncached, said in the log and in ``/v1/models``): the one place that changes when it
-    does not."""
-    from ..handle import compile_pipeline
-
-    try:
-        return compile_pipeline(pipe, config=config), None
-    except ValueError as error:  # NOTE: compile_pipeline refuses video UNets until the video runtime lands
-        reason = f"uncached: {error}"
-        logger.warning("fastcache: serving %s %s", type(pipe.unet).__name__, reason)
-        return None, reason
-
-
 @dataclass(frozen=True)
 class VideoBucket:
     """One video shape warmed up: pixels, frames, classifier-free guidance on/off."""
@@ -95,14 +81,14 @@ class VideoBucket:
 
 class VideoModel:
     """A video pipeline as a server serves it: its buckets (``options``' sizes and frames, or the model's own, with
-    the engine's guidance modes), steps and cache levels (the engine's), its defaults, and the call of a request.
-    ``ValueError`` at construction for buckets the model cannot make (frames beyond the motion adapter's limit,
-    sizes off its pixel multiple)."""
+    the engine's guidance modes), steps and cache levels (the engine's, whose handle is the pipeline's), its defaults,
+    and the call of a request. ``default_frames``: a preset's frame count (else AnimateDiff's call's, at most its
+    motion adapter's limit, or SVD's UNet's). ``ValueError`` at construction for buckets the model cannot make
+    (frames beyond the motion adapter's limit, sizes off its pixel multiple)."""
 
-    def __init__(self, pipe, engine, options: VideoOptions, cache_note: str | None = None):
+    def __init__(self, pipe, engine, options: VideoOptions, default_frames: int | None = None):
         self.pipe, self.engine, self.options = pipe, engine, options
         self.handle = engine.handle
-        self.cache_note = cache_note  # why the model is served uncached, if it is
         self.takes_image = isinstance(pipe, IMAGE_TO_VIDEO)
         family = "image" if self.takes_image else "text"
         config = pipe.unet.config
@@ -113,7 +99,7 @@ class VideoModel:
         self.max_frames = config.get("motion_max_seq_length") if not self.takes_image else None
         default = config.get("num_frames") if self.takes_image else inspect.signature(
             type(pipe).__call__).parameters["num_frames"].default
-        self.frames = options.frames or (min(default, self.max_frames or default),)
+        self.frames = options.frames or (default_frames or min(default, self.max_frames or default),)
         self.default_fps = options.fps or _DEFAULT_FPS[family]
         self.default_guidance = _DEFAULT_GUIDANCE[family]
         for width, height in self.sizes:
@@ -175,7 +161,7 @@ class VideoModel:
                                  f"{'on' if guidance else 'off'}, which this server did not warm up: guidance_scale "
                                  f"must be {'<= 1' if guidance else '> 1'}.", "guidance_scale")
         if request.interval is not None and request.interval not in self.levels:
-            levels = ", ".join(map(str, self.levels)) or f"none ({self.cache_note or 'no cache on this server'})"
+            levels = ", ".join(map(str, self.levels)) or "none (no cache level on this server)"
             raise InvalidRequest(f"cache.interval {request.interval} is not served; served levels: {levels}.",
                                  "cache")
         if request.lora:
@@ -190,8 +176,7 @@ class VideoModel:
                 "sizes": [f"{w}x{h}" for w, h in self.sizes], "frames": list(self.frames),
                 "max_frames": self.max_frames, "fps": self.default_fps, "guidance_scale": self.default_guidance,
                 "max_jobs": self.options.max_jobs, "ttl_seconds": self.options.ttl,
-                "encoding": "H.264 MP4, " + ("lossless RGB" if self.options.crf == 0 else f"crf {self.options.crf}"),
-                "cache": self.cache_note or "fastcache"}
+                "encoding": "H.264 MP4, " + ("lossless RGB" if self.options.crf == 0 else f"crf {self.options.crf}")}
 
     # -- running -------------------------------------------------------------------------------------------------
 

@@ -154,9 +154,8 @@ def field_rules(model: VideoModel) -> dict[str, str]:
         "guidance_scale": f"a number between 0 and {MAX_GUIDANCE:g} (default {model.default_guidance:g})",
         "negative_prompt": (f"a string of at most {MAX_PROMPT_CHARS} characters" if text else
                             "not taken by image to video"),
-        "cache": (f"{{\"interval\": k}} with k one of {', '.join(map(str, model.levels))} (1: uncached)" if
-                  model.levels else f"{{\"interval\": k}}, but no cache level is served "
-                                    f"({model.cache_note or 'no cache on this server'})"),
+        "cache": f"{{\"interval\": k}} with k one of {', '.join(map(str, model.levels)) or 'none served'} "
+                 f"(1: uncached)",
         "lora": f"{LORA_FORM} (S from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}); multipart: the name, or that JSON",
         "resize": "true or false: resize an input_reference of another size than size (multipart only)",
         "model": "a string (ignored)",
