@@ -205,14 +205,18 @@ def test_the_video_flags_make_the_video_options(tmp_path):
     assert warmup.video.frames == (16,)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--replicas", "2"], "--replicas: video jobs live in one process's --data-dir; serve video from one process"),
-    (["--data-dir", "/etc/passwd"], "--data-dir /etc/passwd: not a folder"),
+@pytest.mark.parametrize("model, argv, message", [
+    ("animatediff", ["--replicas", "2"], "--replicas: video jobs live in one process's --data-dir; serve video from "
+                                         "one process"),
+    ("tiny-svd", ["--replicas", "2"], "--replicas: video jobs live"),
+    ("animatediff", ["--data-dir", "/etc/passwd"], "--data-dir /etc/passwd: not a folder"),
 ])
-def test_serving_a_video_model_is_checked_before_it_is_built(tiny_video_models, argv, message, capsys, monkeypatch):
+def test_serving_a_video_model_is_checked_before_it_is_built(tiny_video_models, model, argv, message, capsys,
+                                                              monkeypatch):
     monkeypatch.setattr("fastcache.serving.service.Service", _no_model)
+    chosen = ["--model", str(tiny_video_models[model])] if model in tiny_video_models else ["--preset", model]
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["serve", "--model", str(tiny_video_models["animatediff"]), *argv])
+        cli.main(["serve", *chosen, *argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
 
@@ -227,3 +231,15 @@ def test_serving_video_without_pyav_is_one_line_naming_the_install(tiny_video_mo
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert 'serving video needs PyAV: pip install "fastcache[video]"' in err
+
+
+def test_a_lora_for_a_video_model_that_loads_none_is_one_line(lora_dir, capsys):
+    from conftest import free_port, save_lora
+
+    path = save_lora(build_pipeline("tiny-sd"), lora_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--preset", "tiny-svd", "--lora", f"style={path}", "--no-compile", "--port",
+                  str(free_port())])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "lora: StableVideoDiffusionPipeline loads no LoRA adapters; serve it without --lora" in err

@@ -2,8 +2,9 @@
 lossless MP4s so that a video's pixels can be compared exactly), every wait bounded.
 
 Both run fastcache eagerly (interval 3, branch 0). In this process: the text-to-video server (an API key, at most
-2 jobs, cache levels 1 and 3), the image-to-video one (a 5 s TTL, a small body limit). In subprocesses: a
-``fastcache serve`` killed by SIGKILL while a job runs, then restarted on the same ``--data-dir``.
+2 jobs, cache levels 1 and 3, a LoRA adapter), the image-to-video one (a 5 s TTL, a small body limit). In
+subprocesses: ``fastcache serve --preset tiny-animatediff`` killed by SIGKILL while a job runs, then restarted on the
+same ``--data-dir``.
 """
 
 import json
@@ -14,50 +15,67 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ServerProcess, app_in_thread, assert_error, wait_until
+from conftest import ServerProcess, app_in_thread, assert_error, save_lora, wait_until
 from fastapi.testclient import TestClient
 from test_edits import bomb, encoded, picture
 
 from fastcache import FastCacheConfig, compile_pipeline
-from fastcache.models import load_pipeline, prompt_inputs
+from fastcache.models import build_pipeline, load_pipeline, prompt_inputs
 from fastcache.serving.edge import EdgeConfig
 from fastcache.serving.engine import EngineConfig
+from fastcache.serving.loras import LoraOptions, ServedLoras
 from fastcache.serving.server import make_app
 from fastcache.serving.service import Service, ServiceOptions
 from fastcache.serving.video_file import as_uint8, decode_mp4
 from fastcache.serving.video_options import VideoOptions
+from fastcache.video_models import VIDEO_PRESETS
 
 KEY = "video-test-key"
 SIZE = 32
 LIMIT_MB = 0.05  # ~52 kB: prompts and the tiny PNGs pass, a padded body does not
 
 
-def service(folder, data_dir, intervals=(), **video) -> Service:
+NO_LORA = LoraOptions()
+
+
+def service(folder, data_dir, intervals=(), lora=NO_LORA, **video) -> Service:
     """A video model served from ``folder`` with an eager fastcache handle (interval 3, branch 0), 2 steps by default,
     its MP4s lossless."""
-    options = ServiceOptions(model=str(folder), cache=FastCacheConfig(compile=False),
+    options = ServiceOptions(model=str(folder), cache=FastCacheConfig(compile=False), lora=lora,
                              engine=EngineConfig(sizes=((SIZE, SIZE),), steps=2, max_steps=200, intervals=intervals),
                              video=VideoOptions(sizes=((SIZE, SIZE),), data_dir=str(data_dir), crf=0, **video))
     return Service(options)
 
 
-def reference(folder):
-    """A separate copy of a served pipeline, with the server's cache settings, for direct calls."""
+def reference(folder, lora=NO_LORA):
+    """A separate copy of a served pipeline, with the server's cache settings and LoRA slots, for direct calls."""
     pipe = load_pipeline(str(folder), dtype=torch.float32)
-    return pipe, compile_pipeline(pipe, 3, 0, compile=False)
+    loras = ServedLoras(lora, type(pipe), torch.float32) if lora.adapters else None
+    if loras is not None:
+        loras.attach(pipe)
+    return pipe, compile_pipeline(pipe, 3, 0, compile=False), loras
+
+
+def motion_lora(directory) -> LoraOptions:
+    """A LoRA for the tiny AnimateDiff's spatial attention (made on its base 2-D UNet, as AnimateDiff users load SD
+    LoRAs), served as ``style``."""
+    sd = build_pipeline("tiny-sd")
+    sd.unet = sd.unet.from_config(VIDEO_PRESETS["tiny-animatediff"]["unet"])
+    return LoraOptions(adapters=(("style", save_lora(sd, directory)),))
 
 
 @pytest.fixture(scope="module")
 def text(tiny_video_models, tmp_path_factory):
-    """The AnimateDiff server: its URL, a client with its key, and a separate copy of its pipeline (and handle) for
-    direct calls."""
+    """The AnimateDiff server: its URL, a client with its key, and a separate copy of its pipeline (and handle and
+    LoRA slots) for direct calls."""
+    lora = motion_lora(tmp_path_factory.mktemp("video-lora"))
     served = service(tiny_video_models["animatediff"], tmp_path_factory.mktemp("text-videos"), intervals=(1, 3),
-                     frames=(4, 8), max_jobs=2, ttl=600)
+                     lora=lora, frames=(4, 8), max_jobs=2, ttl=600)
     app = make_app(served, EdgeConfig(api_keys=(KEY,), max_body_mb=LIMIT_MB))
-    pipe, handle = reference(tiny_video_models["animatediff"])
+    pipe, handle, loras = reference(tiny_video_models["animatediff"], lora)
     with app_in_thread(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
                                                  timeout=60) as client:
-        yield dict(url=url, client=client, direct=pipe, handle=handle)
+        yield dict(url=url, client=client, direct=pipe, handle=handle, loras=loras)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +83,7 @@ def image(tiny_video_models, tmp_path_factory):
     """The SVD server (no key; finished videos kept 5 s), and a separate copy of its pipeline."""
     data_dir = tmp_path_factory.mktemp("image-videos")
     served = service(tiny_video_models["svd"], data_dir, frames=(4,), ttl=5)
-    pipe, _ = reference(tiny_video_models["svd"])
+    pipe, _, _ = reference(tiny_video_models["svd"])
     with app_in_thread(make_app(served, EdgeConfig(max_body_mb=LIMIT_MB))) as url, httpx.Client(
             base_url=url, timeout=60) as client:
         yield dict(url=url, client=client, data_dir=data_dir, direct=pipe)
@@ -140,6 +158,20 @@ def test_cache_level_1_is_the_plain_pipeline(text, tmp_path):
     assert np.array_equal(frames, as_uint8(plain))
 
 
+def test_a_lora_request_equals_a_direct_call_with_that_adapter(text, tmp_path):
+    client, pipe, loras = text["client"], text["direct"], text["loras"]
+    body = {"prompt": "a dog", "num_frames": 4, "seed": 3}
+    jobs = [client.post("/v1/videos", json=dict(body, **lora)).json() for lora in ({"lora": "style"}, {})]
+    styled, plain = (mp4_frames(client, job["id"], tmp_path)[0] for job in jobs if finished(client, job["id"]))
+    loras.apply(pipe.unet, (("style", 1.0),))
+    try:
+        want = pipe(**prompt_inputs(pipe, ["a dog"]), num_frames=4, height=SIZE, width=SIZE, num_inference_steps=2,
+                    guidance_scale=7.5, output_type="np", generator=torch.Generator().manual_seed(3)).frames[0]
+    finally:
+        loras.apply(pipe.unet, ())
+    assert np.array_equal(styled, as_uint8(want)) and not np.array_equal(styled, plain)
+
+
 def test_progress_rises_while_a_job_runs(text):
     client = text["client"]
     job = client.post("/v1/videos", json={"prompt": "slow", "num_inference_steps": 12, "num_frames": 4}).json()
@@ -207,7 +239,7 @@ BAD_VIDEO_REQUESTS = [
     ({"prompt": "x", "seed": -1}, "seed must be between 0"),
     ({"prompt": "x", "cache": {"interval": 2}}, "cache.interval 2 is not served; served levels: 1, 3."),
     ({"prompt": "x", "cache": {"interval": 2, "branch": 1}}, 'cache must be {"interval": k} with k one of 1, 3'),
-    ({"prompt": "x", "lora": "style"}, "this server serves no LoRA adapters"),
+    ({"prompt": "x", "lora": "nope"}, "lora 'nope' is not loaded; loaded adapters: style."),
     ({"prompt": "x", "num_frame": 4}, "'num_frame' is not a field of this request"),
     ({"prompt": "x", "input_reference": {"image_url": "data:"}}, "input_reference must be uploaded as a file"),
     ({"prompt": ""}, "prompt is required"),
@@ -352,10 +384,9 @@ def test_bad_uploads_are_refused_on_their_header(image):
 
 # -- a server killed while a job runs --------------------------------------------------------------------------------
 
-def test_a_server_killed_during_a_job_marks_it_failed_at_restart_and_serves_what_finished(tiny_video_models,
-                                                                                            tmp_path):
-    args = ("--model", str(tiny_video_models["animatediff"]), "--no-compile", "--video-sizes", "32", "--video-frames",
-            "4", "--steps", "2", "--max-steps", "500", "--data-dir", str(tmp_path / "data"), "--video-crf", "0")
+def test_a_server_killed_during_a_job_marks_it_failed_at_restart_and_serves_what_finished(tmp_path):
+    args = ("--preset", "tiny-animatediff", "--no-compile", "--video-sizes", "32", "--steps", "2", "--max-steps",
+            "500", "--data-dir", str(tmp_path / "data"), "--video-crf", "0")
     server = ServerProcess(*args)
     try:
         client = httpx.Client(base_url=server.url, timeout=60)
