@@ -79,3 +79,26 @@ def test_what_a_server_does_not_serve_is_refused_naming_what_it_does(animatediff
                               **fields})
     with pytest.raises(InvalidRequest, match=re.escape(message)):
         model.check(request)
+
+
+@pytest.mark.slow  # torch.compile of two buckets on CPU: minutes on 2 cores (19 min measured on a shared, loaded one)
+def test_the_warm_up_compiles_every_video_bucket_and_a_request_then_compiles_nothing(tmp_path):
+    from fastcache import FastCacheConfig
+    from fastcache.serving.engine import EngineConfig
+    from fastcache.serving.service import Service, ServiceOptions
+    from fastcache.serving.video_options import VideoOptions
+
+    service = Service(ServiceOptions(preset="tiny-animatediff", cache=FastCacheConfig(interval=2),
+                                     engine=EngineConfig(sizes=((16, 16),), steps=2, guidance=(True, False)),
+                                     video=VideoOptions(data_dir=str(tmp_path))))
+    report = service.warm_up(progress=False)
+    handle = service.handle
+    assert sorted(report["buckets"]) == ["video 16x16, 4 frames, guidance off", "video 16x16, 4 frames, guidance on"]
+    assert service.engine.ready.is_set() and report["compiles"] == handle.counters.compiles > 0
+    compiles = handle.counters.compiles
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for guidance in (7.5, 1.0):
+            frames = service.video.run(VideoRequest("a cat", 16, 16, 4, 8, 2, guidance, seed=1))
+            assert frames.shape == (4, 16, 16, 3)
+    assert handle.counters.compiles == compiles
+    assert (handle.counters.fallbacks, handle.counters.compile_failures) == (0, 0) and not service.engine.eager_buckets
