@@ -90,3 +90,9 @@ def test_a_deleted_running_job_stops_at_its_next_step(pipe, tmp_path):
     finally:
         jobs.engine.stop(60)
         jobs.stop()
+
+
+def test_a_stopping_engine_ends_the_video_warm_up_before_its_next_bucket(pipe):
+    model = video_model(pipe, sizes=((16, 16), (32, 32)), frames=(4,))
+    model.engine.stop(1)
+    assert model.warm_up(progress=False) == {}

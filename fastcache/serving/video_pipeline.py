@@ -188,11 +188,14 @@ class VideoModel:
             return run_video(self.pipe, request, progress)
 
     def warm_up(self, progress: bool = True) -> dict[VideoBucket, float]:
-        """Run every bucket once (compiling and capturing it); seconds per bucket."""
+        """Run every bucket once (compiling and capturing it), until the engine stops; seconds per bucket."""
         from tqdm.auto import tqdm
 
         seconds = {}
         for bucket in tqdm(self.buckets(), desc="fastcache video warm-up", unit="bucket", disable=not progress):
+            if self.engine.stopping:  # shutting down: the remaining buckets are not needed
+                logger.info("fastcache: warm-up stopped before %s", bucket)
+                break
             image = Image.new("RGB", (bucket.width, bucket.height), (WARMUP_GRAY,) * 3) if self.takes_image else None
             guidance = self.default_guidance if bucket.guidance else 1.0
             request = VideoRequest(WARMUP_PROMPT, bucket.width, bucket.height, bucket.frames, self.default_fps,
