@@ -563,8 +563,7 @@ def serve(parser, args) -> int:
 def check_video_serving(parser: argparse.ArgumentParser, args: argparse.Namespace, options) -> None:
     """A model known to make video (a preset, a local folder) needs PyAV and one process, before it is built."""
     from .models import preset_spec
-    from .serving.video_file import require_av
-    from .serving.video_options import makes_video
+    from .serving.video_options import makes_video, require_av
 
     preset = "" if args.model else preset_spec(args.preset)["pipeline"].__name__
     if not makes_video(args.model, preset):

@@ -524,6 +524,16 @@ def tiny_svd(seed: int = 0):
     return build_pipeline("tiny-svd", seed=seed)
 
 
+def decode_mp4(path) -> tuple[np.ndarray, float]:
+    """An MP4's frames as uint8 RGB ``(frames, height, width, 3)`` (PyAV), and its frame rate."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate or stream.base_rate or 0)
+
+
 @pytest.fixture(scope="session")
 def tiny_video_models(tmp_path_factory) -> dict[str, Path]:
     """The tiny AnimateDiff and SVD pipelines saved as local diffusers folders (what ``fastcache serve --model``

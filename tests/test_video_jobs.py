@@ -71,7 +71,7 @@ def test_files_of_no_finished_job_are_removed_at_start(pipe, tmp_path):
         jobs.engine.stop(60)
         jobs.stop()
     videos = tmp_path / "videos"
-    (videos / "video_left.mp4.part").write_bytes(b"half")
+    (videos / "video_left.part.mp4").write_bytes(b"half")
     (videos / "video_orphan.mp4").write_bytes(b"no row")
     jobs_in(pipe, tmp_path).stop()
     assert sorted(path.name for path in videos.iterdir()) == [f"{job['id']}.mp4"]

@@ -3,10 +3,11 @@ is loaded where its configs say so."""
 
 import json
 import re
+import sys
 
 import pytest
 
-from fastcache.serving.video_options import VideoOptions, default_data_dir, makes_video
+from fastcache.serving.video_options import INSTALL_HINT, VideoOptions, default_data_dir, makes_video, require_av
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -40,3 +41,11 @@ def test_whether_a_model_makes_video_is_read_from_its_folder_or_preset(tmp_path)
     assert makes_video(str(tmp_path), "") is False
     assert makes_video("org/some-hub-model", "") is None  # known once loaded
     assert makes_video(None, "StableVideoDiffusionPipeline") and not makes_video(None, "StableDiffusionPipeline")
+
+
+def test_without_pyav_serving_video_is_one_line_naming_the_install(monkeypatch):
+    require_av()  # installed here
+    monkeypatch.setitem(sys.modules, "av", None)  # import av fails as where it is not installed
+    with pytest.raises(ImportError) as error:
+        require_av()
+    assert str(error.value) == INSTALL_HINT == 'serving video needs PyAV: pip install "fastcache[video]"'

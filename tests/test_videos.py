@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ServerProcess, app_in_thread, assert_error, save_lora, wait_until
+from conftest import ServerProcess, app_in_thread, assert_error, decode_mp4, save_lora, wait_until
 from fastapi.testclient import TestClient
 from test_edits import bomb, encoded, picture
 
@@ -26,9 +26,9 @@ from fastcache.serving.engine import EngineConfig
 from fastcache.serving.loras import LoraOptions, ServedLoras
 from fastcache.serving.server import make_app
 from fastcache.serving.service import Service, ServiceOptions
-from fastcache.serving.video_file import as_uint8, decode_mp4
 from fastcache.serving.video_options import VideoOptions
 from fastcache.video_models import VIDEO_PRESETS
+from fastcache.video_output import to_uint8
 
 KEY = "video-test-key"
 SIZE = 32
@@ -134,7 +134,7 @@ def test_a_job_is_queued_runs_and_its_mp4_is_the_frames_of_a_direct_call(text, t
     want = pipe(**prompt_inputs(pipe, ["a cat"], ["blurry"]), num_frames=8, height=SIZE, width=SIZE,
                 num_inference_steps=2, guidance_scale=7.5, output_type="np",
                 generator=torch.Generator().manual_seed(7)).frames[0]
-    assert rate == 8 and np.array_equal(frames, as_uint8(want))  # lossless: the pipeline's frames, rounded to bytes
+    assert rate == 8 and np.array_equal(frames, to_uint8(want))  # lossless: the pipeline's frames, rounded to bytes
     assert job["id"] in [video["id"] for video in client.get("/v1/videos").json()["data"]]
     assert metric(client, "fastcache_video_seconds_total") - seconds_before == 1.0
     assert metric(client, "fastcache_video_jobs", status="completed") >= 1
@@ -155,7 +155,7 @@ def test_cache_level_1_is_the_plain_pipeline(text, tmp_path):
                      guidance_scale=7.5, output_type="np", generator=torch.Generator().manual_seed(3)).frames[0]
     finally:
         text["handle"].enable()
-    assert np.array_equal(frames, as_uint8(plain))
+    assert np.array_equal(frames, to_uint8(plain))
 
 
 def test_a_lora_request_equals_a_direct_call_with_that_adapter(text, tmp_path):
@@ -169,7 +169,7 @@ def test_a_lora_request_equals_a_direct_call_with_that_adapter(text, tmp_path):
                     guidance_scale=7.5, output_type="np", generator=torch.Generator().manual_seed(3)).frames[0]
     finally:
         loras.apply(pipe.unet, ())
-    assert np.array_equal(styled, as_uint8(want)) and not np.array_equal(styled, plain)
+    assert np.array_equal(styled, to_uint8(want)) and not np.array_equal(styled, plain)
 
 
 def test_progress_rises_while_a_job_runs(text):
@@ -348,7 +348,7 @@ def test_image_to_video_from_an_upload_equals_a_direct_call_and_expires(image, t
     frames, rate = mp4_frames(client, job["id"], tmp_path)
     want = pipe(start, height=SIZE, width=SIZE, num_frames=4, num_inference_steps=2, fps=7, max_guidance_scale=3.0,
                 output_type="np", generator=torch.Generator().manual_seed(5)).frames[0]
-    assert rate == 7 and np.array_equal(frames, as_uint8(want))
+    assert rate == 7 and np.array_equal(frames, to_uint8(want))
     assert (image["data_dir"] / "videos" / f"{job['id']}.mp4").is_file()
     # the TTL is 5 s: then the row and the file are gone
     wait_until(lambda: client.get(f"/v1/videos/{job['id']}").status_code == 404, 60, "the video's expiry")

@@ -128,7 +128,7 @@ class Service:
         """The ``video_pipeline`` module if the model makes video (checking that PyAV is there to encode it, that no
         inpainting model is asked for, and that LoRAs are only asked of a pipeline that loads them), else ``None``."""
         from . import video_pipeline
-        from .video_file import require_av
+        from .video_options import require_av
 
         if not video_pipeline.is_video_pipeline(self.pipe):
             return None

@@ -21,9 +21,9 @@ from pathlib import Path
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from ..video_output import write_video
 from .engine import ShuttingDown
 from .jobs import JobStore
-from .video_file import encode_mp4
 from .video_pipeline import VideoModel
 from .video_request import VideoRequest
 
@@ -183,9 +183,9 @@ class VideoJobs:
     def _finish(self, job_id: str, request: VideoRequest, frames, started: float) -> None:
         """The encoder's thread: write the MP4 aside, rename it into place, mark the job completed."""
         name = f"{job_id}.mp4"
-        path, part = self.files / name, self.files / f"{name}.part"
+        path, part = self.files / name, self.files / f"{job_id}.part.mp4"
         try:
-            encode_mp4(frames, request.fps, part, self.options.crf)
+            write_video(frames, part, request.fps, crf=self.options.crf)
             os.replace(part, path)
         except Exception as error:
             logger.exception("fastcache: video job %s could not be encoded", job_id)

@@ -16,6 +16,16 @@ MAX_TTL_S = 10 * 365 * 86_400.0
 MAX_JOBS = 100_000
 DEFAULT_TTL_S = 86_400.0  # a day, as OpenAI keeps a video's assets
 DEFAULT_CRF = 18  # H.264's "visually lossless" constant rate factor; 0: lossless RGB
+INSTALL_HINT = 'serving video needs PyAV: pip install "fastcache[video]"'
+
+
+def require_av() -> None:
+    """``ImportError`` with one line naming the install that fixes it, unless PyAV (the ``video`` extra, which
+    encodes the MP4s) can be imported: checked when a server that makes video starts."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
 
 
 def default_data_dir() -> str:
