@@ -243,3 +243,16 @@ def test_a_lora_for_a_video_model_that_loads_none_is_one_line(lora_dir, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "lora: StableVideoDiffusionPipeline loads no LoRA adapters; serve it without --lora" in err
+
+
+def test_a_video_pipeline_the_server_cannot_call_is_one_line(tmp_path, capsys):
+    from conftest import free_port
+    from diffusers import AnimateDiffVideoToVideoPipeline
+
+    AnimateDiffVideoToVideoPipeline.from_pipe(build_pipeline("tiny-animatediff")).save_pretrained(tmp_path / "v2v")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(tmp_path / "v2v"), "--no-compile", "--port", str(free_port())])
+    last = capsys.readouterr().err.splitlines()[-1]  # after diffusers' loading bar
+    assert exit_info.value.code == 2 and last.startswith("fastcache serve: error: ")
+    assert ("AnimateDiffVideoToVideoPipeline is not served; the video pipelines served are AnimateDiffPipeline, "
+            "StableVideoDiffusionPipeline.") in last

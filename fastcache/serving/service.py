@@ -127,10 +127,14 @@ class Service:
     def _video_module(self):
         """The ``video_pipeline`` module if the model makes video (checking that PyAV is there to encode it, that no
         inpainting model is asked for, and that LoRAs are only asked of a pipeline that loads them), else ``None``."""
+        from ..video_models import is_video
         from . import video_pipeline
-        from .video_options import require_av
+        from .video_options import VIDEO_PIPELINES, require_av
 
         if not video_pipeline.is_video_pipeline(self.pipe):
+            if is_video(self.pipe):
+                raise ValueError(f"{type(self.pipe).__name__} is not served; the video pipelines served are "
+                                 f"{', '.join(VIDEO_PIPELINES)}.")
             return None
         require_av()
         if self.options.inpainting_model:

@@ -103,7 +103,7 @@ def add_video_arguments(parser, serving: bool) -> None:
                             "fewer players)")
 
 
-VIDEO_PIPELINES = ("AnimateDiffPipeline", "AnimateDiffSDXLPipeline", "StableVideoDiffusionPipeline")
+VIDEO_PIPELINES = ("AnimateDiffPipeline", "StableVideoDiffusionPipeline")  # video_pipeline's served families
 
 
 def makes_video(model: str | None, preset_pipeline: str) -> bool | None:

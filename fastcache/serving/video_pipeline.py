@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AnimateDiffPipeline, AnimateDiffSDXLPipeline, StableVideoDiffusionPipeline
+from diffusers import AnimateDiffPipeline, StableVideoDiffusionPipeline
 from PIL import Image
 
 from ..models import prompt_inputs
@@ -29,7 +29,8 @@ from .video_request import VideoRequest
 
 logger = logging.getLogger(__name__)
 
-TEXT_TO_VIDEO = (AnimateDiffPipeline, AnimateDiffSDXLPipeline)
+# the pipelines served at /v1/videos (a family's call is video_kwargs'); other video pipelines are refused at start
+TEXT_TO_VIDEO = (AnimateDiffPipeline,)
 IMAGE_TO_VIDEO = (StableVideoDiffusionPipeline,)
 WARMUP_PROMPT = "fastcache warm-up"
 # the defaults of each family's pipeline call: frames per second (SVD is conditioned on it), guidance
