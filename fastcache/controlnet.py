@@ -24,10 +24,16 @@ from .partition import Boundary, UNetPartition, run_down
 from .shapes import on_device, shape_key
 
 SUPPORTED_CONTROLNETS = ("ControlNetModel", "MultiControlNetModel of ControlNetModels")
+# ControlNets that run whole at every step, as the pipeline calls them: the UNet's shallow path takes the residuals of
+# its own skips from what they return. (SparseCtrl's encoder has motion modules and a conditioning mask: no split yet.)
+WHOLE_CONTROLNETS = ("SparseControlNetModel",)
 
 
 def controlnet_nets(controlnet) -> list[ControlNetModel]:
-    """The ControlNets behind a pipeline's ``controlnet``; ``ValueError`` naming what is supported."""
+    """The ControlNets behind a pipeline's ``controlnet`` that fastcache splits (none for one in
+    ``WHOLE_CONTROLNETS``); ``ValueError`` naming what is supported."""
+    if type(controlnet).__name__ in WHOLE_CONTROLNETS:
+        return []
     nets = list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
     bad = sorted({type(net).__name__ for net in nets if type(net) is not ControlNetModel})
     if bad:

@@ -323,7 +323,9 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
     """Make ``pipe`` run DeepCache with its full and shallow UNet paths compiled as two graphs.
 
     Args:
-        pipe: a diffusers pipeline with a ``UNet2DConditionModel`` as ``pipe.unet`` (SD 1.x/2.x, SDXL, ...).
+        pipe: a diffusers pipeline whose ``pipe.unet`` is a ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, ...), a
+            ``UNetMotionModel`` (AnimateDiff), a ``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion) or a
+            ``UNet3DConditionModel`` (ModelScope text-to-video): ``partitions.PARTITIONS``.
         interval, branch, **options: ``FastCacheConfig``'s fields (``schedule``, ``compile``, ``mode``,
             ``inductor_options``, ``compile_vae``, ...), which document them; defaults are its defaults.
         config: a ``FastCacheConfig`` to start from (the keywords given override its fields).

@@ -267,7 +267,8 @@ def random_prompt_embeds(pipe: DiffusionPipeline, batch_size: int = 1, *, seed: 
     width = unet.config.cross_attention_dim
     kwargs = dict(prompt_embeds=randn(batch_size, seq_len, width),
                   negative_prompt_embeds=randn(batch_size, seq_len, width))
-    if unet.config.addition_embed_type == "text_time":  # SDXL: 6 time ids, or the refiner's 5 with aesthetic scores
+    # SDXL: 6 time ids, or the refiner's 5 with aesthetic scores (a video UNet's config may not have the key)
+    if unet.config.get("addition_embed_type") == "text_time":
         time_ids = 5 if pipe.config.get("requires_aesthetics_score") else 6
         pooled = unet.config.projection_class_embeddings_input_dim - time_ids * unet.config.addition_time_embed_dim
         kwargs.update(pooled_prompt_embeds=randn(batch_size, pooled),
@@ -399,7 +400,7 @@ def random_ip_adapter(unet: UNet2DConditionModel, embed_dim: int, seed: int = 0)
                   "norm.weight": random(cross) + 1, "norm.bias": random(cross)}
     ip_adapter, key = {}, 1
     for name in unet.attn_processors:
-        # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them (an AnimateDiff UNet's motion modules have none)
+        # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them (AnimateDiff's motion modules have none)
         if not name.endswith("attn1.processor") and "motion_modules" not in name:
             hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
             ip_adapter[f"{key}.to_k_ip.weight"] = random(hidden, cross)

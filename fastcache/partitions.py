@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .partition import UNetPartition
+from .partition_3d import TemporalConvPartition
 from .partition_motion import MotionPartition
 from .partition_svd import SpatioTemporalPartition
 
 # The UNet families fastcache cuts, by the UNet class each partition takes.
-PARTITIONS: tuple[type[UNetPartition], ...] = (UNetPartition, MotionPartition, SpatioTemporalPartition)
+PARTITIONS: tuple[type[UNetPartition], ...] = (UNetPartition, MotionPartition, SpatioTemporalPartition,
+                                                TemporalConvPartition)
 
 
 def partition_class(unet: Any) -> type[UNetPartition]:

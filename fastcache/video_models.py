@@ -99,9 +99,11 @@ def motion_unet(unet_config: dict, motion_config: dict) -> UNetMotionModel:
 
 
 def _animatediff(spec: dict) -> AnimateDiffPipeline:
-    unet = motion_unet(spec["unet"], spec["motion"])
+    """As ``from_pretrained`` makes it: SD's UNet and the motion adapter, which the pipeline makes a motion UNet of
+    (and keeps: FreeNoise reads its config)."""
+    unet, adapter = UNet2DConditionModel(**spec["unet"]), MotionAdapter(**spec["motion"])
     return AnimateDiffPipeline(vae=AutoencoderKL(**spec["vae"]), text_encoder=None, tokenizer=None, unet=unet,
-                               motion_adapter=None, scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER))
+                               motion_adapter=adapter, scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER))
 
 
 def _svd(spec: dict) -> StableVideoDiffusionPipeline:

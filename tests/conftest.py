@@ -474,7 +474,7 @@ def motion_unet_inputs(unet, batch=2, frames=FRAMES, size=8, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     inputs = dict(sample=torch.randn(batch, 4, frames, size, size, generator=g), timestep=torch.tensor(501),
                   encoder_hidden_states=torch.randn(batch * frames, 77, unet.config.cross_attention_dim, generator=g))
-    if unet.config.addition_embed_type == "text_time":
+    if unet.config.get("addition_embed_type") == "text_time":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
                                            time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]] * batch))

@@ -3,11 +3,11 @@ pipeline, no fallback. Each test runs the helper and the handle on one tiny pipe
 
 import pytest
 import torch
-from conftest import FRAMES, VIDEO_SIZE, VideoRunner, freeu_out_of_place, helper_run, rel_l2
+from conftest import FRAMES, VIDEO_SIZE, VideoRunner, freeu_out_of_place, helper_run, rel_l2, save_tiny_clip
 
 from fastcache import compile_pipeline
 from fastcache.models import PRESETS, random_lora, with_text_encoder
-from fastcache.video_models import VIDEO_PRESETS, motion_unet
+from fastcache.video_models import VIDEO_PRESETS
 
 
 def check(runner, interval=2, branch=1, shallow=True, **kwargs):
@@ -58,30 +58,40 @@ def test_video_to_video_starts_mid_schedule(animatediff):
 
 
 def test_animatediff_sdxl():
-    from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL, DDIMScheduler
+    from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 
     from fastcache.video_models import ANIMATEDIFF_SCHEDULER
 
     torch.manual_seed(0)
     tiny = VIDEO_PRESETS["tiny-animatediff"]
-    unet = motion_unet(PRESETS["tiny-sdxl"]["unet"], dict(tiny["motion"], use_motion_mid_block=False))
     pipe = AnimateDiffSDXLPipeline(vae=AutoencoderKL(**PRESETS["tiny-sdxl"]["vae"]), text_encoder=None,
-                                   text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-                                   motion_adapter=None, scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER))
+                                   text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                   unet=UNet2DConditionModel(**PRESETS["tiny-sdxl"]["unet"]),
+                                   motion_adapter=MotionAdapter(**dict(tiny["motion"], use_motion_mid_block=False)),
+                                   scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER))
     pipe.set_progress_bar_config(disable=True)
     check(VideoRunner("tiny-animatediff", pipe), 2, 4)
 
 
-def test_free_noise_windows_frames_inside_the_motion_modules(animatediff):
-    """FreeNoise: 6 frames in windows of 4 (stride 2) inside every motion module; one UNet call per step."""
-    pipe = animatediff.pipe
+def test_free_noise_windows_frames_inside_the_motion_modules(animatediff, tmp_path):
+    """FreeNoise: 6 frames in windows of 4 (stride 2) inside every motion module, one UNet call per step; a prompt per
+    keyframe (FreeNoise takes text only: a tiny tokenizer and text encoder)."""
+    from transformers import CLIPTokenizer
+
+    pipe = with_text_encoder(animatediff.pipe)
+    folder = save_tiny_clip(tmp_path / "clip")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    pipe.register_modules(tokenizer=tokenizer)
+    runner = VideoRunner("tiny-animatediff", pipe)
+    runner.inputs = dict(prompt={0: "a boat", 4: "a storm"}, negative_prompt="blur")
     pipe.enable_free_noise(context_length=4, context_stride=2)
     try:
-        check(animatediff, frames=6)
+        check(runner, frames=6)
         pipe.enable_free_noise_split_inference(spatial_split_size=64, temporal_split_size=2)
-        check(animatediff, frames=6)
+        check(runner, frames=6)
     finally:
         pipe.disable_free_noise()
+        pipe.register_modules(tokenizer=None)
 
 
 def test_free_init_is_a_denoising_loop_per_iteration(animatediff):
@@ -137,7 +147,7 @@ def test_controlnet_shallow_as_for_images(animatediff):
 
     torch.manual_seed(0)
     net = ControlNetModel.from_unet(UNet2DConditionModel(**VIDEO_PRESETS["tiny-animatediff"]["unet"]),
-                                    conditioning_embedding_out_channels=(16,))
+                                    conditioning_embedding_out_channels=(16, 32))  # the VAE's factor 2
     for layer in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
         torch.nn.init.normal_(layer.weight, std=0.05)
     pipe = AnimateDiffControlNetPipeline.from_pipe(animatediff.pipe, controlnet=net)
@@ -145,6 +155,25 @@ def test_controlnet_shallow_as_for_images(animatediff):
     runner = VideoRunner("tiny-animatediff", pipe)
     counters = check(runner, 2, 1, conditioning_frames=frames_of())
     assert counters.controlnet_shallow == counters.shallow and counters.controlnet_recomputes == 0
+
+
+def test_sparse_controlnet_runs_whole_and_the_unet_takes_its_shallow_residuals(animatediff):
+    """SparseCtrl (motion modules in its encoder, a conditioning mask) is not split: it runs whole at every step, as
+    the pipeline calls it, and a skip step of the UNet adds the residuals of the skips it computes."""
+    from diffusers import AnimateDiffSparseControlNetPipeline, SparseControlNetModel
+
+    torch.manual_seed(0)
+    tiny = VIDEO_PRESETS["tiny-animatediff"]["unet"]
+    net = SparseControlNetModel(block_out_channels=tiny["block_out_channels"], layers_per_block=2, norm_num_groups=8,
+                                cross_attention_dim=32, attention_head_dim=8, motion_num_attention_heads=2,
+                                down_block_types=("CrossAttnDownBlockMotion",) * 2 + ("DownBlockMotion",))
+    for layer in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding):
+        torch.nn.init.normal_(layer.weight, std=0.05)
+    pipe = AnimateDiffSparseControlNetPipeline.from_pipe(animatediff.pipe, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    counters = check(VideoRunner("tiny-animatediff", pipe), 2, 1, conditioning_frames=frames_of(1),
+                     controlnet_frame_indices=[0])
+    assert counters.controlnet_shallow == 0
 
 
 def test_pag(animatediff):
