@@ -37,7 +37,7 @@ from .cli_options import (
     require_extra,
 )
 from .extras import missing_module
-from .presets import INPAINT_PRESETS, default_dtype
+from .presets import INPAINT_PRESETS, VIDEO_PRESETS, default_dtype
 
 logger = logging.getLogger("fastcache")
 
@@ -52,6 +52,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The ``fastcache`` parser, and its commands' parsers by name."""
     parser = Parser(prog="fastcache", description="DeepCache and torch.compile with CUDA graphs for diffusers UNet "
                                                   "pipelines: generate images, warm up, serve, tune, benchmark.")
+    from .serving.video_options import add_video_arguments  # the standard library only: a parser may import it
+
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="prompts to PNG files", description="Generate images with "
@@ -68,9 +70,11 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     generate.add_argument("--output-dir", default=".", help="where the PNG files go")
 
     for name, text in (("warmup", "compile and capture every bucket, storing the compile cache"),
-                       ("serve", "the OpenAI-style HTTP images API")):
+                       ("serve", "the OpenAI-style HTTP images API (videos: /v1/videos)")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_model_options(sub)
+        preset = next(action for action in sub._actions if action.dest == "preset")
+        preset.choices = sorted([*preset.choices, *VIDEO_PRESETS])  # served at /v1/videos
         add_cache_options(sub, tuned=True)
         sub.add_argument("--sizes", default=None, help="comma-separated sizes to serve, N or WIDTHxHEIGHT "
                                                        "(default: the model's native size)")
@@ -109,6 +113,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         lora.add_argument("--lora-rank", type=int,
                           help="the slots' rank: an adapter of a wider rank is refused (default: the widest "
                                "adapter's)")
+        add_video_arguments(sub, serving=name == "serve")
         if name == "warmup":
             sub.add_argument("--report", help="append the warm-up's report (seconds per bucket, cold or warm, cache "
                                               "hits, card, versions) to this JSON-lines file")
@@ -212,17 +217,24 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
         check_model_path(parser, args.inpaint_model, "--inpaint-model")
     if args.lora:
         require_extra(parser, "serve", "peft")
+    video = dict(sizes=tuple(parse_size(parser, text, geometry) for text in args.video_sizes.split(",")) if (
+        args.video_sizes) else (), frames=parse_int_list(parser, args.video_frames, "--video-frames") if (
+        args.video_frames) else ())
+    if serving:
+        video.update(fps=args.video_fps, data_dir=args.data_dir, ttl=args.video_ttl, max_jobs=args.max_video_jobs,
+                     crf=args.video_crf)
     with quiet_imports():
         from .serving.engine import EngineConfig
         from .serving.loras import LoraOptions, parse_adapter
         from .serving.service import ServiceOptions
+        from .serving.video_options import VideoOptions
     with field_errors(parser):
         lora = LoraOptions(adapters=tuple(parse_adapter(text) for text in args.lora or ()), slots=args.lora_slots,
                            rank=args.lora_rank)
         return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
                               cache_dir=args.cache_dir, engine=EngineConfig(**engine),
                               inpaint_model=args.inpaint_model, inpaint_preset=args.inpaint_preset,
-                              level_labels=pick.levels if pick else None, lora=lora)
+                              level_labels=pick.levels if pick else None, lora=lora, video=VideoOptions(**video))
 
 
 def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -333,6 +345,7 @@ def serve(parser, args) -> int:
         require_extra(parser, "ray")
     options = service_options(parser, args)
     edge = edge_config(parser, args)
+    check_video_serving(parser, args, options)
     if args.replicas:
         with quiet_imports():
             try:
@@ -352,12 +365,25 @@ def serve(parser, args) -> int:
     sock = _bind(parser, args.host, args.port)  # a busy port fails now, not after the model is built
     with model_errors(parser, args):
         service = Service(options)
-    app = make_app(service, edge)
+        app = make_app(service, edge)  # a video server opens its --data-dir here (one server per folder)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, runs the app's shutdown (the engine's queue), then raises
     # the signal again with the handler it found: after a drained SIGTERM, that one exits 0
     signal.signal(signal.SIGTERM, _exit_drained)
     uvicorn.Server(edge.uvicorn_config(app, log_level="info")).run(sockets=[sock])
     return 0
+
+
+def check_video_serving(parser: argparse.ArgumentParser, args: argparse.Namespace, options) -> None:
+    """A model known to make video (a preset, a local folder) needs PyAV and one process, before it is built."""
+    from .presets import preset_spec
+    from .serving.video_options import makes_video
+
+    if not makes_video(args.model, "" if args.model else preset_spec(args.preset)["pipeline"]):
+        return
+    if args.replicas:
+        fail(parser, "--replicas: video jobs live in one process's --data-dir; serve video from one process")
+    require_extra(parser, "video")
+    check_writable(parser, options.video.data_dir, "--data-dir", folder=True)
 
 
 def _exit_drained(*_) -> None:

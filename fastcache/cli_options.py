@@ -191,7 +191,7 @@ def model_errors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> I
     """A model that cannot be loaded, or that fastcache refuses (known only once loaded, for hub ids): one line."""
     try:
         yield
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:  # ImportError: an extra the model needs (video: PyAV)
         fail(parser, f"{args.model or args.preset}: {one_line(error)}")
 
 

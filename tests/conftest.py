@@ -584,3 +584,48 @@ class VideoRunner:
                  output_type: str = "latent", **kwargs) -> torch.Tensor:
         return self.pipe(num_inference_steps=steps, num_frames=frames, height=size, width=size, output_type=output_type,
                          generator=torch.Generator().manual_seed(seed), **{**self.inputs, **kwargs}).frames
+
+
+# -- serving video: the tiny video presets, saved as folders for `fastcache serve --model` -------------------------
+
+def tiny_animatediff(seed: int = 0):
+    """The ``tiny-animatediff`` preset (random weights, no text encoder)."""
+    return build_pipeline("tiny-animatediff", seed=seed)
+
+
+def tiny_svd(seed: int = 0):
+    """The ``tiny-svd`` preset (random weights)."""
+    return build_pipeline("tiny-svd", seed=seed)
+
+
+def decode_mp4(path) -> tuple[np.ndarray, float]:
+    """An MP4's frames as uint8 RGB ``(frames, height, width, 3)`` (PyAV), and its frame rate."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate or stream.base_rate or 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny AnimateDiff and SVD pipelines saved as local diffusers folders (what ``fastcache serve --model``
+    loads): their paths by family."""
+    root = tmp_path_factory.mktemp("video-models")
+    folders = {"animatediff": root / "animatediff", "svd": root / "svd"}
+    tiny_animatediff().save_pretrained(folders["animatediff"])
+    tiny_svd().save_pretrained(folders["svd"])
+    return folders
+
+
+def video_model(pipe, steps: int = 2, guidance=(True,), default_frames=None, **options):
+    """``pipe`` as a server serves it (``VideoModel``), without a fastcache handle (so, no cache levels), its engine
+    not started: ``options`` are ``VideoOptions``' (sizes, frames, ...)."""
+    from fastcache.serving.engine import Engine, EngineConfig
+    from fastcache.serving.video_options import VideoOptions
+    from fastcache.serving.video_pipeline import VideoModel
+
+    engine = Engine(pipe, EngineConfig(sizes=((32, 32),), steps=steps, max_steps=50, guidance=guidance, edits=()),
+                    images=False)
+    return VideoModel(pipe, engine, VideoOptions(**options), default_frames)

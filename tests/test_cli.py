@@ -62,6 +62,13 @@ BAD = [
     (["serve", "--inpaint-preset", "tiny-sd"], "invalid choice"),
     (["serve", "--inpaint-model", "/etc"], "--inpaint-model /etc: not a diffusers pipeline folder"),
     (["serve", "--inpaint-model", "./missing"], "--inpaint-model ./missing: no such folder"),
+    (["serve", "--video-sizes", "30"], "multiples of 8 pixels"),
+    (["serve", "--video-frames", "0"], "--video-frames values must be >= 1"),
+    (["warmup", "--video-frames", "2000"], "--video-frames must be integers from 1 to 1024"),
+    (["serve", "--video-fps", "0"], "--video-fps must be an integer from 1 to 120"),
+    (["serve", "--video-ttl", "0"], "--video-ttl must be a number of seconds above 0"),
+    (["serve", "--max-video-jobs", "0"], "--max-video-jobs must be an integer from 1 to 100000"),
+    (["serve", "--video-crf", "52"], "--video-crf must be an integer from 0 (lossless) to 51"),
     (["bench", "nothing"], "invalid choice"),
     (["dance"], "invalid choice"),
 ]
@@ -170,3 +177,69 @@ def test_static_shapes_turns_the_dynamic_batch_off(command):
     for flags, dynamic in (([], True), (["--static-shapes"], False)):
         options = cli.service_options(commands[command], parser.parse_args([command, *flags]))
         assert options.cache.dynamic_batch is dynamic
+
+
+def test_the_video_flags_make_the_video_options(tmp_path):
+    from fastcache.serving.video_options import VideoOptions
+
+    parser, commands = cli.build_parser()
+    args = parser.parse_args(["serve", "--video-sizes", "64x32,32", "--video-frames", "8,4", "--video-fps", "12",
+                              "--data-dir", str(tmp_path), "--video-ttl", "60", "--max-video-jobs", "3",
+                              "--video-crf", "0"])
+    assert cli.service_options(commands["serve"], args).video == VideoOptions(
+        sizes=((64, 32), (32, 32)), frames=(4, 8), fps=12, data_dir=str(tmp_path), ttl=60, max_jobs=3, crf=0)
+    warmup = cli.service_options(commands["warmup"], parser.parse_args(["warmup", "--video-frames", "16"]))
+    assert warmup.video.frames == (16,)
+
+
+@pytest.mark.parametrize("model, argv, message", [
+    ("animatediff", ["--replicas", "2"], "--replicas: video jobs live in one process's --data-dir; serve video from "
+                                         "one process"),
+    ("tiny-svd", ["--replicas", "2"], "--replicas: video jobs live"),
+    ("animatediff", ["--data-dir", "/etc/passwd"], "--data-dir /etc/passwd: not a folder"),
+])
+def test_serving_a_video_model_is_checked_before_it_is_built(tiny_video_models, model, argv, message, capsys,
+                                                              monkeypatch):
+    monkeypatch.setattr("fastcache.serving.service.Service", _no_model)
+    chosen = ["--model", str(tiny_video_models[model])] if model in tiny_video_models else ["--preset", model]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", *chosen, *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_serving_video_without_pyav_is_one_line_naming_the_install(tiny_video_models, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av fails, as where the video extra is not installed
+    monkeypatch.setattr("fastcache.serving.service.Service", _no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(tiny_video_models["svd"])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert 'the video extra is not installed (no av): pip install "fastcache[video]"' in err
+
+
+def test_a_lora_for_a_video_model_that_loads_none_is_one_line(lora_dir, capsys):
+    from conftest import free_port, save_lora
+
+    path = save_lora(build_pipeline("tiny-sd"), lora_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--preset", "tiny-svd", "--lora", f"style={path}", "--no-compile", "--port",
+                  str(free_port())])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "lora: StableVideoDiffusionPipeline loads no LoRA adapters; serve it without --lora" in err
+
+
+def test_a_video_pipeline_the_server_cannot_call_is_one_line(tmp_path, capsys):
+    from conftest import free_port
+    from diffusers import AnimateDiffVideoToVideoPipeline
+
+    AnimateDiffVideoToVideoPipeline.from_pipe(build_pipeline("tiny-animatediff")).save_pretrained(tmp_path / "v2v")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(tmp_path / "v2v"), "--no-compile", "--port", str(free_port())])
+    last = capsys.readouterr().err.splitlines()[-1]  # after diffusers' loading bar
+    assert exit_info.value.code == 2 and last.startswith("fastcache serve: error: ")
+    assert ("AnimateDiffVideoToVideoPipeline is not served; the video pipelines served are AnimateDiffPipeline, "
+            "StableVideoDiffusionPipeline.") in last

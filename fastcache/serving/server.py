@@ -5,7 +5,7 @@ optional mask) edits an uploaded image. Every error is ``errors``' one format (`
 "param", "code"}}``): 400 for a bad request, naming what is valid on this server; 401 without a valid API key; 408
 and 413 from the edge; 429 with ``Retry-After`` when the queue is full; 503 with ``Retry-After`` until the warm-up is
 done. The edge's layers (``edge.EdgeConfig``: keys, read deadline, body limit) wrap every route, so a route added
-here is covered by them.
+here is covered by them. ``/v1/videos`` (``videos``) serves a model that makes video instead.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        if videos is not None:
+            videos.start()
         warming = None
         if warm_up and not engine.ready.is_set():
             warming = threading.Thread(target=_warm_up, args=(service,), name="fastcache-warmup", daemon=True)
@@ -112,10 +114,15 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
         await asyncio.to_thread(engine.stop, drain_seconds)
         if warming is not None:
             await asyncio.to_thread(warming.join, drain_seconds)
+        if videos is not None:
+            await asyncio.to_thread(videos.stop, drain_seconds)
 
     app = FastAPI(title="fastcache", lifespan=lifespan)
     errors.install(app)
     app.state.field_rules = field_rules(config, service.options.lora.names)  # generations' and edits' fields
+    from .videos import install as install_videos  # here: the video modules import this one's readers
+
+    videos = install_videos(app, service)  # the video routes and jobs; on a video server, its field rules
     edge.install(app)
     app.add_middleware(_Measure, metrics=metrics)  # outermost: the edge's answers (401, 408, 413) are counted too
 
@@ -188,6 +195,7 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             "max_body_mb": edge.max_body_mb, "max_image_size": config.max_size,
             "compile": options.cache.mode if options.cache.compile else "eager",
             "runtime": service.environment(),
+            "images": engine.images, "video": service.video.describe() if service.video is not None else None,
         }]}
 
     @app.get("/health")
