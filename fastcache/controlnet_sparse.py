@@ -93,8 +93,8 @@ class SparseControlNetPartition:
         h, skips = run_down(net.down_blocks, h, emb, context, calls=MotionPartition)
         if net.mid_block is not None:
             h = MotionPartition._call_block(net.mid_block, h, emb, encoder_hidden_states=context)
-        down = scaled_residuals(net, [block(s) for s, block in zip(skips, net.controlnet_down_blocks, strict=True)],
-                       conditioning_scale)
+        convs = net.controlnet_down_blocks
+        down = scaled_residuals(net, [block(s) for s, block in zip(skips, convs, strict=True)], conditioning_scale)
         return down, scaled_residuals(net, [net.controlnet_mid_block(h)], conditioning_scale)[0]
 
     def shallow(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
@@ -104,8 +104,8 @@ class SparseControlNetPartition:
         emb, h = self._stem(sample, timestep, controlnet_cond, conditioning_mask, timestep_cond)
         context = (encoder_hidden_states, sample.shape[2])
         _, skips = run_down(net.down_blocks, h, emb, context, self.boundary, calls=MotionPartition)
-        return scaled_residuals(net, [block(s) for s, block in zip(skips, net.controlnet_down_blocks, strict=False)],
-                       conditioning_scale)
+        convs = net.controlnet_down_blocks  # the first ones: as many as the skips
+        return scaled_residuals(net, [block(s) for s, block in zip(skips, convs, strict=False)], conditioning_scale)
 
     def _stem(self, sample, timestep, controlnet_cond, conditioning_mask, timestep_cond):
         """Time embedding per frame, and ``conv_in`` of zeros plus the embedded condition (with its mask), as the
