@@ -192,8 +192,8 @@ def test_sparse_controlnet_shallow_on_skip_steps(animatediff):
     counters = check(runner, 2, 1)
     assert counters.controlnet_shallow == counters.shallow and counters.controlnet_recomputes == 0
     plain = runner()
-    assert torch.equal(fastcache_run(runner, 1, 1), plain)  # interval 1: the plain pipeline, bit for bit
-    assert rel_l2(runner(), plain) == 0  # the seeded global RNG makes calls repeatable
+    # interval 1: the plain pipeline, bit for bit (two calls agree only because each seeds the global RNG)
+    assert torch.equal(fastcache_run(runner, 1, 1), plain)
 
 
 @slow
