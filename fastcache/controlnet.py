@@ -23,37 +23,77 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from .partition import Boundary, UNetPartition, run_down
 from .shapes import on_device, shape_key
 
-SUPPORTED_CONTROLNETS = ("ControlNetModel", "MultiControlNetModel of ControlNetModels")
-
 
 def controlnet_nets(controlnet) -> list[ControlNetModel]:
-    """The ControlNets behind a pipeline's ``controlnet``; ``ValueError`` naming what is supported."""
-    nets = list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
-    bad = sorted({type(net).__name__ for net in nets if type(net) is not ControlNetModel})
-    if bad:
-        raise ValueError(f"fastcache supports {' and '.join(SUPPORTED_CONTROLNETS)}; this pipeline has {bad}.")
-    return nets
+    """The ControlNets behind a pipeline's ``controlnet`` (a ``MultiControlNetModel``'s, or itself)."""
+    return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
 
 
-def check_controlnet(net: ControlNetModel, unet) -> None:
-    """``ValueError`` unless ``net``'s encoder is laid out as the UNet's, so that its residuals meet the UNet's skips
-    one for one (a ControlNet made with ``ControlNetModel.from_unet`` is)."""
-    layout = [(type(b).__name__, len(b.resnets), b.downsamplers is not None) for b in net.down_blocks]
-    # an AnimateDiff UNet's blocks are SD's with motion modules: its ControlNet is SD's, run on every frame
-    expected = [(type(b).__name__.replace("Motion", "2D"), len(b.resnets), b.downsamplers is not None)
-                for b in unet.down_blocks]
-    if layout != expected:
-        raise ValueError(f"fastcache needs a ControlNet whose down blocks are the UNet's {expected}; got {layout}.")
-    if net.config.addition_embed_type not in (None, "text", "text_time"):
-        raise ValueError(f"fastcache supports ControlNets with addition_embed_type None, 'text' or 'text_time'; "
-                         f"got {net.config.addition_embed_type!r}.")
+def down_layout(model) -> list[tuple[str, int, bool]]:
+    """A UNet's or a ControlNet's down blocks: type, layers, downsampler. A ControlNet's residuals meet the UNet's
+    skips one for one when the layouts are equal."""
+    return [(type(b).__name__, len(b.resnets), b.downsamplers is not None) for b in model.down_blocks]
 
 
 class ControlNetPartition:
     """The full and the shallow forward of one or several ControlNets at one cache branch, stateless."""
 
+    # ControlNetModel.forward's arguments these paths implement; attention masks and cross_attention_kwargs run the
+    # original forward (guess mode too: ``unsupported``)
+    arguments = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale",
+                 "added_cond_kwargs", "timestep_cond", "class_labels", "guess_mode")
+    per_frame = True  # a video pipeline runs it on every frame: its sample is the UNet's per-frame images
+
     def __init__(self, nets: list[ControlNetModel], boundary: Boundary):
         self.nets, self.boundary = nets, boundary
+
+    @classmethod
+    def takes(cls, controlnet: Any) -> bool:
+        return all(type(net) is ControlNetModel for net in controlnet_nets(controlnet))
+
+    @classmethod
+    def check(cls, controlnet, unet) -> None:
+        """``ValueError`` unless each net's encoder is laid out as the UNet's, so that its residuals meet the UNet's
+        skips one for one (a ControlNet made with ``ControlNetModel.from_unet`` is)."""
+        for net in controlnet_nets(controlnet):
+            layout = down_layout(net)
+            # an AnimateDiff UNet's blocks are SD's with motion modules: its ControlNet is SD's, run on every frame
+            expected = [(name.replace("Motion", "2D"), *rest) for name, *rest in down_layout(unet)]
+            if layout != expected:
+                raise ValueError(f"fastcache needs a ControlNet whose down blocks are the UNet's {expected}; "
+                                 f"got {layout}.")
+            if net.config.addition_embed_type not in (None, "text", "text_time"):
+                raise ValueError(f"fastcache supports ControlNets with addition_embed_type None, 'text' or "
+                                 f"'text_time'; got {net.config.addition_embed_type!r}.")
+
+    @classmethod
+    def of(cls, controlnet, boundary: Boundary) -> ControlNetPartition:
+        return cls(controlnet_nets(controlnet), boundary)
+
+    def unsupported(self, call: dict) -> bool:
+        """Guess mode scales residuals by depth, and the UNet's batch cannot be told from its own: the whole forward
+        runs."""
+        return call["guess_mode"]
+
+    def inputs(self, call: dict, constant) -> dict:
+        """The paths' inputs from a bound forward call, on the sample's device: conditions and scales as lists, one
+        per net; ``constant(value, dtype, device)`` gives each scale as a device scalar made once."""
+        device = call["sample"].device
+        multi = len(self.nets) > 1
+        conds = call["controlnet_cond"] if multi else [call["controlnet_cond"]]
+        scales = call["conditioning_scale"] if multi else [call["conditioning_scale"]]
+        inputs = {name: on_device(call[name], device)
+                  for name in ("sample", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")}
+        return dict(inputs, timestep=device_timestep(call["timestep"], device),
+                    controlnet_cond=on_device(list(conds), device),
+                    conditioning_scale=[constant(float(scale), torch.float32, device) for scale in scales])
+
+    def residual_shapes(self, sample_shape) -> tuple[list[tuple], tuple]:
+        return residual_shapes(self.nets[0], sample_shape)
+
+    @staticmethod
+    def output(down: list, mid: torch.Tensor) -> ControlNetOutput:
+        return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
 
     def full(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
              added_cond_kwargs=None, timestep_cond=None, class_labels=None):
@@ -65,8 +105,9 @@ class ControlNetPartition:
             h, skips = run_down(net.down_blocks, h, emb, encoder_hidden_states)
             if net.mid_block is not None:
                 h = UNetPartition._call_block(net.mid_block, h, emb, encoder_hidden_states=encoder_hidden_states)
-            down = _scaled(net, [block(s) for s, block in zip(skips, net.controlnet_down_blocks, strict=True)], scale)
-            mid = _scaled(net, [net.controlnet_mid_block(h)], scale)[0]
+            convs = net.controlnet_down_blocks
+            down = scaled_residuals(net, [block(s) for s, block in zip(skips, convs, strict=True)], scale)
+            mid = scaled_residuals(net, [net.controlnet_mid_block(h)], scale)[0]
             total_down = down if total_down is None else [a + b for a, b in zip(total_down, down, strict=True)]
             total_mid = mid if total_mid is None else total_mid + mid
         return total_down, total_mid
@@ -79,7 +120,8 @@ class ControlNetPartition:
             emb, h = _stem(net, sample, timestep, encoder_hidden_states, cond, added_cond_kwargs, timestep_cond,
                            class_labels)
             _, skips = run_down(net.down_blocks, h, emb, encoder_hidden_states, self.boundary)
-            down = _scaled(net, [block(s) for s, block in zip(skips, net.controlnet_down_blocks, strict=False)], scale)
+            convs = net.controlnet_down_blocks  # the first ones: as many as the skips
+            down = scaled_residuals(net, [block(s) for s, block in zip(skips, convs, strict=False)], scale)
             total = down if total is None else [a + b for a, b in zip(total, down, strict=True)]
         return total
 
@@ -128,7 +170,7 @@ def _stem(net: ControlNetModel, sample, timestep, encoder_hidden_states, control
     return emb, net.conv_in(sample) + net.controlnet_cond_embedding(controlnet_cond)
 
 
-def _scaled(net: ControlNetModel, residuals: list, scale) -> list:
+def scaled_residuals(net: ControlNetModel, residuals: list, scale) -> list:
     """The forward's output scaling without guess mode (which runs the whole ControlNet), and its pooling."""
     residuals = [r * scale for r in residuals]
     if net.config.global_pool_conditions:
@@ -160,8 +202,9 @@ class SplitControlNet:
     and its residuals replace them.
     """
 
-    def __init__(self, module: torch.nn.Module, nets: list[ControlNetModel], partition: ControlNetPartition, paths):
-        self.module, self.nets, self.partition, self.paths = module, nets, partition, paths  # module: the hooked one
+    def __init__(self, module: torch.nn.Module, partition, paths):
+        # module: the hooked one; partition: its family's (ControlNetPartition, SparseControlNetPartition)
+        self.module, self.partition, self.paths = module, partition, paths
         self._partial: dict[int, _Partial] = {}  # thread ident -> the residuals it was last handed
         self._constants: dict[tuple, torch.Tensor] = {}  # scales and NaN placeholders, made once per value
 
@@ -177,18 +220,11 @@ class SplitControlNet:
     def run(self, call: dict, shallow: bool, original: Callable[[], Any]) -> Any:
         """The ControlNet on ``call`` (bound ``forward`` arguments), returned as the ControlNet returns it."""
         sample = call["sample"]
-        multi = len(self.nets) > 1
-        conds = call["controlnet_cond"] if multi else [call["controlnet_cond"]]
-        scales = call["conditioning_scale"] if multi else [call["conditioning_scale"]]
-        inputs = {name: on_device(call[name], sample.device)
-                  for name in ("sample", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")}
-        scales = [self._constant(float(scale), torch.float32, sample.device) for scale in scales]
-        inputs.update(timestep=_device_timestep(call["timestep"], sample.device),
-                      controlnet_cond=on_device(list(conds), sample.device), conditioning_scale=scales)
+        inputs = self.partition.inputs(call, self._constant)
         thread = threading.get_ident()
         if shallow:
             residuals = self.paths(False, shape_key(inputs), inputs)
-            shapes, mid_shape = residual_shapes(self.nets[0], sample.shape)
+            shapes, mid_shape = self.partition.residual_shapes(sample.shape)
             dtype, device = residuals[0].dtype, sample.device
             down = [*residuals, *(self._nan(shape, dtype, device) for shape in shapes[len(residuals):])]
             mid = self._nan(mid_shape, dtype, device)
@@ -196,9 +232,7 @@ class SplitControlNet:
         else:
             down, mid = self.paths(True, shape_key(inputs), inputs)
             self._partial.pop(thread, None)
-        if call["return_dict"]:
-            return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
-        return down, mid
+        return self.partition.output(down, mid) if call["return_dict"] else (down, mid)
 
     @staticmethod
     def residuals_for_step(inputs: dict, full: bool, boundary: Boundary) -> dict:
@@ -226,5 +260,5 @@ class SplitControlNet:
         return self._constant(float("nan"), dtype, device).expand(shape)
 
 
-def _device_timestep(timestep, device) -> torch.Tensor:
+def device_timestep(timestep, device) -> torch.Tensor:
     return timestep.to(device) if torch.is_tensor(timestep) else torch.as_tensor(timestep, device=device)

@@ -14,7 +14,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .config import FastCacheConfig
-from .controlnet import ControlNetPartition, SplitControlNet, check_controlnet, controlnet_nets
+from .controlnet import SplitControlNet
+from .controlnets import controlnet_partition_class
 from .counters import Counters
 from .dispatch import Decision, StepDispatcher
 from .graphs import RECOMPILE_LIMIT, CompiledPaths, Paths, compile_decoder
@@ -33,9 +34,7 @@ HOOK_NAME = "fastcache"
 # The UNet arguments the two paths implement are the partition's (``UNetPartition.arguments``, per UNet family). A
 # call that sets any other one (attention masks, whatever a later diffusers adds) runs the original forward; so does a
 # cross_attention_kwargs with more than a LoRA scale, which the handle applies itself.
-# The same for the ControlNet's shallow path (guess mode, too, runs the whole ControlNet).
-CONTROLNET_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale",
-                        "added_cond_kwargs", "timestep_cond", "class_labels", "guess_mode")
+# The same for the ControlNet's shallow path (``ControlNetPartition.arguments``, per ControlNet family).
 
 
 class _Arguments:
@@ -93,7 +92,8 @@ class FastCacheHandle:
         self._arguments = _Arguments(type(self.unet).forward, (*self.partition.arguments, "cross_attention_kwargs"))
         self.lora = self.lora or LoraLayers(self.unet)
         if self.controlnet is not None:
-            self._controlnet_arguments = _Arguments(type(self.controlnet.module).forward, CONTROLNET_ARGUMENTS)
+            self._controlnet_arguments = _Arguments(type(self.controlnet.module).forward,
+                                                    self.controlnet.partition.arguments)
 
     @property
     def unet(self):
@@ -167,14 +167,15 @@ class FastCacheHandle:
         follows will be shallow; guess mode, attention masks and ``cross_attention_kwargs`` run the original."""
         call = self._controlnet_arguments.bind(controlnet, args, kwargs)
         original = functools.partial(self._original(controlnet), *args, **kwargs)
-        if (any(_is_set(call[name]) for name in self._controlnet_arguments.others) or call["guess_mode"]
+        family = self.controlnet.partition
+        if (any(_is_set(call[name]) for name in self._controlnet_arguments.others) or family.unsupported(call)
                 or torch.is_grad_enabled()):
             return original()
         # at the deepest branch a skip step needs the mid residual too: the whole ControlNet
         at_mid = self.partition.boundary.at_mid_output
+        per_frame = self.partition.frame_signature if family.per_frame else None  # the sample it gets from the UNet's
         with self._lock:
-            shallow = not at_mid and self.dispatcher.peek(call["timestep"], signature(call["sample"]),
-                                                          self.partition.frame_signature)
+            shallow = not at_mid and self.dispatcher.peek(call["timestep"], signature(call["sample"]), per_frame)
             self.counters.controlnet_shallow += shallow
         return self.controlnet.run(call, shallow, original)
 
@@ -343,9 +344,7 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
             f"compile_pipeline needs a diffusers pipeline with a `unet` and a `scheduler`; got {type(pipe).__name__}."
         )
     controlnet = getattr(pipe, "controlnet", None)
-    nets = controlnet_nets(controlnet) if controlnet is not None else []
-    for net in nets:
-        check_controlnet(net, unet)
+    controlnet_class = controlnet_partition_class(controlnet, unet) if controlnet is not None else None
     if hasattr(unet, "_orig_mod"):
         raise ValueError("pipe.unet is already torch.compile'd; pass the plain UNet: fastcache compiles it itself.")
     if hasattr(unet, "_hf_hook"):
@@ -360,9 +359,9 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
     counters = Counters()
     paths = _build_paths(partition, unet, counters, config)
     split_controlnet = None
-    if nets:
-        controlnet_partition = ControlNetPartition(nets, partition.boundary)
-        split_controlnet = SplitControlNet(controlnet, nets, controlnet_partition,
+    if controlnet_class is not None:
+        controlnet_partition = controlnet_class.of(controlnet, partition.boundary)
+        split_controlnet = SplitControlNet(controlnet, controlnet_partition,
                                            _build_paths(controlnet_partition, controlnet, counters, config))
     decoder = (compile_decoder(pipe.vae.decoder, config.inductor_options, config.dynamic_batch) if config.compile_vae
                else None)

@@ -15,6 +15,7 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     MotionAdapter,
+    SparseControlNetModel,
     StableVideoDiffusionPipeline,
     UNet2DConditionModel,
     UNetMotionModel,
@@ -68,6 +69,33 @@ def _svd(spec: dict) -> StableVideoDiffusionPipeline:
         image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["image_encoder"])),
         unet=UNetSpatioTemporalConditionModel(**spec["unet"]), scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER),
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
+
+
+def with_sparse_controlnet(pipe: AnimateDiffPipeline, seed: int = 0, latent_condition: bool = True):
+    """The SparseCtrl pipeline of an AnimateDiff ``pipe``, sharing its components, with a ``SparseControlNetModel`` laid
+    out as its UNet's encoder (motion modules included) whose zero-initialised layers get random weights, so that its
+    residuals are not zero. ``latent_condition``: conditions are VAE latents (``use_simplified_condition_embedding``,
+    as the RGB SparseCtrl); else RGB images through a conditioning embedding (as the scribble SparseCtrl)."""
+    from diffusers import AnimateDiffSparseControlNetPipeline
+
+    unet, scale = pipe.unet.config, pipe.vae_scale_factor
+    shared = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "norm_num_groups",
+              "cross_attention_dim", "num_attention_heads", "motion_num_attention_heads", "motion_max_seq_length")
+    torch.manual_seed(seed)
+    with torch.device(pipe.unet.device):
+        net = SparseControlNetModel(**{name: unet[name] for name in shared},
+                                    use_simplified_condition_embedding=latent_condition,
+                                    conditioning_channels=pipe.vae.config.latent_channels if latent_condition else 3,
+                                    conditioning_embedding_out_channels=(16, 32, 96, 256)[:scale.bit_length()])
+        embedding = net.controlnet_cond_embedding  # downsamples as the VAE does, for RGB conditions
+        for layer in (*net.controlnet_down_blocks, net.controlnet_mid_block,
+                      embedding if latent_condition else embedding.conv_out):
+            torch.nn.init.normal_(layer.weight, std=0.05)
+    if pipe.unet.dtype != torch.float32:  # cast only if it differs: diffusers warns on every cast
+        net = net.to(dtype=pipe.unet.dtype)
+    sparse = AnimateDiffSparseControlNetPipeline.from_pipe(pipe, controlnet=net)
+    sparse.set_progress_bar_config(disable=True)
+    return sparse
 
 
 def is_video(pipe) -> bool:

@@ -201,7 +201,9 @@ def test_the_compiled_runtime_matches_the_helper_and_never_recompiles():
 def test_unsupported_controlnets_are_refused_naming_what_is_supported():
     pipe = with_controlnet(build_pipeline("tiny-sd"))
     pipe.controlnet = MultiControlNetModel([pipe.controlnet, torch.nn.Linear(1, 1)])
-    with pytest.raises(ValueError, match="supports ControlNetModel and MultiControlNetModel of ControlNetModels"):
+    with pytest.raises(ValueError, match=r"supports ControlNetModel, MultiControlNetModel of ControlNetModels and "
+                                         r"SparseControlNetModel; this pipeline has a MultiControlNetModel of "
+                                         r"\['Linear'\]"):
         compile_pipeline(pipe)
     config = {k: v for k, v in PRESETS["tiny-sd"]["unet"].items() if k not in ("sample_size", "up_block_types")}
     pipe.controlnet = ControlNetModel(**dict(config, layers_per_block=1), conditioning_embedding_out_channels=(16, 32))

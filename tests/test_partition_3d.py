@@ -1,9 +1,9 @@
-"""ModelScope's UNet3DConditionModel: the partition against the UNet's forward, and TextToVideoSDPipeline against the
-DeepCache helper."""
+"""ModelScope's UNet3DConditionModel: the partition against the UNet's forward, and TextToVideoSDPipeline and
+VideoToVideoSDPipeline against the DeepCache helper."""
 
 import pytest
 import torch
-from conftest import FRAMES, VideoRunner, helper_run, motion_unet_inputs, rel_l2
+from conftest import FRAMES, VIDEO_SIZE, VideoRunner, helper_run, motion_unet_inputs, rel_l2
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 
 from fastcache import compile_pipeline
@@ -35,19 +35,51 @@ def test_every_branch_full_path_equals_the_forward_and_shallow_reproduces_it():
         assert torch.equal(part.shallow(cache=cache, **inputs), full), branch
 
 
-@pytest.mark.parametrize("interval, branch", [(2, 0), pytest.param(3, 3, marks=pytest.mark.slow)])
-def test_text_to_video_equals_the_helper(interval, branch):
+def text_to_video_pipeline():
     from diffusers import TextToVideoSDPipeline
 
     pipe = TextToVideoSDPipeline(vae=AutoencoderKL(**VIDEO_PRESETS["tiny-animatediff"]["vae"]), text_encoder=None,
                                  tokenizer=None, unet=tiny_unet(), scheduler=DDIMScheduler(**ANIMATEDIFF_SCHEDULER))
     pipe.set_progress_bar_config(disable=True)
-    runner = VideoRunner("tiny-animatediff", pipe)
+    return pipe
+
+
+def check(runner, interval, branch) -> None:
+    """The handle (eager) against the DeepCache helper on ``runner``'s pipeline, every step on the cached path."""
     expected = helper_run(runner, interval, branch)
-    handle = compile_pipeline(pipe, interval, branch, compile=False)
+    handle = compile_pipeline(runner.pipe, interval, branch, compile=False)
     try:
         got = runner()
     finally:
         handle.disable()
     assert rel_l2(got, expected) < 1e-5
     assert (handle.counters.fallbacks, handle.counters.unplaced) == (0, 0) and handle.counters.shallow > 0
+
+
+@pytest.mark.parametrize("interval, branch", [(2, 0), pytest.param(3, 3, marks=pytest.mark.slow)])
+def test_text_to_video_equals_the_helper(interval, branch):
+    check(VideoRunner("tiny-animatediff", text_to_video_pipeline()), interval, branch)
+
+
+class VideoToVideo(VideoRunner):
+    """``VideoToVideoSDPipeline`` on the text-to-video pipeline's components: a video of smooth random frames at
+    strength 0.6 of 8 steps, so the loop starts mid-schedule."""
+
+    def __init__(self):
+        from diffusers import VideoToVideoSDPipeline
+
+        from fastcache.video_models import conditioning_image
+
+        pipe = VideoToVideoSDPipeline(**text_to_video_pipeline().components)
+        pipe.set_progress_bar_config(disable=True)
+        super().__init__("tiny-animatediff", pipe)
+        self.video = [conditioning_image((VIDEO_SIZE, VIDEO_SIZE), seed) for seed in range(FRAMES)]
+
+    def __call__(self):
+        return self.pipe(video=self.video, strength=0.6, num_inference_steps=8, output_type="latent",
+                         generator=torch.Generator().manual_seed(0), **self.inputs).frames
+
+
+@pytest.mark.parametrize("interval, branch", [(2, 1), pytest.param(3, 5, marks=pytest.mark.slow)])
+def test_video_to_video_equals_the_helper(interval, branch):
+    check(VideoToVideo(), interval, branch)
