@@ -239,7 +239,7 @@ BAD_VIDEO_REQUESTS = [
     ({"prompt": "x", "seed": -1}, "seed must be between 0"),
     ({"prompt": "x", "cache": {"interval": 2}}, "cache.interval 2 is not served; served levels: 1, 3."),
     ({"prompt": "x", "cache": {"interval": 2, "branch": 1}}, 'cache must be {"interval": k} with k one of 1, 3'),
-    ({"prompt": "x", "lora": "nope"}, "lora 'nope' is not loaded; loaded adapters: style."),
+    ({"prompt": "x", "lora": "nope"}, "lora 'nope' is not loaded; 1 adapter is loaded (style)."),
     ({"prompt": "x", "num_frame": 4}, "'num_frame' is not a field of this request"),
     ({"prompt": "x", "input_reference": {"image_url": "data:"}}, "input_reference must be uploaded as a file"),
     ({"prompt": ""}, "prompt is required"),

@@ -73,7 +73,7 @@ def _is_int(value) -> bool:
 
 def add_video_arguments(parser, serving: bool) -> None:
     """The video flags of ``fastcache warmup`` (the buckets) and ``serve`` (the buckets, the job store, the limits)."""
-    group = parser.add_argument_group("video (a model that makes video: AnimateDiff, SVD; see docs/serving-video.md)")
+    group = parser.add_argument_group("video (a model that makes video: AnimateDiff, SVD; see docs/serving/video.md)")
     group.add_argument("--video-sizes", help="comma-separated video sizes to warm up and serve, N or WIDTHxHEIGHT "
                                              "(default: the model's native size)")
     group.add_argument("--video-frames", help="comma-separated frame counts to warm up and serve (default: the "
