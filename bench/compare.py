@@ -16,7 +16,9 @@ the dynamo graphs and CUDA graphs recorded after warm-up (both must stay flat). 
     python bench/compare.py --subset pipelines --peers eager,deepcache,compile,fastcache
                                                       # SD1.5 512 with a LoRA (hot-swap, per-call scale), FreeU,
                                                       # an IP-Adapter, PAG: ms per image, seconds per change
-    python bench/compare.py --smoke                   # tiny configs on CPU (CI)
+    python bench/compare.py --subset video            # AnimateDiff SD1.5 512 16 frames, SVD-XT 1024x576 14 frames,
+                                                      # 25 steps: seconds per video, compile seconds, temporal PSNR
+    python bench/compare.py --smoke                   # tiny configs on CPU (CI); --smoke --subset video: tiny videos
     python bench/compare.py --peers all               # every peer, the tuned and autotuned variants included
     python bench/compare.py --cache-mode shared       # one inductor cache for all peers: shorter, warm-ups less cold
     python bench/compare.py --fidelity                # PSNR and SSIM of the decoded images against the uncached ones
@@ -59,7 +61,7 @@ from fastcache.models import (
     with_controlnet,
     with_text_encoder,
 )
-from fastcache.tuning.fidelity import psnr, ssim
+from fastcache.tuning.fidelity import psnr, ssim, video_fidelity
 from fastcache.variants import VARIANTS, speed_switches
 
 logger = logging.getLogger("bench")
@@ -69,6 +71,7 @@ FASTCACHE = {name: v for name, v in VARIANTS.items() if v.config.compile}  # fas
 PEERS = ("eager", "deepcache", "compile", "compile-tuned", *FASTCACHE)
 DEFAULT_PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-static-fused", "fastcache-tuned")
 SMOKE_PEERS = ("eager", "deepcache", "compile", "fastcache", "fastcache-tuned")
+VIDEO_PEERS = ("eager", "deepcache", "compile", "fastcache")  # the video subsets' default (smoke too)
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,21 @@ class Config:
     branch: int
     controlnets: int = 0  # a ControlNet pipeline with this many ControlNets (made from the UNet, random weights)
     feature: str | None = None  # one of FEATURES, on top of the UNet (random weights too)
+    frames: int | None = None  # a video preset's frames per video; None: images
+    height: int | None = None  # pixels, when not ``size`` (then ``size`` is the width)
+    steps: int = 50  # denoising steps unless --steps says otherwise
 
     @property
     def name(self) -> str:
         controlnet = f" +{self.controlnets} ControlNet" if self.controlnets else ""
         feature = f" +{self.feature}" if self.feature else ""
-        return f"{self.preset}{controlnet}{feature} {self.size} b{self.batch} I{self.interval}B{self.branch}"
+        size = f"{self.size}x{self.height}" if self.height else str(self.size)
+        frames = f" {self.frames} frames" if self.frames else ""
+        return f"{self.preset}{controlnet}{feature} {size}{frames} b{self.batch} I{self.interval}B{self.branch}"
+
+    @property
+    def video(self) -> bool:
+        return self.frames is not None
 
 
 def _grid(preset, sizes, batches, cache):
@@ -106,7 +118,17 @@ SUBSETS: dict[str, list[Config]] = {
 FEATURES = ("lora", "freeu", "ip-adapter", "pag")
 SUBSETS["pipelines"] = [Config("sd15", 512, 1, 3, 0, feature=feature) for feature in FEATURES]
 SUBSETS["pipelines-smoke"] = [Config("tiny-sd", 32, 1, 3, 1, feature=feature) for feature in FEATURES]
+# Video, 25 steps: AnimateDiff (SD 1.5 with the v1-5-3 motion adapter's config) at 512, 16 frames; SVD-XT at its
+# 1024x576 (width x height), 14 frames. AnimateDiff first: the shorter of the two, kept if a lease ends in SVD.
+VIDEO_CONFIGS = {"animatediff": Config("animatediff", 512, 1, 3, 0, frames=16, steps=25),
+                 "svd": Config("svd-xt", 1024, 1, 3, 0, frames=14, height=576, steps=25)}
+SUBSETS["video"] = list(VIDEO_CONFIGS.values())
+SUBSETS.update({f"video-{name}": [config] for name, config in VIDEO_CONFIGS.items()})  # one per device call
+SUBSETS["video-smoke"] = [Config("tiny-animatediff", 16, 1, 3, 1, frames=4), Config("tiny-svd", 16, 1, 3, 1, frames=4)]
+SVD_DECODE_CHUNK = 8  # frames the SVD VAE decodes at once, as diffusers' SVD examples do
 FLOP_PEERS = ("eager", "deepcache", "fastcache")  # whose FLOPs per call a ControlNet subset counts (eagerly)
+# a video's fidelity beside its mean PSNR over frames: the worst frame, and the temporal PSNR (mean and worst pair)
+VIDEO_SCORES = ("psnr_min_db", "temporal_psnr_db", "temporal_psnr_min_db")
 
 
 @dataclass
@@ -123,13 +145,15 @@ class Result:
 
 
 class Runner:
-    """Times one pipeline at one configuration; keeps the final latents and images of the last call."""
+    """Times one pipeline at one configuration; keeps the final latents and images (videos: frames) of the last
+    call."""
 
     def __init__(self, pipe, config: Config, steps: int, repeat: int, extra: dict | None = None,
                  change: Callable[[bool], None] | None = None):
         self.pipe, self.config, self.steps, self.repeat = pipe, config, steps, repeat
         self.extra, self.change = extra if extra is not None else {}, change  # a feature's call arguments, change
-        self.embeds = random_prompt_embeds(pipe, config.batch)
+        self.embeds = video_inputs(pipe, config) if config.video else dict(
+            random_prompt_embeds(pipe, config.batch), guidance_scale=7.5)
         if config.controlnets:  # conditioning images, one per ControlNet
             generator = torch.Generator("cpu").manual_seed(1)
             images = [torch.rand(config.batch, 3, config.size, config.size, generator=generator).to(
@@ -145,11 +169,12 @@ class Runner:
 
         sync()
         start = time.perf_counter()
-        out = self.pipe(num_inference_steps=self.steps, height=self.config.size, width=self.config.size,
-                        guidance_scale=7.5, output_type="np", generator=torch.Generator("cpu").manual_seed(0),
+        out = self.pipe(num_inference_steps=self.steps, height=self.config.height or self.config.size,
+                        width=self.config.size, output_type="np", generator=torch.Generator("cpu").manual_seed(0),
                         callback_on_step_end=keep_latents, **self.embeds, **self.extra)
         sync()
-        return time.perf_counter() - start, latents["final"].float().cpu(), out.images
+        return time.perf_counter() - start, latents["final"].float().cpu(), (
+            out.frames if self.config.video else out.images)
 
     def measure(self, peer: str, captures: Callable[[], int] = lambda: 0) -> tuple[Result, torch.Tensor, np.ndarray]:
         """Warm-up call, then ``repeat`` timed calls; ``captures`` counts CUDA graphs a peer captures by hand."""
@@ -174,7 +199,10 @@ class Runner:
         result.extra.update(graphs_after_warmup=after[0] - before[0], recordings_after_warmup=after[1] - before[1],
                             peak_allocated_gib=peak and peak["allocated"],
                             warmup_peak_gib=warmup_peak and warmup_peak["reserved"],
-                            ms_per_image=1e3 * result.seconds / self.config.batch)
+                            ms_per_image=1e3 * result.seconds / self.config.batch, steps=self.steps,
+                            compile_s=max(warmup - result.seconds, 0.0))  # what the first call takes beyond a call
+        if self.config.video:
+            result.extra.update(s_per_video=result.seconds / self.config.batch, frames=self.config.frames)
         if self.change is not None:  # what a change of setting costs: the first call after it, compiles included
             self.change(True)
             try:
@@ -185,6 +213,18 @@ class Runner:
             result.extra.update(change_s=seconds, change_compile_s=max(seconds - result.seconds, 0.0),
                                 graphs_on_change=changed[0] - after[0], recordings_on_change=changed[1] - after[1])
         return result, latents, images
+
+
+def video_inputs(pipe, config: Config) -> dict:
+    """A video call's arguments besides steps, size and seed: AnimateDiff's prompt embeddings and guidance 7.5;
+    SVD's conditioning image (a fixed stand-in), its default guidance (1 rising to 3 over the frames) and decode
+    chunk. Both with ``config.frames`` frames."""
+    from fastcache.video_models import conditioning_image, takes_image
+
+    if takes_image(pipe):
+        image = conditioning_image((config.size, config.height or config.size))
+        return dict(image=[image] * config.batch, num_frames=config.frames, decode_chunk_size=SVD_DECODE_CHUNK)
+    return dict(random_prompt_embeds(pipe, config.batch), guidance_scale=7.5, num_frames=config.frames)
 
 
 def sync():
@@ -277,9 +317,16 @@ def run_config(pipe, config: Config, peers: list[str], steps: int, repeat: int,
             logger.exception("%s failed at %s; going on with the next peer", peer, config.name)
             continue
         result.rel_l2_latents = float((latents - base_latents).norm() / base_latents.norm())
-        result.psnr_db = statistics.fmean(psnr(images, base_images))
-        if fidelity:
-            result.ssim = statistics.fmean(ssim(images, base_images))
+        if config.video:  # every frame, and the consecutive-frame differences (flicker) against the uncached video's
+            scores = video_fidelity(images, base_images)
+            result.psnr_db = scores["psnr_db"]
+            result.extra.update({name: scores[name] for name in VIDEO_SCORES})
+            if fidelity:
+                result.ssim = scores["ssim"]
+        else:
+            result.psnr_db = statistics.fmean(psnr(images, base_images))
+            if fidelity:
+                result.ssim = statistics.fmean(ssim(images, base_images))
         result.extra.update(speedup_vs_eager=base.seconds / result.seconds, compile_cache=CACHE_MODES[cache_mode])
         if config.controlnets and peer in FLOP_PEERS:
             result.extra["tflop_per_call"] = tflop_per_call(runner, pipe, peer)
@@ -415,34 +462,65 @@ def feature_applied(pipe, feature: str | None) -> Iterator[tuple[object, dict, C
             pipe.unload_ip_adapter()
 
 
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _by_config(results: list[Result]) -> dict[str, dict[str, Result]]:
+    by_config: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_config.setdefault(r.config, {})[r.peer] = r
+    return by_config
+
+
 def markdown(results: list[Result], env: dict, cache_mode: str = "per-peer") -> str:
     with_ssim = any(r.ssim is not None for r in results)
-    lines = [FIDELITY_NOTE,
-             f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers {env['diffusers']} "
-             f"| weights: {env['weights']} | inductor cache: {CACHE_MODES[cache_mode]}", "",
+    heading = [FIDELITY_NOTE,
+               f"{env['card']} | driver {env.get('driver', '—')} | torch {env['torch']} | diffusers "
+               f"{env['diffusers']} | weights: {env['weights']} | inductor cache: {CACHE_MODES[cache_mode]}", ""]
+    if any("frames" in r.extra for r in results):  # the video subsets: per video, with the temporal figure
+        return "\n".join(heading + video_table(results, with_ssim))
+    lines = [*heading,
              "| config | peer | s/call | ms/image | speed-up vs eager | vs DeepCache | vs compile | rel L2 | PSNR dB "
              + ("| SSIM " if with_ssim else "") + "| warm-up s | peak reserved GiB | TFLOP/call "
              "| change: first call s (graphs) |",
              "|---" * (13 + with_ssim) + "|"]
-    by_config: dict[str, dict[str, Result]] = {}
-    for r in results:
-        by_config.setdefault(r.config, {})[r.peer] = r
-    for config, peers in by_config.items():
+    for config, peers in _by_config(results).items():
         for peer, r in peers.items():
             ratio = {p: (peers[p].seconds / r.seconds if p in peers else None) for p in PEERS}
-
-            def fmt(value, spec):
-                return "—" if value is None else format(value, spec)
-
             change = "—" if "change_s" not in r.extra else (
                 f"{r.extra['change_s']:.2f} ({r.extra['graphs_on_change'] + r.extra['recordings_on_change']})")
-            lines.append(f"| {config} | {peer} | {r.seconds:.3f} | {fmt(r.extra.get('ms_per_image'), '.1f')} | "
-                         f"{fmt(ratio['eager'], '.2f')}x | "
-                         f"{fmt(ratio['deepcache'], '.2f')}x | {fmt(ratio['compile'], '.2f')}x | "
-                         f"{fmt(r.rel_l2_latents, '.2e')} | {fmt(r.psnr_db, '.1f')} | "
-                         + (f"{fmt(r.ssim, '.4f')} | " if with_ssim else "") + f"{r.warmup_s:.1f} | "
-                         f"{fmt(r.peak_mem_gib, '.2f')} | {fmt(r.extra.get('tflop_per_call'), '.3f')} | {change} |")
+            lines.append(f"| {config} | {peer} | {r.seconds:.3f} | {_fmt(r.extra.get('ms_per_image'), '.1f')} | "
+                         f"{_fmt(ratio['eager'], '.2f')}x | "
+                         f"{_fmt(ratio['deepcache'], '.2f')}x | {_fmt(ratio['compile'], '.2f')}x | "
+                         f"{_fmt(r.rel_l2_latents, '.2e')} | {_fmt(r.psnr_db, '.1f')} | "
+                         + (f"{_fmt(r.ssim, '.4f')} | " if with_ssim else "") + f"{r.warmup_s:.1f} | "
+                         f"{_fmt(r.peak_mem_gib, '.2f')} | {_fmt(r.extra.get('tflop_per_call'), '.3f')} | {change} |")
     return "\n".join(lines)
+
+
+def video_table(results: list[Result], with_ssim: bool) -> list[str]:
+    """Seconds per video and the compile seconds (the first call beyond a timed one) side by side, the ratios, and
+    the fidelity to the uncached video: PSNR over every frame (mean, worst frame) and the temporal PSNR of the
+    consecutive-frame differences (mean, worst pair), which drops when a cached video flickers."""
+    header = ["config", "steps", "peer", "s/video", "speed-up vs eager", "vs DeepCache", "vs compile", "compile s",
+              "rel L2", "PSNR dB (worst frame)", *(["SSIM"] if with_ssim else []), "temporal PSNR dB (worst pair)",
+              "peak reserved GiB", "graphs after warm-up"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for config, peers in _by_config(results).items():
+        for peer, r in peers.items():
+            ratio = {p: (peers[p].seconds / r.seconds if p in peers else None) for p in PEERS}
+            x = r.extra
+            psnr_cell = "—" if r.psnr_db is None else f"{r.psnr_db:.1f} ({_fmt(x.get('psnr_min_db'), '.1f')})"
+            temporal = "—" if "temporal_psnr_db" not in x else (
+                f"{x['temporal_psnr_db']:.1f} ({_fmt(x.get('temporal_psnr_min_db'), '.1f')})")
+            cells = [config, str(x.get("steps", "—")), peer, f"{x.get('s_per_video', r.seconds):.3f}",
+                     *(f"{_fmt(ratio[p], '.2f')}x" for p in ("eager", "deepcache", "compile")),
+                     f"{x.get('compile_s', 0.0):.1f}", _fmt(r.rel_l2_latents, ".2e"), psnr_cell,
+                     *([_fmt(r.ssim, ".4f")] if with_ssim else []), temporal, _fmt(r.peak_mem_gib, ".2f"),
+                     str(x.get("graphs_after_warmup", 0) + x.get("recordings_after_warmup", 0))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def chart(results: list[Result], path: Path, env: dict) -> None:
@@ -471,8 +549,8 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--subset", default="gpu-check", choices=sorted(SUBSETS))
     p.add_argument("--smoke", action="store_true", help="tiny configs, few steps, on CPU: what CI runs")
     p.add_argument("--peers", help=f"comma-separated subset of {PEERS}, or all (default: {DEFAULT_PEERS}; "
-                                   f"--smoke: {SMOKE_PEERS})")
-    p.add_argument("--steps", type=int, default=50)
+                                   f"--smoke: {SMOKE_PEERS}; the video subsets: {VIDEO_PEERS})")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 50; the video subsets 25; --smoke at most 6)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default="out/bench")
     p.add_argument("--cache-dir", help="keep the inductor caches under CACHE_DIR for a later run to reuse: CACHE_DIR/"
@@ -485,15 +563,18 @@ def main(argv=None) -> list[Result]:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    video = args.subset.startswith("video")
     peers = (list(PEERS) if args.peers == "all" else args.peers.split(",") if args.peers
-             else list(SMOKE_PEERS if args.smoke else DEFAULT_PEERS))
+             else list(VIDEO_PEERS if video else SMOKE_PEERS if args.smoke else DEFAULT_PEERS))
     if unknown := set(peers) - set(PEERS):
         p.error(f"unknown peers {sorted(unknown)}; valid: {PEERS}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1; got {args.steps}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
-        args.subset = next((f"{kind}-smoke" for kind in ("controlnet", "pipelines") if args.subset.startswith(kind)),
-                           "smoke")
-        args.steps, args.repeat = min(args.steps, 6), 1
+        args.subset = next((f"{kind}-smoke" for kind in ("controlnet", "pipelines", "video")
+                            if args.subset.startswith(kind)), "smoke")
+        args.steps, args.repeat = min(args.steps or 6, 6), 1
     elif device == "cpu":
         p.error("the full benchmark needs a CUDA device; use --smoke on CPU")
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -513,12 +594,13 @@ def main(argv=None) -> list[Result]:
                 pipes.clear()  # one model resident at a time
                 pipe = build_pipeline(config.preset, dtype=dtype, device=device)
                 pipes[model] = with_controlnet(pipe, config.controlnets) if config.controlnets else pipe
-            logger.info("== %s", config.name)
+            steps = args.steps or config.steps
+            logger.info("== %s, %d steps", config.name, steps)
             with feature_applied(pipes[model], config.feature) as (pipe, extra, change):
-                for r in run_config(pipe, config, peers, args.steps, args.repeat, cache_root, args.cache_mode,
+                for r in run_config(pipe, config, peers, steps, args.repeat, cache_root, args.cache_mode,
                                     args.fidelity, extra, change):
                     results.append(r)
-                    jsonl.write(json.dumps(dict(asdict(r), steps=args.steps, **env)) + "\n")
+                    jsonl.write(json.dumps(dict(asdict(r), steps=steps, **env)) + "\n")
                     jsonl.flush()
                     (out / "results.md").write_text(markdown(results, env, args.cache_mode) + "\n")
                     logger.info("   %-10s %.3f s/call (warm-up %.1f s) %s", r.peer, r.seconds, r.warmup_s, r.extra)

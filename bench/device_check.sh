@@ -23,6 +23,14 @@
 #            (not yet measured) at ~15 s a candidate plus a cold compile per branch: 9 in one device call. Its folder is
 #            $SCRATCH/tune, always resumed (with its inductor cache $SCRATCH/inductor/tune): a second call on a warm
 #            machine measures only what the first left; tune.md, tune.json, tune.jsonl, tune.png and tune.log in $OUT
+#   video    (opt-in) bench/compare.py --subset video-MODEL for each MODEL in $VIDEO (default animatediff,svd, in that
+#            order): AnimateDiff SD1.5 + the v1-5-3 motion adapter's config at 512, 16 frames; SVD-XT at 1024x576,
+#            14 frames; both fp16, 25 steps, I3B0, peers $VIDEO_PEERS (default eager,deepcache,compile,fastcache) in
+#            one shared inductor cache, $VIDEO_REPEAT (default 2) timed calls each: seconds per video, compile seconds,
+#            ratios, rel L2, PSNR over every frame and the temporal PSNR, peak memory; results.md/.jsonl/.png and
+#            video.log in $OUT/video-MODEL. NOT RUN YET on any GPU; sized (not measured) at ~4-5 min for AnimateDiff
+#            and ~7 min for SVD-XT (a cold compile of each UNet twice), so both may not fit one device call: a model
+#            cut short keeps its finished peers, and VIDEO=svd bash bench/device_check.sh video measures SVD alone
 # Usage: bash bench/device_check.sh                        (tests, then bench: one device call)
 #        BUDGET_S=300 bash bench/device_check.sh profile   (right after, while the machine is still warm)
 #        PEERS=all bash bench/device_check.sh bench
@@ -31,6 +39,7 @@
 #        SUBSET=pipelines PEERS=eager,deepcache,compile,fastcache bash bench/device_check.sh bench   (LoRA, FreeU, ...)
 #        bash bench/device_check.sh serve                   (needs the serving wheels, below)
 #        bash bench/device_check.sh tune                    (alone: it takes most of a device call)
+#        bash bench/device_check.sh video                   (alone; then VIDEO=svd if SVD was cut short)
 # BUDGET_S (default 570) bounds the whole script: each stage gets at most what is left, so a device command
 # (10 minutes at most) ends with its results written; a stage cut short keeps the peers it finished. It writes
 # 8 files at most, what a device call brings back.
@@ -41,7 +50,9 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 DeepCache==0.1.1 \
 #       torchmetrics==1.9.0 lightning-utilities==0.15.3 peft==0.21.2 accelerate==1.16.0
 # fastcache imports peft (LoRA support), and peft imports transformers, accelerate, psutil and yaml: if the image
-# lacks transformers, add transformers==5.24.0 and tokenizers (binary wheels) the same way. None of this has been
+# lacks transformers, add transformers==5.24.0 and tokenizers (binary wheels) the same way: the video stage needs
+# them (AnimateDiffPipeline and StableVideoDiffusionPipeline are diffusers' dummies without transformers, and SVD's
+# image encoder is transformers' CLIPVisionModelWithProjection); it needs no av (compare.py writes no video). None of this has been
 # tried on the device image yet; the import check below fails in seconds, naming what is missing.
 # and for the serve stage, with their dependencies:
 #   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -61,10 +72,19 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 for stage in "${stages[@]}"; do  # a typo fails now, not after minutes of device time
     case "$stage" in
-        tests | bench | serve | profile | tune) ;;
-        *) echo "unknown stage $stage (tests, bench, serve, profile, tune)" >&2; exit 2 ;;
+        tests | bench | serve | profile | tune | video) ;;
+        *) echo "unknown stage $stage (tests, bench, serve, profile, tune, video)" >&2; exit 2 ;;
     esac
 done
+IFS=, read -ra videos <<< "${VIDEO:-animatediff,svd}"
+if [[ " ${stages[*]} " == *" video "* ]]; then
+    for model in "${videos[@]}"; do
+        case "$model" in
+            animatediff | svd) ;;
+            *) echo "unknown VIDEO model $model (animatediff, svd)" >&2; exit 2 ;;
+        esac
+    done
+fi
 
 mkdir -p "$OUT" "$SITE"
 wheels=("$WHEELS"/*.whl)
@@ -82,6 +102,11 @@ import fastcache.variants, fastcache.fused_step, fastcache.tuning.sweep
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" || exit 1
 if [[ " ${stages[*]} " == *" serve "* ]]; then
     python3 -c "import fastapi, uvicorn, prometheus_client, httpx" || exit 1
+fi
+if [[ " ${stages[*]} " == *" video "* ]]; then
+    python3 -c "import transformers
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+import fastcache.video_models" || exit 1
 fi
 
 # run CAP COMMAND...: the command under a timeout of CAP seconds or what is left of the budget, whichever is less
@@ -134,6 +159,13 @@ for stage in "${stages[@]}"; do
               for file in tune.md tune.json tune.jsonl tune.png; do  # not reference.npz: 25 MB of float images
                   [ -f "$SCRATCH/tune/$file" ] && cp "$SCRATCH/tune/$file" "$OUT/"
               done ;;
+        video) for model in "${videos[@]}"; do  # each model's results are written as its peers finish
+                   mkdir -p "$OUT/video-$model"
+                   run 540 python3 bench/compare.py --subset "video-$model" \
+                       --peers "${VIDEO_PEERS:-eager,deepcache,compile,fastcache}" --repeat "${VIDEO_REPEAT:-2}" \
+                       --cache-mode shared --cache-dir "$CACHE" --out "$OUT/video-$model" 2>&1 \
+                       | tee "$OUT/video-$model/video.log"
+               done ;;
     esac
 done
 echo "device_check: $((SECONDS - start)) s"

@@ -178,7 +178,7 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     ports), then, once the serving wing is imported, the dataclasses' (``EngineConfig``, ``LoraOptions``,
     ``ServiceOptions``), said with the flags' names."""
     pick = apply_tuned(parser, args)
-    tuned_size = pick.size if pick else None
+    tuned_size = pick.size if pick and pick.frames is None else None  # a video pick's size is a video bucket's
     geometry = check_model_options(parser, args)
     cache = cache_config(parser, args)
     check_steps(parser, args, args.steps)
@@ -220,6 +220,12 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     video = dict(sizes=tuple(parse_size(parser, text, geometry) for text in args.video_sizes.split(",")) if (
         args.video_sizes) else (), frames=parse_int_list(parser, args.video_frames, "--video-frames") if (
         args.video_frames) else ())
+    if pick and pick.frames is not None:
+        if pick.size not in video["sizes"]:
+            parser.error(f"--tuned {args.tuned} was tuned at {pick.size[0]}x{pick.size[1]}, which --video-sizes "
+                         f"leaves out")
+        if pick.frames not in video["frames"]:
+            parser.error(f"--tuned {args.tuned} was tuned at {pick.frames} frames, which --video-frames leaves out")
     if serving:
         video.update(fps=args.video_fps, data_dir=args.data_dir, ttl=args.video_ttl, max_jobs=args.max_video_jobs,
                      crf=args.video_crf)
@@ -239,8 +245,9 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Fill --interval, --branch and --schedule: from the pick of the --tuned file (one made for this model and
-    steps; its size becomes --sizes if none is given), else their defaults. Returns the ``TunedPick`` (its size, and
-    the labels measured per interval, which /v1/models shows beside the cache levels), or ``None``."""
+    steps; its size becomes --sizes if none is given, and for a video model its size and frames become --video-sizes
+    and --video-frames), else their defaults. Returns the ``TunedPick`` (its size, and the labels measured per
+    interval, which /v1/models shows beside the cache levels), or ``None``."""
     given = [f"--{name}" for name in CACHE_DEFAULTS if getattr(args, name) is not None]
     if not args.tuned:
         for name, value in CACHE_DEFAULTS.items():
@@ -256,9 +263,14 @@ def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
     except ValueError as error:
         parser.error(f"--tuned {error}")
     args.interval, args.branch, args.schedule = pick.interval, pick.branch, pick.schedule
-    args.sizes = args.sizes or "{}x{}".format(*pick.size)
+    if pick.frames is None:
+        args.sizes = args.sizes or "{}x{}".format(*pick.size)
+    else:  # a video model: the size and frame count tuned are a video bucket
+        args.video_sizes = args.video_sizes or "{}x{}".format(*pick.size)
+        args.video_frames = args.video_frames or str(pick.frames)
     logger.info("%s", pick.note)
-    levels = "; ".join(f"I{level}: {labels['speedup']:.2f}x, PSNR {labels['psnr_db']:.2f} dB"
+    levels = "; ".join(f"I{level}: {labels['speedup']:.2f}x, PSNR {labels['psnr_db']:.2f} dB" + (
+        f", temporal PSNR {labels['temporal_psnr_db']:.2f} dB" if "temporal_psnr_db" in labels else "")
                        for level, labels in pick.levels.items())
     logger.info("--tuned %s: interval %d, branch %d, schedule %s; measured levels: %s", args.tuned, pick.interval,
                 pick.branch, pick.schedule, levels)

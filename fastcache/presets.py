@@ -178,6 +178,42 @@ def model_geometry(model: str | None = None, preset: str = "tiny-sd") -> Geometr
                     branches=sum(n + 1 for n in layers))
 
 
+def pipeline_class(model: str | None, preset: str) -> str | None:
+    """The name of the diffusers pipeline class a preset or a local folder's ``model_index.json`` names, before
+    anything is loaded; ``None`` for a hub id (or a folder that does not say)."""
+    if model is None:
+        return preset_spec(preset)["pipeline"]
+    index = os.path.join(os.path.expanduser(model), "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        return json.load(f).get("_class_name")
+
+
+def video_frames(model: str | None, preset: str) -> tuple[int, int | None] | None:
+    """A video model's frame count by default and the most it takes (AnimateDiff: its motion adapter's
+    ``motion_max_seq_length``; ``None``: no limit), from its configs; ``None`` for an image model or a hub id.
+
+    A preset's default is its own; a folder's is SVD's UNet's ``num_frames``, or AnimateDiff's call's 16 (at most the
+    adapter's limit)."""
+    if model is None:
+        spec = preset_spec(preset)
+        if preset not in VIDEO_PRESETS:
+            return None
+        return spec["frames"], spec.get("motion", {}).get("motion_max_seq_length")
+    path = os.path.join(os.path.expanduser(model), "unet", "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        unet = json.load(f)
+    if unet.get("_class_name") == "UNetSpatioTemporalConditionModel":
+        return unet.get("num_frames", 25), None
+    if unet.get("_class_name") == "UNetMotionModel":
+        most = unet.get("motion_max_seq_length", 32)
+        return min(16, most), most
+    return None
+
+
 def size_problem(width: int, height: int, multiple: int, max_size: int | None = None) -> str | None:
     """Why ``width`` x ``height`` pixels cannot be generated (each side a multiple of the model's pixel multiple, the
     VAE's scale times the UNet's downsampling, and at most ``max_size``), or ``None``. The one place this is said."""

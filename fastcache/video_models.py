@@ -103,6 +103,11 @@ def is_video(pipe) -> bool:
     return isinstance(getattr(pipe, "unet", None), (UNetMotionModel, UNetSpatioTemporalConditionModel))
 
 
+def takes_image(pipe) -> bool:
+    """Whether ``pipe`` makes a video from an image (Stable Video Diffusion) rather than from a prompt."""
+    return isinstance(getattr(pipe, "unet", None), UNetSpatioTemporalConditionModel)
+
+
 def conditioning_image(size: tuple[int, int], seed: int = 0):
     """A fixed image (smooth random colours) for image-to-video pipelines run without one: ``(width, height)``."""
     import numpy as np

@@ -365,6 +365,23 @@ def tiny_tune(tmp_path_factory) -> tuple[Path, list[str]]:
     return root / "out", args
 
 
+# fastcache tune on tiny-animatediff: 16 px, its 4 frames, 4 steps, 1 prompt (a video is slow on CPU), I1 and I2 at
+# branches 0 and 1
+TINY_VIDEO_TUNE = ["tune", "--preset", "tiny-animatediff", "--steps", "4", "--num-prompts", "1", "--intervals", "1,2",
+                   "--branches", "0,1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_video_tune(tmp_path_factory) -> tuple[Path, list[str]]:
+    """One eager tune run on a video preset, with CLIP on every frame: its folder and the arguments that made it."""
+    from fastcache import cli
+
+    root = tmp_path_factory.mktemp("tiny-video-tune")
+    args = [*TINY_VIDEO_TUNE, "--no-compile", "--clip-model", str(save_tiny_clip(root / "clip"))]
+    assert cli.main([*args, "--out", str(root / "out")]) == 0
+    return root / "out", args
+
+
 # -- serving: a real server process on 127.0.0.1, every wait bounded --------------------------------------------------
 
 HOST = "127.0.0.1"

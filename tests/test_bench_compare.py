@@ -143,3 +143,62 @@ def test_pipelines_smoke_measures_each_feature_and_what_a_change_costs(compare, 
     assert {f: by[f, "fastcache"].extra["graphs_on_change"] for f in compare.FEATURES} == {
         "lora": 0, "pag": 0, "freeu": 2, "ip-adapter": 2}
     assert "change: first call s (graphs)" in (tmp_path / "results.md").read_text()
+
+
+# -- video: seconds per video, compile seconds, and the fidelity over every frame and its consecutive differences -----
+
+def test_the_video_subset_is_animatediff_at_512_then_svd_xt_at_1024x576_25_steps_and_needs_a_gpu(compare, tmp_path):
+    assert [(c.name, c.steps) for c in compare.SUBSETS["video"]] == [("animatediff 512 16 frames b1 I3B0", 25),
+                                                                      ("svd-xt 1024x576 14 frames b1 I3B0", 25)]
+    assert compare.SUBSETS["video-svd"] == compare.SUBSETS["video"][1:]  # one model per device call
+    with pytest.raises(SystemExit):
+        compare.main(["--subset", "video", "--out", str(tmp_path)])
+
+
+def test_video_smoke_times_each_video_and_scores_every_frame_and_the_flicker(compare, tmp_path):
+    """Both tiny video presets (AnimateDiff from prompt embeddings, SVD from an image), eager and the DeepCache helper
+    side by side: the helper's video against the uncached one on every frame and on consecutive-frame differences."""
+    results = compare.main(["--smoke", "--subset", "video", "--peers", "eager,deepcache", "--steps", "3",
+                            "--fidelity", "--out", str(tmp_path)])
+    by = {(r.config, r.peer): r for r in results}
+    configs = ["tiny-animatediff 16 4 frames b1 I3B1", "tiny-svd 16 4 frames b1 I3B1"]
+    assert list(by) == [(config, peer) for config in configs for peer in ("eager", "deepcache")]
+    for config in configs:
+        eager, cached = by[config, "eager"], by[config, "deepcache"]
+        assert eager.psnr_db is None and "temporal_psnr_db" not in eager.extra  # the reference itself
+        assert 0 < cached.rel_l2_latents < 1  # two of three steps reuse the deep feature
+        assert cached.extra["psnr_min_db"] <= cached.psnr_db < float("inf") and 0 < cached.ssim < 1
+        assert cached.extra["temporal_psnr_min_db"] <= cached.extra["temporal_psnr_db"] < float("inf")
+        assert cached.extra["s_per_video"] == cached.seconds and cached.extra["frames"] == 4
+        assert cached.extra["compile_s"] >= 0 and cached.extra["steps"] == 3
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0] == compare.FIDELITY_NOTE
+    assert table[3] == ("| config | steps | peer | s/video | speed-up vs eager | vs DeepCache | vs compile | "
+                        "compile s | rel L2 | PSNR dB (worst frame) | SSIM | temporal PSNR dB (worst pair) | "
+                        "peak reserved GiB | graphs after warm-up |")
+    svd = by[configs[1], "deepcache"]
+    assert table[-1].startswith(f"| {configs[1]} | 3 | deepcache | {svd.seconds:.3f} | ")
+    assert (f"| {svd.psnr_db:.1f} ({svd.extra['psnr_min_db']:.1f}) | {svd.ssim:.4f} | "
+            f"{svd.extra['temporal_psnr_db']:.1f} ({svd.extra['temporal_psnr_min_db']:.1f}) |") in table[-1]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["steps"] for row in rows] == [3] * 4 and rows[-1]["extra"]["temporal_psnr_db"] == svd.extra[
+        "temporal_psnr_db"]
+
+
+@pytest.mark.slow  # every peer through dynamo on both tiny video presets (minutes here)
+def test_video_smoke_runs_every_video_peer_and_fastcache_equals_the_helper(compare, tmp_path, monkeypatch):
+    """The four video peers on CPU, dynamo without inductor (backend "eager"): torch.compile alone leaves the video
+    as it was, fastcache makes the helper's video, and nothing compiles after the warm-up."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile(fn, backend="eager", fullgraph=True,
+                                                                         dynamic=False))
+    results = compare.main(["--smoke", "--subset", "video", "--out", str(tmp_path)])
+    assert {r.peer for r in results} == set(compare.VIDEO_PEERS) and len(results) == 8
+    for r in results:
+        assert r.extra["graphs_after_warmup"] == 0, (r.config, r.peer)
+        if r.peer == "compile":
+            assert r.rel_l2_latents < 1e-4 and r.extra["compile_s"] > 0
+        if r.peer == "fastcache":
+            assert r.extra["rel_l2_vs_deepcache"] < 1e-4
+            assert r.extra["counters"]["fallbacks"] == 0 and r.extra["counters"]["shallow"] > 0
+    assert "| fastcache |" in (tmp_path / "results.md").read_text()

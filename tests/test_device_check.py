@@ -46,7 +46,8 @@ class Run:
             (bin_dir / name).write_text(text)
             (bin_dir / name).chmod(0o755)
         log = tmp_path / "calls.log"
-        environment = {k: v for k, v in os.environ.items() if k not in ("BUDGET_S", "PEERS", "SUBSET", "VARIANT")}
+        ours = ("BUDGET_S", "PEERS", "SUBSET", "VARIANT", "VIDEO", "VIDEO_PEERS", "VIDEO_REPEAT")
+        environment = {k: v for k, v in os.environ.items() if k not in ours}
         environment.update(PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(self.out), SCRATCH=str(self.scratch),
                            WHEELS=str(tmp_path / "no-wheels"), FAKE_LOG=str(log))
         environment.update(env)
@@ -163,3 +164,31 @@ def test_tune_measures_nine_candidates_on_sd21_512_resumably_and_brings_back_its
     for name in ("tune.md", "tune.json", "tune.jsonl", "tune.png", "tune.log"):
         assert (run.out / name).exists(), name
     assert not (run.out / "reference.npz").exists()  # the reference images stay on the machine
+
+
+def test_video_runs_animatediff_then_svd_each_in_its_folder_with_the_video_peers(tmp_path):
+    run = Run(tmp_path, "video")
+    assert run.returncode == 0, run.stderr
+    imports = next(" ".join(call) for call in run.calls if call[1] == "-c" and "transformers" in " ".join(call))
+    assert "CLIPVisionModelWithProjection" in imports and "fastcache.video_models" in imports  # checked first
+    benches = [call for call in run.calls if "bench/compare.py" in call]
+    assert [option(call, "--subset") for call in benches] == ["video-animatediff", "video-svd"]
+    for call, model in zip(benches, ("animatediff", "svd"), strict=True):
+        assert option(call, "--peers") == "eager,deepcache,compile,fastcache"
+        assert option(call, "--repeat") == "2" and option(call, "--cache-mode") == "shared"
+        assert option(call, "--out") == str(run.out / f"video-{model}")
+        assert (run.out / f"video-{model}" / "results.jsonl").exists()
+        assert "fake bench: 1 peer" in (run.out / f"video-{model}" / "video.log").read_text()
+    assert not (run.out / "results.jsonl").exists() and not (run.out / "gpu_tests.log").exists()  # opt-in, alone
+
+
+def test_video_measures_the_models_asked_for_and_refuses_an_unknown_one_before_anything_runs(tmp_path):
+    for name in ("one", "bad"):
+        (tmp_path / name).mkdir()
+    run = Run(tmp_path / "one", "video", VIDEO="svd", VIDEO_PEERS="eager,fastcache", VIDEO_REPEAT="3")
+    assert run.returncode == 0, run.stderr
+    (call,) = [call for call in run.calls if "bench/compare.py" in call]
+    assert [option(call, name) for name in ("--subset", "--peers", "--repeat")] == ["video-svd", "eager,fastcache", "3"]
+    bad = Run(tmp_path / "bad", "video", VIDEO="animatediff,sdv")
+    assert bad.returncode == 2 and "unknown VIDEO model sdv (animatediff, svd)" in bad.stderr
+    assert bad.calls == []

@@ -3,6 +3,7 @@ closest candidate), and ``fastcache warmup/serve --tuned`` applying a tune file'
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import cli_error
@@ -129,3 +130,89 @@ def test_serve_refuses_an_unreadable_tune_file_or_one_without_a_pick(tiny_tune, 
     assert "--tuned /no/such/tune.json: cannot read it" in err
     folder, _ = tiny_tune  # tuned without a budget: the front, no pick
     assert "has no pick" in cli_error(["serve", "--tuned", str(folder / "tune.json"), "--steps", "4"], capsys)
+
+
+# -- video ------------------------------------------------------------------------------------------------------------
+
+VIDEO_BAD = [
+    (["--preset", "tiny-animatediff", "--frames", "40"],
+     "--frames must be from 2 to 32 (its motion adapter's motion_max_seq_length) for this model; got 40"),
+    (["--preset", "tiny-svd", "--frames", "1"], "--frames must be at least 2 for this model; got 1"),
+    (["--frames", "4"], "--frames is for a video model (AnimateDiffPipeline, StableVideoDiffusionPipeline); tiny-sd "
+                        "is StableDiffusionPipeline"),
+    (["--min-temporal-psnr", "30"], "--min-temporal-psnr is for a video model"),
+    (["--preset", "tiny-animatediff", "--min-temporal-psnr", "inf"], "--min-temporal-psnr must be a finite number"),
+    (["--preset", "tiny-animatediff", "--images", "{images}"], "--images is for an image-to-video model (SVD); "
+                                                               "tiny-animatediff makes videos from prompts"),
+    (["--preset", "tiny-svd", "--images", "/no/such/folder"], "--images /no/such/folder: no such folder"),
+    (["--preset", "tiny-svd", "--images", "{empty}"], "no image in it (.png, .jpg, .jpeg, .webp files)"),
+    (["--preset", "tiny-svd", "--images", "{images}", "--prompts", "{prompts}"], "--images replaces --prompts"),
+    (["--preset", "tiny-svd", "--images", "{images}", "--num-prompts", "3"],
+     "--num-prompts must be between 1 and 2 (the images there are); got 3"),
+    (["--preset", "tiny-svd", "--clip-model", "/no/such/clip"], "makes videos from images, with no prompt to score"),
+    (["--preset", "tiny-svd", "--size", "18"], "multiples of 4 pixels"),
+]
+
+
+@pytest.mark.parametrize("argv, message", VIDEO_BAD, ids=[" ".join(argv) for argv, _ in VIDEO_BAD])
+def test_a_bad_video_argument_is_one_line_and_exit_code_2_before_any_model(argv, message, tmp_path, capsys, no_model):
+    from PIL import Image
+
+    folders = {name: tmp_path / name for name in ("images", "empty")}
+    for folder in folders.values():
+        folder.mkdir()
+    for name in ("b.png", "a.jpg"):
+        Image.new("RGB", (8, 8)).save(folders["images"] / name)
+    (folders["empty"] / "notes.txt").write_text("not an image")
+    (tmp_path / "prompts.txt").write_text("a boat\n")
+    paths = {"{images}": folders["images"], "{empty}": folders["empty"], "{prompts}": tmp_path / "prompts.txt"}
+    argv = [str(paths.get(part, part)) for part in argv]
+    assert message in cli_error(["tune", *argv, "--out", str(tmp_path / "out")], capsys)
+
+
+def test_resume_refuses_a_video_run_made_with_another_frame_count(tiny_video_tune, tmp_path, capsys, no_model):
+    folder, args = tiny_video_tune
+    shutil.copytree(folder, tmp_path / "out")
+    err = cli_error([*args, "--frames", "3", "--out", str(tmp_path / "out"), "--resume"], capsys)
+    assert "was measured with frames 4 (now 3): pass the same options" in err
+
+
+@pytest.fixture
+def video_picked(tiny_video_tune, tmp_path, no_model) -> Path:
+    """The tiny video tune, re-picked with a temporal budget (no model is built)."""
+    folder, args = tiny_video_tune
+    shutil.copytree(folder, tmp_path / "out")
+    assert cli.main([*args, "--out", str(tmp_path / "out"), "--resume", "--min-temporal-psnr", "30"]) == 0
+    return tmp_path / "out" / "tune.json"
+
+
+def test_warmup_tuned_on_a_video_model_serves_the_pick_at_the_tuned_size_and_frames(video_picked, monkeypatch,
+                                                                                    caplog):
+    served = []
+
+    class Service:
+        def __init__(self, options):
+            served.append(options)
+
+        def warm_up(self, progress):
+            return {}
+
+    monkeypatch.setattr("fastcache.serving.service.Service", Service)
+    assert cli.main(["warmup", "--preset", "tiny-animatediff", "--tuned", str(video_picked), "--steps", "4",
+                     "--no-compile"]) == 0
+    pick = json.loads(video_picked.read_text())["pick"]
+    (options,) = served
+    assert (options.cache.interval, options.cache.branch) == (pick["interval"], pick["branch"])
+    assert (options.video.sizes, options.video.frames) == (((16, 16),), (4,))
+    assert options.level_labels[pick["interval"]]["temporal_psnr_db"] == pick["temporal_psnr_db"]
+    assert f"temporal PSNR {pick['temporal_psnr_db']:.2f} dB" in caplog.text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--video-frames", "8"], "was tuned at 4 frames, which --video-frames leaves out"),
+    (["--video-sizes", "32"], "was tuned at 16x16, which --video-sizes leaves out"),
+    (["--preset", "tiny-svd"], "was tuned for tiny-animatediff, not tiny-svd"),
+])
+def test_serve_refuses_a_video_tune_file_for_other_buckets_or_another_model(video_picked, argv, message, capsys):
+    argv = ["--preset", "tiny-animatediff", *argv] if "--preset" not in argv else argv
+    assert message in cli_error(["serve", "--tuned", str(video_picked), "--steps", "4", *argv], capsys)

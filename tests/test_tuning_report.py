@@ -1,5 +1,6 @@
 """The Pareto front and the pick on a hand-made table, the budget, the report, and the tune file's pick and levels."""
 
+import dataclasses
 import json
 import math
 
@@ -132,3 +133,75 @@ def test_a_tune_file_without_a_pick_or_not_a_tune_file_is_refused(tmp_path):
                                                                                   "cannot read it")):
         with pytest.raises(ValueError, match=message):
             tune_report.levels(bad)
+
+
+# -- video: the temporal PSNR weighs in the front, the budget and the outputs ------------------------------------------
+
+def video_row(name: str, speedup: float, psnr_db: float, temporal: float) -> Measurement:
+    return dataclasses.replace(row(name, speedup, psnr_db, 0.95), ssim_min=0.9, temporal_psnr_db=temporal,
+                               temporal_psnr_min_db=temporal - 2)
+
+
+VIDEO_TABLE = [video_row("I3B0", 3.0, 30, 18),  # the fastest, its frames close, but it flickers
+               video_row("I2B0", 2.0, 29, 31),  # slower and a little further off than I3B0, but steady
+               video_row("I2B1", 1.5, 33, 35),
+               video_row("I3B1", 1.8, 28, 30)]  # dominated by I2B0 on all three
+VIDEO_IDENTITY = dict(IDENTITY, model="tiny-animatediff", size=[16, 16], frames=4)
+
+
+def video_report(budget: Budget) -> Report:
+    return Report(tune_report.random_weights_note("tiny-animatediff"), "tiny-animatediff (RANDOM)", VIDEO_IDENTITY,
+                  {"card": "x86_64"}, REFERENCE, VIDEO_TABLE, budget)
+
+
+def test_a_video_front_keeps_a_slower_candidate_that_flickers_less():
+    assert names(tune_report.pareto_front(VIDEO_TABLE)) == ["I3B0", "I2B0", "I2B1"]
+    # on speed and PSNR alone I3B0 dominates I2B0
+    assert tune_report.dominates(dataclasses.replace(VIDEO_TABLE[0], temporal_psnr_db=None), VIDEO_TABLE[1])
+
+
+@pytest.mark.parametrize("budget, expected", [
+    (Budget(min_psnr=28), "I3B0"),
+    (Budget(min_psnr=28, min_temporal_psnr=25), "I2B0"),  # the flicker limit rules out the fastest
+    (Budget(min_temporal_psnr=33), "I2B1"),
+])
+def test_the_pick_respects_the_temporal_budget(budget, expected):
+    assert tune_report.pick(VIDEO_TABLE, budget).name == expected
+
+
+def test_no_candidate_steady_enough_names_the_closest():
+    budget = Budget(min_temporal_psnr=40)
+    assert tune_report.pick(VIDEO_TABLE, budget) is None
+    assert tune_report.closest(VIDEO_TABLE, budget).name == "I2B1"  # 5 dB short of 40; the others further
+    assert video_report(budget).verdict().startswith("no candidate meets --min-temporal-psnr 40 dB; the closest is "
+                                                     "I2B1 (1.50x, PSNR 33.00 dB, SSIM 0.950, temporal PSNR 35.00 dB")
+
+
+def test_a_video_table_has_per_video_columns_the_worst_frame_and_the_temporal_psnr(tmp_path):
+    made = video_report(Budget(min_temporal_psnr=25))
+    table = made.markdown().splitlines()
+    assert table[0].startswith("RANDOM WEIGHTS (tiny-animatediff)")
+    assert "| 16x16, 4 frames, 4 steps," in table[1]
+    assert table[3] == ("| candidate | speed-up | s/video | first call s | UNet TFLOP/video (ratio) | PSNR dB (worst "
+                        "frame) | SSIM (worst frame) | temporal PSNR dB (worst pair) | drift: min cos (step) | "
+                        "full/shallow per video |  |")
+    assert "| uncached (reference) | 1.00x | 1.000 | 2.00 | 1 | inf | 1.000 | inf | — | 4/0 |  |" in table
+    i2b0 = next(line for line in table if line.startswith("| I2B0 "))
+    assert "| 29.00 (28.00) | 0.950 (0.900) | 31.00 (29.00) |" in i2b0 and i2b0.endswith("| **pick** front |")
+    assert table[-1] == ("- pick: I2B0 (2.00x, PSNR 29.00 dB, SSIM 0.950, temporal PSNR 31.00 dB), the fastest with "
+                         "--min-temporal-psnr 25 dB")
+    assert made.chart(tmp_path / "tune.png") is None  # PSNR, temporal PSNR and drift panels
+    assert (tmp_path / "tune.png").stat().st_size > 10_000
+
+
+def test_serving_reads_a_video_pick_with_its_frames_and_temporal_labels(tmp_path):
+    path = video_report(Budget(min_temporal_psnr=25)).write(tmp_path)
+    chosen = tune_report.tuned_pick(path, model=None, preset="tiny-animatediff", size=None, steps=4)
+    assert (chosen.interval, chosen.branch, chosen.size, chosen.frames) == (2, 0, (16, 16), 4)
+    assert chosen.levels[2]["temporal_psnr_db"] == 31
+    assert report(Budget(min_psnr=28)).to_dict()["identity"].get("frames") is None  # images: no frame count
+
+
+def test_a_temporal_budget_checks_itself():
+    with pytest.raises(ValueError, match="--min-temporal-psnr must be a finite number"):
+        Budget(min_temporal_psnr=math.inf)

@@ -114,3 +114,49 @@ def test_the_compiled_runtime_measures_what_the_eager_one_does(tiny_tune, tmp_pa
     assert compiled.unet_tflop == eager.unet_tflop  # counted eagerly, whatever the candidate ran with
     assert compiled.first_call_s > compiled.seconds  # the first call compiled; it is not in the median
     assert json.loads((out / "tune.json").read_text())["identity"]["compile"] == "reduce-overhead"
+
+
+# -- video: one video per (prompt or image, seed), every frame scored ------------------------------------------------
+
+def test_a_video_run_scores_every_frame_and_the_consecutive_frame_differences(tiny_video_tune):
+    folder, _ = tiny_video_tune
+    measured = rows(folder)
+    assert list(measured) == ["I1B0", "I2B0", "I2B1"]
+    exact = measured["I1B0"]  # the plain pipeline, bit for bit: every frame and every difference equal
+    assert exact.psnr_db == exact.psnr_min_db == exact.temporal_psnr_db == exact.temporal_psnr_min_db == math.inf
+    assert exact.ssim == exact.ssim_min == 1.0
+    for name in ("I2B0", "I2B1"):
+        cached = measured[name]
+        assert (cached.full_per_image, cached.shallow_per_image, cached.fallbacks) == (2, 2, 0)  # per video
+        assert 10 < cached.psnr_min_db <= cached.psnr_db < math.inf and 0 < cached.ssim_min <= cached.ssim < 1
+        assert 10 < cached.temporal_psnr_min_db <= cached.temporal_psnr_db < math.inf
+        assert cached.clip_score is not None  # every frame against its video's prompt
+    assert np.load(folder / "reference.npz")["images"].shape == (1, 4, 16, 16, 3)  # one video of 4 frames
+    table = (folder / "tune.md").read_text().splitlines()
+    assert "| 16x16, 4 frames, 4 steps," in table[1] and "| 1 prompts x 1 seeds |" in table[1]
+    assert "| s/video |" in table[3] and "| temporal PSNR dB (worst pair) |" in table[3]
+    assert "--min-temporal-psnr" in table[-1]  # named among the budgets a video run can be given
+
+
+@pytest.mark.slow  # an image-to-video run of its own (the text-to-video run above represents video in CI)
+def test_an_image_to_video_run_makes_one_video_per_conditioning_image(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, colour in (("b.png", (30, 30, 200)), ("a.png", (200, 30, 30))):
+        Image.new("RGB", (16, 16), colour).save(images / name)
+    out = tmp_path / "out"
+    assert cli.main(["tune", "--preset", "tiny-svd", "--size", "16", "--steps", "3", "--images", str(images),
+                     "--intervals", "2", "--branches", "0", "--no-compile", "--min-temporal-psnr", "10",
+                     "--out", str(out)]) == 0
+    data = json.loads((out / "tune.json").read_text())
+    identity = data["identity"]
+    assert [label.split(":")[0] for label in identity["images"]] == ["a.png", "b.png"]  # in name order
+    assert (identity["frames"], identity["guidance"]) == (4, 3.0)  # SVD's frames and max_guidance_scale
+    videos = np.load(out / "reference.npz")["images"]
+    assert videos.shape == (2, 4, 16, 16, 3) and not np.allclose(videos[0], videos[1])  # each from its own image
+    (cached,) = rows(out).values()
+    assert (cached.full_per_image, cached.shallow_per_image, cached.fallbacks) == (2, 1, 0)
+    assert 10 < cached.temporal_psnr_min_db <= cached.temporal_psnr_db < math.inf
+    assert data["pick"]["interval"] == 2 and "| 2 images x 1 seeds |" in (out / "tune.md").read_text()

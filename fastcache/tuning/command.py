@@ -26,7 +26,7 @@ from ..cli_options import (
     require_extra,
 )
 from ..errors_text import one_line
-from ..presets import default_dtype
+from ..presets import VIDEO_PRESETS, default_dtype, pipeline_class, video_frames
 from ..schedule import SCHEDULE_KINDS, make_schedule
 from .fidelity import clip_model_problem
 from .report import Budget, Candidate
@@ -35,6 +35,12 @@ from .sweep import BUILTIN_PROMPTS, SCHEDULERS, SweepSpec, logged_grid, resume_p
 logger = logging.getLogger("fastcache")
 
 GRID_DEFAULTS = dict(intervals="2,3,4,5", branches="0,1,2", schedules="uniform")
+# the video pipelines tune runs: from a prompt (AnimateDiff), or from an image (Stable Video Diffusion)
+TEXT_TO_VIDEO, IMAGE_TO_VIDEO = ("AnimateDiffPipeline",), ("StableVideoDiffusionPipeline",)
+VIDEO_PIPELINES = TEXT_TO_VIDEO + IMAGE_TO_VIDEO
+# the guidance of a call that gives none: the images' and AnimateDiff's scale, and SVD's max_guidance_scale
+GUIDANCE_DEFAULT, IMAGE_TO_VIDEO_GUIDANCE = 7.5, 3.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def add_tune_command(commands) -> None:
@@ -42,20 +48,33 @@ def add_tune_command(commands) -> None:
         "tune", help="measure interval/branch candidates on your model and pick one for a quality budget",
         description="Run every prompt x seed uncached, then with each candidate (interval x branch x schedule) "
                     "through compile_pipeline, in one process on one device; report latency, UNet FLOPs, fidelity "
-                    "to the uncached images and the drift of the cached feature; pick the fastest candidate "
-                    "meeting the budget. Writes tune.jsonl, tune.json (for serve --tuned), tune.md and tune.png.")
+                    "to the uncached images (videos: every frame, and the consecutive-frame differences) and the "
+                    "drift of the cached feature; pick the fastest candidate meeting the budget. Writes tune.jsonl, "
+                    "tune.json (for serve --tuned), tune.md and tune.png.")
     add_model_options(tune)
+    preset = next(action for action in tune._actions if action.dest == "preset")
+    preset.choices = sorted([*preset.choices, *VIDEO_PRESETS])  # video: AnimateDiff and SVD
     serving = tune.add_argument_group("what you serve")
     serving.add_argument("--size", help="N or WIDTHxHEIGHT in pixels (default: the model's native size)")
     serving.add_argument("--steps", type=int, default=25, help="denoising steps")
     serving.add_argument("--scheduler", default="default", choices=sorted(SCHEDULERS),
                          help="default: the model's own scheduler; the others are made from its config")
-    serving.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
-    prompts = tune.add_argument_group("prompts")
+    serving.add_argument("--guidance", type=float,
+                         help=f"classifier-free guidance scale (<= 1: off); for SVD its max_guidance_scale (default: "
+                              f"{GUIDANCE_DEFAULT:g}, SVD {IMAGE_TO_VIDEO_GUIDANCE:g})")
+    serving.add_argument("--frames", type=int,
+                         help="frames per video, for a video model (default: the preset's, else SVD's UNet's or "
+                              "AnimateDiff's 16)")
+    prompts = tune.add_argument_group("prompts (an image-to-video model: conditioning images)")
     prompts.add_argument("--prompts", metavar="FILE",
-                         help=f"one prompt per line (default: a built-in list of {len(BUILTIN_PROMPTS)})")
-    prompts.add_argument("--num-prompts", type=int, help="use the first N prompts (default: all)")
-    prompts.add_argument("--seeds", default="0", help="comma-separated seeds; one image per prompt and seed")
+                         help=f"one prompt per line (default: a built-in list of {len(BUILTIN_PROMPTS)}); an "
+                              f"image-to-video model without --images is conditioned on a stand-in image derived "
+                              f"from each prompt's text")
+    prompts.add_argument("--images", metavar="FOLDER",
+                         help=f"an image-to-video model (SVD): its conditioning images, the {', '.join(IMAGE_SUFFIXES)}"
+                              f" files of FOLDER in name order, one video each (instead of prompts)")
+    prompts.add_argument("--num-prompts", type=int, help="use the first N prompts (or --images) (default: all)")
+    prompts.add_argument("--seeds", default="0", help="comma-separated seeds; one image (video) per prompt and seed")
     grid = tune.add_argument_group("candidates")
     grid.add_argument("--intervals", help=f"comma-separated intervals; 1 is compiled without caching (default: "
                                           f"{GRID_DEFAULTS['intervals']}, or the resumed run's)")
@@ -75,6 +94,9 @@ def add_tune_command(commands) -> None:
     budget.add_argument("--min-psnr", type=float, help="mean PSNR against the uncached images, dB")
     budget.add_argument("--min-ssim", type=float, help="mean SSIM against the uncached images")
     budget.add_argument("--min-clip", type=float, help="mean CLIP score against the prompts (needs --clip-model)")
+    budget.add_argument("--min-temporal-psnr", type=float,
+                        help="video: mean PSNR of the consecutive-frame differences against the uncached video's, dB "
+                             "(low: flicker the uncached video does not have)")
     output = tune.add_argument_group("output")
     output.add_argument("--out", default="out/tune", help="folder for tune.jsonl, tune.json, tune.md, tune.png")
     output.add_argument("--resume", action="store_true",
@@ -90,6 +112,48 @@ def _int_list(parser, text: str, flag: str, low: int) -> tuple[int, ...]:
     if min(values) < low:
         parser.error(f"{flag} values must be >= {low}; got {text!r}")
     return values
+
+
+def _read_images(parser, path: str) -> tuple[str, ...]:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        parser.error(f"--images {path}: no such folder")
+    files = tuple(str(file) for file in sorted(folder.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        parser.error(f"--images {path}: no image in it ({', '.join(IMAGE_SUFFIXES)} files)")
+    return files
+
+
+def _video_args(parser, args) -> tuple[int | None, str | None]:
+    """``(frames, kind)``: the video's frame count (None: an image model, or a hub id, whose kind is known only once
+    it is loaded) and what the model is known to make before loading (``text-to-video``, ``image-to-video``, ``image``
+    or None), every video flag checked against it."""
+    model = str(Path(args.model).expanduser()) if args.model else None
+    name = pipeline_class(model, args.preset)
+    kind = "text-to-video" if name in TEXT_TO_VIDEO else "image-to-video" if name in IMAGE_TO_VIDEO else (
+        None if name is None and model and not Path(model).is_dir() else "image")
+    what = args.model or args.preset
+    if kind == "image":
+        for flag, value in (("--frames", args.frames), ("--images", args.images),
+                            ("--min-temporal-psnr", args.min_temporal_psnr)):
+            if value is not None:
+                parser.error(f"{flag} is for a video model ({', '.join(VIDEO_PIPELINES)}); {what} is "
+                             f"{name or 'not one'}")
+        return None, kind
+    if kind == "text-to-video" and args.images:
+        parser.error(f"--images is for an image-to-video model (SVD); {what} makes videos from prompts")
+    if kind == "image-to-video" and args.clip_model:
+        parser.error(f"--clip-model: {what} makes videos from images, with no prompt to score against")
+    if args.images and args.prompts:
+        parser.error("--images replaces --prompts (an image-to-video model is conditioned on images): give one")
+    known = video_frames(model, args.preset)  # (default, most), from the configs
+    frames = args.frames if args.frames is not None else known[0] if known else None
+    if frames is not None:
+        most = known[1] if known else None
+        if not 2 <= frames <= (most or frames):
+            valid = f"from 2 to {most} (its motion adapter's motion_max_seq_length)" if most else "at least 2"
+            parser.error(f"--frames must be {valid} for this model; got {frames}")
+    return frames, kind
 
 
 def _read_prompts(parser, path: str) -> tuple[str, ...]:
@@ -115,13 +179,18 @@ def check_tune_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error("--size is needed for a hub model (its native size is not known before loading)")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1; got {args.steps}")
+    frames, kind = _video_args(parser, args)
+    if args.guidance is None:
+        args.guidance = IMAGE_TO_VIDEO_GUIDANCE if kind == "image-to-video" else GUIDANCE_DEFAULT
     check_finite(parser, args.guidance, "--guidance", 0, 50)
     prompts = _read_prompts(parser, args.prompts) if args.prompts else BUILTIN_PROMPTS
+    images = _read_images(parser, args.images) if args.images else None
     if args.num_prompts is not None:
-        if not 1 <= args.num_prompts <= len(prompts):
-            parser.error(f"--num-prompts must be between 1 and {len(prompts)} (the prompts there are); "
-                         f"got {args.num_prompts}")
-        prompts = prompts[:args.num_prompts]
+        inputs = images or prompts
+        if not 1 <= args.num_prompts <= len(inputs):
+            parser.error(f"--num-prompts must be between 1 and {len(inputs)} (the {'images' if images else 'prompts'}"
+                         f" there are); got {args.num_prompts}")
+        prompts, images = prompts[:args.num_prompts], images and images[:args.num_prompts]
     seeds = _int_list(parser, args.seeds, "--seeds", 0)
     if max(seeds) >= 2**63:
         parser.error(f"--seeds must be below 2**63; got {args.seeds!r}")
@@ -133,7 +202,7 @@ def check_tune_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.min_clip is not None and not args.clip_model:
         parser.error("--min-clip needs --clip-model (a local CLIP folder)")
     try:
-        budget = Budget(args.min_psnr, args.min_ssim, args.min_clip)
+        budget = Budget(args.min_psnr, args.min_ssim, args.min_clip, args.min_temporal_psnr)
     except ValueError as error:
         parser.error(str(error))
     check_writable(parser, args.out, "--out", folder=True)
@@ -141,7 +210,7 @@ def check_tune_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
     spec = SweepSpec(model=args.model, preset=args.preset, device=args.device, size=size, steps=args.steps,
                      scheduler=args.scheduler, guidance=args.guidance, prompts=prompts, seeds=seeds,
                      compile=args.compile, mode=args.mode, repeat=args.repeat, lpips=args.lpips,
-                     clip_model=args.clip_model)
+                     clip_model=args.clip_model, frames=frames, images=images)
     if args.resume and (problem := resume_problem(spec, folder)):
         parser.error(f"--resume: {problem}")
     logged = (logged_grid(folder) if args.resume else None) or GRID_DEFAULTS
@@ -172,11 +241,22 @@ def tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         with quiet_imports():
             from ..handle import compile_pipeline
             from ..models import open_pipeline
+            from ..video_models import is_video
 
         with model_errors(parser, args):
             pipe, label = open_pipeline(spec.model, spec.preset, device=spec.device, dtype=default_dtype(spec.device))
             # a hub model's branch range is known only now: checked before anything is measured
             compile_pipeline(pipe, 1, max(c.branch for c in candidates), compile=False).disable()
+        video = type(pipe).__name__ in VIDEO_PIPELINES
+        if is_video(pipe) and not video:
+            parser.error(f"{spec.model or spec.preset}: fastcache tune runs the video pipelines "
+                         f"{', '.join(VIDEO_PIPELINES)}; got {type(pipe).__name__}")
+        if video and spec.frames is None:  # a hub id: what it makes is known only now
+            parser.error(f"--frames is needed for a hub video model ({spec.model}: its frame count is not known "
+                         f"before loading)")
+        if not video and spec.frames is not None:
+            parser.error(f"--frames is for a video model ({', '.join(VIDEO_PIPELINES)}); {spec.model} is a "
+                         f"{type(pipe).__name__}")
         if spec.scheduler != "default":
             import diffusers
 

@@ -1,14 +1,16 @@
 """How close images are to reference images: PSNR and SSIM (torchmetrics), LPIPS and CLIP score from local weights.
 
-Images are what pipelines return with ``output_type="np"``: float arrays (N, H, W, 3) in [0, 1]. Every metric here
-is computed on decoded images, never on latents. LPIPS and CLIP score need network weights; they run only from
-files already on this machine (nothing is downloaded), and a caller that asked for them gets a note saying why
-they were skipped.
+Images are what pipelines return with ``output_type="np"``: float arrays (N, H, W, 3) in [0, 1]; videos are
+(N, frames, H, W, 3), scored frame by frame and by their consecutive-frame differences (``video_fidelity``). Every
+metric here is computed on decoded images, never on latents. LPIPS and CLIP score need network weights; they run
+only from files already on this machine (nothing is downloaded), and a caller that asked for them gets a note saying
+why they were skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,52 @@ def ssim(images, reference) -> list[float]:
     images, reference = _pair(images, reference)
     values = structural_similarity_index_measure(images, reference, data_range=1.0, reduction="none")
     return [float(v) for v in values]
+
+
+def image_fidelity(images, reference) -> dict[str, float]:
+    """Images against reference images: PSNR and SSIM, the mean over images and the worst image. Keys are
+    ``Measurement``'s: ``psnr_db``, ``psnr_min_db``, ``ssim``, ``ssim_min``."""
+    psnrs, ssims = psnr(images, reference), ssim(images, reference)
+    return dict(psnr_db=statistics.fmean(psnrs), psnr_min_db=min(psnrs), ssim=statistics.fmean(ssims),
+                ssim_min=min(ssims))
+
+
+def as_videos(videos: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(videos, frames, H, W, 3) frames in [0, 1] as a float64 tensor of the same shape; ``ValueError`` otherwise."""
+    tensor = torch.as_tensor(np.asarray(videos), dtype=torch.float64)
+    if tensor.ndim != 5 or tensor.shape[-1] != 3:
+        raise ValueError(f"videos must be decoded RGB frames of shape (videos, frames, H, W, 3); got "
+                         f"{tuple(tensor.shape)}.")
+    as_tensor(tensor.flatten(0, 1))  # the frames' own checks: RGB, in [0, 1]
+    return tensor
+
+
+def temporal_psnr(videos, reference) -> list[list[float]]:
+    """Per video, per pair of consecutive frames: the PSNR of the frame difference ``frame[t+1] - frame[t]`` against
+    the reference video's, ``10 log10(1 / MSE)`` (the data range is a pixel's, 1, as for frames); ``inf`` where the
+    two differences are equal. A steady error (every frame off the same way) leaves it high; flicker (an error that
+    changes from frame to frame) brings it down, which the frames' own PSNR does not tell apart."""
+    videos, reference = as_videos(videos), as_videos(reference)
+    if videos.shape != reference.shape:
+        raise ValueError(f"{tuple(videos.shape)} videos against {tuple(reference.shape)} reference videos.")
+    if videos.shape[1] < 2:
+        raise ValueError(f"a temporal figure needs at least 2 frames; got {videos.shape[1]}.")
+    error = videos.diff(dim=1) - reference.diff(dim=1)  # (videos, frames - 1, H, W, 3)
+    mse = error.square().mean(dim=(2, 3, 4))
+    return (10 * torch.log10(1 / mse)).tolist()  # 1 / 0 is inf: equal differences
+
+
+def video_fidelity(videos, reference) -> dict[str, float]:
+    """Videos against reference videos, every frame scored: PSNR and SSIM, the mean over all frames and the worst
+    frame, and the temporal PSNR (``temporal_psnr``), the mean over all pairs of consecutive frames and the worst
+    pair. Keys are ``Measurement``'s: ``psnr_db``, ``psnr_min_db``, ``ssim``, ``ssim_min``, ``temporal_psnr_db``,
+    ``temporal_psnr_min_db``."""
+    videos, reference = as_videos(videos), as_videos(reference)
+    if videos.shape != reference.shape:
+        raise ValueError(f"{tuple(videos.shape)} videos against {tuple(reference.shape)} reference videos.")
+    frames = image_fidelity(videos.flatten(0, 1), reference.flatten(0, 1))
+    pairs = [value for video in temporal_psnr(videos, reference) for value in video]
+    return dict(frames, temporal_psnr_db=statistics.fmean(pairs), temporal_psnr_min_db=min(pairs))
 
 
 def lpips_unavailable() -> str | None:

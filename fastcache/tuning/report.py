@@ -1,5 +1,6 @@
-"""The results of ``fastcache tune``: the Pareto front of speed-up against PSNR, the pick for a quality budget, the
-table, the chart, and the tune file that ``fastcache serve --tuned`` (and later, per-request cache levels) reads.
+"""The results of ``fastcache tune``: the Pareto front of speed-up against PSNR (and, for video, the temporal PSNR),
+the pick for a quality budget, the table, the chart, and the tune file that ``fastcache serve --tuned`` (and
+per-request cache levels) reads.
 
 ``sweep.py`` measures; this module only decides and reports, so the front and the pick can be checked on a
 hand-made table.
@@ -61,14 +62,17 @@ class Measurement:
     interval: int
     branch: int
     schedule: str
-    seconds: float  # median per image over the timed calls, compilation excluded
+    seconds: float  # median per image (a video: per video) over the timed calls, compilation excluded
     speedup: float  # the reference's seconds over ``seconds``
     first_call_s: float  # the first call: compilation and CUDA-graph capture included
-    unet_tflop: float  # UNet TFLOP per image, counted on an eager run (device-independent)
+    unet_tflop: float  # UNet TFLOP per image (video), counted on an eager run (device-independent)
     flop_ratio: float  # ``unet_tflop`` over the reference's
-    psnr_db: float  # mean over images of each image's PSNR against its reference image (inf: identical)
-    psnr_min_db: float  # the worst image
-    ssim: float  # mean over images
+    psnr_db: float  # mean over images (video: over every frame) of each one's PSNR against its reference (inf: equal)
+    psnr_min_db: float  # the worst image (frame)
+    ssim: float  # mean over images (frames)
+    ssim_min: float | None = None  # the worst image (frame); None in logs written before it was kept
+    temporal_psnr_db: float | None = None  # video: mean over consecutive-frame pairs (fidelity.temporal_psnr)
+    temporal_psnr_min_db: float | None = None  # video: the worst pair
     lpips: float | None = None  # mean; None unless asked for and its weights are here
     clip_score: float | None = None  # mean CLIP score against the prompts; None without --clip-model
     drift: list = field(default_factory=list)  # [[step, cosine of the cached feature to the previous full step's]]
@@ -95,14 +99,18 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Budget:
-    """The quality a pick must keep: minimum mean PSNR (dB), SSIM and CLIP score. None: no limit."""
+    """The quality a pick must keep: minimum mean PSNR (dB), SSIM and CLIP score, and for video the mean temporal PSNR
+    (dB: consecutive-frame differences against the uncached video's, so that a pick does not trade flicker for
+    speed). None: no limit."""
 
     min_psnr: float | None = None
     min_ssim: float | None = None
     min_clip: float | None = None
+    min_temporal_psnr: float | None = None
 
     def __post_init__(self):
-        for name, low, high in (("min_psnr", -math.inf, math.inf), ("min_ssim", -1, 1), ("min_clip", 0, 100)):
+        for name, low, high in (("min_psnr", -math.inf, math.inf), ("min_ssim", -1, 1), ("min_clip", 0, 100),
+                                ("min_temporal_psnr", -math.inf, math.inf)):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and low <= value <= high):
                 bounds = f" from {low:g} to {high:g}" if math.isfinite(low) else ""
@@ -113,7 +121,8 @@ class Budget:
 
     def limits(self) -> dict[str, float]:
         """Measurement field -> the least value it may have."""
-        pairs = (("psnr_db", self.min_psnr), ("ssim", self.min_ssim), ("clip_score", self.min_clip))
+        pairs = (("psnr_db", self.min_psnr), ("ssim", self.min_ssim), ("clip_score", self.min_clip),
+                 ("temporal_psnr_db", self.min_temporal_psnr))
         return {name: value for name, value in pairs if value is not None}
 
     def meets(self, row: Measurement) -> bool:
@@ -126,17 +135,27 @@ class Budget:
         return max(gaps, default=0.0)
 
     def describe(self) -> str:
-        units = {"psnr_db": ("--min-psnr", " dB"), "ssim": ("--min-ssim", ""), "clip_score": ("--min-clip", "")}
+        units = {"psnr_db": ("--min-psnr", " dB"), "ssim": ("--min-ssim", ""), "clip_score": ("--min-clip", ""),
+                 "temporal_psnr_db": ("--min-temporal-psnr", " dB")}
         return ", ".join(f"{units[name][0]} {low:g}{units[name][1]}" for name, low in self.limits().items())
 
 
+def _merits(row: Measurement) -> tuple[float, ...]:
+    """What the front weighs: speed-up and PSNR, and the temporal PSNR where it was measured (video)."""
+    return (row.speedup, row.psnr_db) + (() if row.temporal_psnr_db is None else (row.temporal_psnr_db,))
+
+
 def dominates(a: Measurement, b: Measurement) -> bool:
-    """``a`` is at least as fast and as close as ``b``, and better in one of the two."""
-    return (a.speedup >= b.speedup and a.psnr_db >= b.psnr_db) and (a.speedup > b.speedup or a.psnr_db > b.psnr_db)
+    """``a`` is at least as fast and as close as ``b`` (for video, also as steady: temporal PSNR), and better in one."""
+    merits_a, merits_b = _merits(a), _merits(b)
+    if len(merits_a) != len(merits_b):  # one without the temporal figure: compared on what both have
+        merits_a, merits_b = merits_a[:2], merits_b[:2]
+    pairs = list(zip(merits_a, merits_b, strict=True))
+    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
 
 
 def pareto_front(rows: Sequence[Measurement]) -> list[Measurement]:
-    """The candidates no other candidate dominates in (speed-up, PSNR), fastest first."""
+    """The candidates no other candidate dominates in (speed-up, PSNR[, temporal PSNR]), fastest first."""
     front = [row for row in rows if not any(dominates(other, row) for other in rows)]
     return sorted(front, key=lambda row: (-row.speedup, -row.psnr_db))
 
@@ -170,6 +189,11 @@ class Report:
         return pareto_front(self.rows)
 
     @property
+    def video(self) -> bool:
+        """Whether the run made videos (its identity has a frame count)."""
+        return bool(self.identity.get("frames"))
+
+    @property
     def pick(self) -> Measurement | None:
         return pick(self.rows, self.budget)
 
@@ -177,13 +201,14 @@ class Report:
         """One line: the pick, or the front when no budget was given, or the closest candidate."""
         chosen = self.pick
         if chosen is not None:
-            return f"pick: {chosen.name} ({_summary(chosen)}), the fastest with {self.budget.describe()}"
+            return f"pick: {chosen.name} ({summary(chosen)}), the fastest with {self.budget.describe()}"
         if not self.budget:
-            return (f"no budget given (--min-psnr, --min-ssim, --min-clip): the Pareto front is "
+            flags = "--min-psnr, --min-ssim, --min-clip" + (", --min-temporal-psnr" if self.video else "")
+            return (f"no budget given ({flags}): the Pareto front is "
                     f"{', '.join(row.name for row in self.front) or 'empty'}")
         near = closest(self.rows, self.budget)
         return (f"no candidate meets {self.budget.describe()}; the closest is "
-                f"{near.name} ({_summary(near)})" if near else f"no candidate measured for {self.budget.describe()}")
+                f"{near.name} ({summary(near)})" if near else f"no candidate measured for {self.budget.describe()}")
 
     def to_dict(self) -> dict:
         chosen = self.pick
@@ -205,62 +230,59 @@ class Report:
         rows = sorted(self.rows, key=lambda row: -row.speedup)
         front, chosen = {row.name for row in self.front}, self.pick
         extra = [name for name in ("lpips", "clip_score") if any(getattr(row, name) is not None for row in rows)]
-        header = ["candidate", "speed-up", "s/image", "first call s", "UNet TFLOP/image (ratio)", "PSNR dB (worst)",
-                  "SSIM", *({"lpips": "LPIPS", "clip_score": "CLIP"}[name] for name in extra),
-                  "drift: min cos (step)", "full/shallow per image", ""]
+        unit, worst = ("video", " frame") if self.video else ("image", "")
+        ssim_worst = any(row.ssim_min is not None for row in rows)
+        header = ["candidate", "speed-up", f"s/{unit}", "first call s", f"UNet TFLOP/{unit} (ratio)",
+                  f"PSNR dB (worst{worst})", f"SSIM (worst{worst})" if ssim_worst else "SSIM",
+                  *(["temporal PSNR dB (worst pair)"] if self.video else []),
+                  *({"lpips": "LPIPS", "clip_score": "CLIP"}[name] for name in extra),
+                  "drift: min cos (step)", f"full/shallow per {unit}", ""]
         table = [header, ["---"] * len(header),
                  ["uncached (reference)", "1.00x", f"{ref['seconds']:.3f}", f"{ref['first_call_s']:.2f}",
-                  f"{ref['unet_tflop']:.4g}", "inf", "1.000",
+                  f"{ref['unet_tflop']:.4g}", "inf", "1.000", *(["inf"] if self.video else []),
                   *(_fmt(ref.get(name), ".3f") for name in extra), "—", f"{ident['steps']}/0", ""]]
         for row in rows:
             drift = row.min_drift()
             marks = [mark for mark, on in (("**pick**", row is chosen), ("front", row.name in front),
                                            (f"{row.fallbacks} fallbacks", row.fallbacks)) if on]
+            temporal = [f"{_fmt(row.temporal_psnr_db, '.2f')} ({_fmt(row.temporal_psnr_min_db, '.2f')})"]
             table.append([row.name, f"{row.speedup:.2f}x", f"{row.seconds:.3f}", f"{row.first_call_s:.2f}",
                           f"{row.unet_tflop:.4g} ({row.flop_ratio:.2f})",
-                          f"{_fmt(row.psnr_db, '.2f')} ({_fmt(row.psnr_min_db, '.2f')})", f"{row.ssim:.3f}",
+                          f"{_fmt(row.psnr_db, '.2f')} ({_fmt(row.psnr_min_db, '.2f')})",
+                          f"{row.ssim:.3f}" + (f" ({_fmt(row.ssim_min, '.3f')})" if ssim_worst else ""),
+                          *(temporal if self.video else []),
                           *(_fmt(getattr(row, name), ".3f") for name in extra),
                           "—" if drift is None else f"{drift[1]:.4f} ({drift[0]})",
                           f"{row.full_per_image:g}/{row.shallow_per_image:g}", " ".join(marks)])
         width, height = ident["size"]
+        frames = f"{ident['frames']} frames, " if self.video else ""
+        inputs = f"{len(ident['images'])} images" if ident.get("images") else f"{len(ident['prompts'])} prompts"
         return "\n".join([
             self.note,
-            f"{self.label} | {env.get('card', '?')} | torch {env.get('torch', '?')} | {width}x{height}, "
+            f"{self.label} | {env.get('card', '?')} | torch {env.get('torch', '?')} | {width}x{height}, {frames}"
             f"{ident['steps']} steps, scheduler {ident['scheduler']}, guidance {ident['guidance']:g} | "
-            f"{len(ident['prompts'])} prompts x {len(ident['seeds'])} seeds | compile: {ident['compile']}", "",
+            f"{inputs} x {len(ident['seeds'])} seeds | compile: {ident['compile']}", "",
             *("| " + " | ".join(cells) + " |" for cells in table), "",
             *(f"- {note}" for note in self.notes), f"- {self.verdict()}"])
 
     def chart(self, path: Path) -> str | None:
-        """Speed-up against PSNR with the Pareto front and each point labelled (I, B), beside the drift of the cached
-        feature at each full step. Returns why no chart was written (matplotlib missing), or None."""
+        """Speed-up against PSNR (for video also against the temporal PSNR) with the Pareto front and each point
+        labelled (I, B), beside the drift of the cached feature at each full step. Returns why no chart was written
+        (matplotlib missing), or None."""
         if why := missing("tune", ("matplotlib",)):
             return f"no chart: {why}"
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        finite = [row.psnr_db for row in self.rows if math.isfinite(row.psnr_db)]
-        top = max(finite, default=30.0) + 5  # where identical images (inf) are drawn
-
-        def y(row):
-            return row.psnr_db if math.isfinite(row.psnr_db) else top
-
-        fig, (speed, drift) = plt.subplots(1, 2, figsize=(12, 4.8))
-        front = self.front
-        speed.scatter([row.speedup for row in self.rows], [y(row) for row in self.rows], color="tab:blue",
-                      label="candidate")
-        speed.plot([row.speedup for row in front], [y(row) for row in front], "o-", color="tab:red",
-                   label="Pareto front")
-        if self.pick is not None:
-            speed.scatter([self.pick.speedup], [y(self.pick)], s=200, facecolors="none", edgecolors="black",
-                          label=f"pick ({self.budget.describe()})")
-        for row in self.rows:
-            text = row.name + ("" if math.isfinite(row.psnr_db) else " (identical)")
-            speed.annotate(text, (row.speedup, y(row)), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        speed.set_xlabel("speed-up vs uncached")
-        speed.set_ylabel("PSNR vs uncached, dB (mean over images)")
-        speed.legend(fontsize=8)
+        unit = "frames" if self.video else "images"
+        panels = [("psnr_db", f"PSNR vs uncached, dB (mean over {unit})")]
+        if self.video:
+            panels.append(("temporal_psnr_db", "temporal PSNR vs uncached, dB (consecutive-frame differences)"))
+        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6 * (len(panels) + 1), 4.8))
+        for axis, (name, label) in zip(axes[:-1], panels, strict=True):
+            self._speed_panel(axis, name, label)
+        drift = axes[-1]
         for row in self.rows:
             if row.drift:
                 drift.plot([step for step, _ in row.drift], [cos for _, cos in row.drift], marker=".", label=row.name)
@@ -268,12 +290,39 @@ class Report:
         drift.set_ylabel("cosine of the cached feature to the previous full step's")
         if len(self.rows) <= 12:
             drift.legend(fontsize=7)
+        frames = f", {self.identity['frames']} frames" if self.video else ""
         fig.suptitle(f"{self.note}\n{self.label.split(' (')[0]}, {self.identity['size'][0]}x{self.identity['size'][1]}"
-                     f", {self.identity['steps']} steps, {self.environment.get('card', '?')}", fontsize=9)
+                     f"{frames}, {self.identity['steps']} steps, {self.environment.get('card', '?')}", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return None
+
+    def _speed_panel(self, axis, name: str, label: str) -> None:
+        """Speed-up against one fidelity figure; identical outputs (inf) drawn on top. For video the front weighs
+        three figures, so its members are marked, not joined."""
+        rows = [row for row in self.rows if getattr(row, name) is not None]
+        finite = [getattr(row, name) for row in rows if math.isfinite(getattr(row, name))]
+        top = max(finite, default=30.0) + 5
+
+        def y(row):
+            value = getattr(row, name)
+            return value if math.isfinite(value) else top
+
+        front = [row for row in self.front if getattr(row, name) is not None]
+        axis.scatter([row.speedup for row in rows], [y(row) for row in rows], color="tab:blue", label="candidate")
+        axis.plot([row.speedup for row in front], [y(row) for row in front], "o" if self.video else "o-",
+                  color="tab:red", label="Pareto front")
+        chosen = self.pick
+        if chosen is not None and getattr(chosen, name) is not None:
+            axis.scatter([chosen.speedup], [y(chosen)], s=200, facecolors="none", edgecolors="black",
+                         label=f"pick ({self.budget.describe()})")
+        for row in rows:
+            text = row.name + ("" if math.isfinite(getattr(row, name)) else " (identical)")
+            axis.annotate(text, (row.speedup, y(row)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xlabel("speed-up vs uncached")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
 
 
 def _fmt(value, spec: str) -> str:
@@ -282,9 +331,11 @@ def _fmt(value, spec: str) -> str:
     return "inf" if value == math.inf else format(value, spec)
 
 
-def _summary(row: Measurement) -> str:
+def summary(row: Measurement) -> str:
+    """A candidate in one line: speed-up and fidelity."""
     clip = f", CLIP {row.clip_score:.2f}" if row.clip_score is not None else ""
-    return f"{row.speedup:.2f}x, PSNR {_fmt(row.psnr_db, '.2f')} dB, SSIM {row.ssim:.3f}{clip}"
+    temporal = "" if row.temporal_psnr_db is None else f", temporal PSNR {_fmt(row.temporal_psnr_db, '.2f')} dB"
+    return f"{row.speedup:.2f}x, PSNR {_fmt(row.psnr_db, '.2f')} dB, SSIM {row.ssim:.3f}{temporal}{clip}"
 
 
 # -- the tune file, for fastcache serve --tuned and per-request cache levels -------------------------------------
@@ -299,6 +350,7 @@ class TunedPick:
     size: tuple[int, int]  # the width and height it was tuned at
     levels: dict[int, dict]
     note: str
+    frames: int | None = None  # a video model's frame count it was tuned at; None: images
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -316,7 +368,8 @@ def load(path: str | os.PathLike) -> dict:
 
 def levels(path: str | os.PathLike, branch: int | None = None, schedule: str | None = None) -> dict[int, dict]:
     """``{interval: labels}`` measured at one branch and schedule (default: the pick's): speed-up, PSNR, SSIM and
-    seconds per image, for every interval the tune measured there (interval 1, if measured, at any branch)."""
+    seconds per image (video: per video, and the temporal PSNR), for every interval the tune measured there (interval
+    1, if measured, at any branch)."""
     data = load(path)
     if branch is None or schedule is None:
         if data["pick"] is None:
@@ -327,7 +380,9 @@ def levels(path: str | os.PathLike, branch: int | None = None, schedule: str | N
     found = {}
     for row in data["candidates"]:
         if row["interval"] == 1 or (row["branch"], row["schedule"]) == (branch, schedule):
-            found[row["interval"]] = {name: row.get(name) for name in ("speedup", "psnr_db", "ssim", "seconds")}
+            labels = ("speedup", "psnr_db", "ssim", "seconds") + (
+                ("temporal_psnr_db",) if row.get("temporal_psnr_db") is not None else ())
+            found[row["interval"]] = {name: row.get(name) for name in labels}
     return dict(sorted(found.items()))
 
 
@@ -351,4 +406,4 @@ def tuned_pick(path: str | os.PathLike, *, model: str | None, preset: str, size:
         raise ValueError(f"{path} has no pick ({data.get('verdict', 'no budget given')}); re-pick without measuring "
                          f"again: fastcache tune --resume --out FOLDER --min-psnr DB")
     return TunedPick(chosen["interval"], chosen["branch"], chosen["schedule"], tuple(ident["size"]), levels(path),
-                     data["note"])
+                     data["note"], ident.get("frames"))

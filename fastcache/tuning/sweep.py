@@ -1,6 +1,7 @@
 """The measurements behind ``fastcache tune``: the uncached reference, then each candidate through
 ``compile_pipeline``, in one process on one device, appended as JSON lines as they finish so that ``--resume`` picks
-up a killed run.
+up a killed run. An image model makes one image per (prompt, seed); a video model one video per (prompt or
+conditioning image, seed), scored on every frame and on its consecutive-frame differences.
 
 Per candidate: an untimed pass that keeps the images (fidelity) and watches the cached feature after every full step
 (drift), then ``repeat`` timed passes (latency, the median; the first call, which compiles, is reported apart), then
@@ -10,6 +11,7 @@ one eager call whose UNet FLOPs torch's ``FlopCounterMode`` counts.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import statistics
@@ -26,8 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..environment import environment
-from .fidelity import LPIPS, ClipScore, lpips_unavailable, psnr, ssim
-from .report import Budget, Candidate, Measurement, Report, model_name, random_weights_note
+from .fidelity import LPIPS, ClipScore, image_fidelity, lpips_unavailable, video_fidelity
+from .report import Budget, Candidate, Measurement, Report, model_name, random_weights_note, summary
 
 if TYPE_CHECKING:
     from ..handle import FastCacheHandle
@@ -64,7 +66,9 @@ SCHEDULERS = {"default": None, "ddim": "DDIMScheduler", "euler": "EulerDiscreteS
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What a tune run measures on, besides the candidates: one image per (prompt, seed), one pipeline call each."""
+    """What a tune run measures on, besides the candidates: one image (or video) per (prompt, seed), one pipeline
+    call each. An image-to-video model (SVD) is conditioned on ``images`` (files), or else on a stand-in image derived
+    from each prompt's text."""
 
     model: str | None  # a diffusers folder or hub id; None: the preset, with random weights
     preset: str
@@ -80,15 +84,23 @@ class SweepSpec:
     repeat: int = 1  # timed passes over every (prompt, seed) per candidate
     lpips: bool = False
     clip_model: str | None = None  # a local CLIP folder
+    frames: int | None = None  # a video model's frames per video; None: an image model
+    images: tuple[str, ...] | None = None  # image-to-video: the conditioning image files, one video each
 
     def identity(self) -> dict:
-        """What the measurements depend on: a run resumes only with the same, and serve --tuned checks model, size
-        and steps."""
+        """What the measurements depend on: a run resumes only with the same, and serve --tuned checks model, size,
+        steps (and a video's frames)."""
         clip = str(Path(self.clip_model).expanduser().resolve()) if self.clip_model else None
         return dict(model=model_name(self.model, self.preset), size=list(self.size), steps=self.steps,
                     scheduler=self.scheduler, guidance=self.guidance, prompts=list(self.prompts),
                     seeds=list(self.seeds), device=self.device, compile=self.compile and self.mode, repeat=self.repeat,
-                    lpips=self.lpips, clip_model=clip)
+                    lpips=self.lpips, clip_model=clip, frames=self.frames,
+                    images=[_file_label(path) for path in self.images] if self.images else None)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """What each video or image is made from: the conditioning image files, or the prompts."""
+        return self.images or self.prompts
 
     @property
     def note(self) -> str:
@@ -149,6 +161,12 @@ def logged_grid(folder: Path) -> dict | None:
     """The grid a logged run measured (``--resume`` without a grid re-uses it), or None."""
     header = RunLog(folder).read()[0]
     return header and header.get("grid")
+
+
+def _file_label(path: str) -> str:
+    """A conditioning image as the identity names it: its file name and the start of its SHA-256 (a changed file is
+    another run)."""
+    return f"{Path(path).name}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
 
 
 def _short(value) -> str:
@@ -214,28 +232,45 @@ class DriftObserver:
 
 
 class Sweep:
-    """Runs one pipeline through the reference and the candidates. One image per call: (prompt, seed) pairs."""
+    """Runs one pipeline through the reference and the candidates. One image (or video) per call: (input, seed)
+    pairs, the input a prompt or a conditioning image."""
 
     def __init__(self, spec: SweepSpec, pipe):
-        from ..models import prompt_inputs
-
         self.spec, self.pipe = spec, pipe
-        self.pairs = [(prompt, seed) for seed in spec.seeds for prompt in spec.prompts]
-        self.inputs = {prompt: prompt_inputs(pipe, [prompt]) for prompt in spec.prompts}
+        self.video = spec.frames is not None
+        self.pairs = [(key, seed) for seed in spec.seeds for key in spec.inputs]
+        self.inputs = {key: call_inputs(pipe, spec, key) for key in spec.inputs}
         self.lpips = LPIPS(spec.device) if spec.lpips and lpips_unavailable() is None else None
         self.clip = ClipScore(spec.clip_model, spec.device) if spec.clip_model else None
 
     def call(self, index: int, callback: Callable | None = None) -> tuple[float, np.ndarray]:
-        """Seconds (synchronised) and the image of pair ``index``."""
-        prompt, seed = self.pairs[index]
+        """Seconds (synchronised) and the image (a video: its frames) of pair ``index``."""
+        key, seed = self.pairs[index]
         width, height = self.spec.size
         _sync()
         start = time.perf_counter()
-        images = self.pipe(**self.inputs[prompt], num_inference_steps=self.spec.steps, width=width, height=height,
-                           guidance_scale=self.spec.guidance, output_type="np", callback_on_step_end=callback,
-                           generator=torch.Generator("cpu").manual_seed(seed)).images
+        out = self.pipe(**self.inputs[key], num_inference_steps=self.spec.steps, width=width, height=height,
+                        output_type="np", callback_on_step_end=callback,
+                        generator=torch.Generator("cpu").manual_seed(seed))
         _sync()
-        return time.perf_counter() - start, images[0]
+        return time.perf_counter() - start, (out.frames if self.video else out.images)[0]
+
+    def _clip_score(self, images: np.ndarray) -> float | None:
+        """The CLIP score of every image (every frame) against its prompt."""
+        if self.clip is None:
+            return None
+        prompts = [prompt for prompt, _ in self.pairs]
+        if self.video:  # each frame against its video's prompt
+            prompts = [prompt for prompt in prompts for _ in range(images.shape[1])]
+            images = images.reshape(-1, *images.shape[2:])
+        return self.clip(images, prompts)
+
+    def _fidelity(self, images: np.ndarray, reference: np.ndarray) -> dict:
+        scores = (video_fidelity if self.video else image_fidelity)(images, reference)
+        if self.lpips:
+            flat = (lambda x: x.reshape(-1, *x.shape[2:])) if self.video else (lambda x: x)
+            scores["lpips"] = self.lpips(flat(images), flat(reference))
+        return scores
 
     def _timed(self) -> list[float]:
         return [self.call(i)[0] for _ in range(self.spec.repeat) for i in range(len(self.pairs))]
@@ -251,8 +286,8 @@ class Sweep:
         first = self.call(0)[0]
         images = np.stack([self.call(i)[1] for i in range(len(self.pairs))])
         seconds = statistics.median(self._timed())
-        clip = self.clip(images, [prompt for prompt, _ in self.pairs]) if self.clip else None
-        return dict(seconds=seconds, first_call_s=first, unet_tflop=self._flops(), clip_score=clip), images
+        return dict(seconds=seconds, first_call_s=first, unet_tflop=self._flops(),
+                    clip_score=self._clip_score(images)), images
 
     def measure(self, candidate: Candidate, reference: dict, reference_images: np.ndarray) -> Measurement:
         from ..handle import compile_pipeline
@@ -279,16 +314,35 @@ class Sweep:
         finally:
             eager.disable()
         images = np.stack(images)
-        psnrs, calls = psnr(images, reference_images), 1 + len(self.pairs) * (1 + spec.repeat)
-        clip = self.clip(images, [prompt for prompt, _ in self.pairs]) if self.clip else None
+        calls = 1 + len(self.pairs) * (1 + spec.repeat)
         return Measurement(
             candidate.interval, candidate.branch, candidate.schedule, seconds=seconds,
             speedup=reference["seconds"] / seconds, first_call_s=first, unet_tflop=tflop,
-            flop_ratio=tflop / reference["unet_tflop"], psnr_db=statistics.fmean(psnrs), psnr_min_db=min(psnrs),
-            ssim=statistics.fmean(ssim(images, reference_images)),
-            lpips=self.lpips(images, reference_images) if self.lpips else None, clip_score=clip,
-            drift=_mean_by_step(drifts), full_per_image=counters.full / calls,
+            flop_ratio=tflop / reference["unet_tflop"], **self._fidelity(images, reference_images),
+            clip_score=self._clip_score(images), drift=_mean_by_step(drifts), full_per_image=counters.full / calls,
             shallow_per_image=counters.shallow / calls, fallbacks=counters.fallbacks)
+
+
+def call_inputs(pipe, spec: SweepSpec, key: str) -> dict:
+    """The arguments of the call that makes input ``key``'s image or video (besides steps, size, seed): an image
+    model's prompt and guidance; a text-to-video model's too, and the frame count; an image-to-video model's (SVD)
+    conditioning image (the file ``key``, or a stand-in derived from the prompt ``key``), frame count and guidance
+    (SVD's rises per frame from 1 to ``max_guidance_scale``)."""
+    from ..models import prompt_inputs
+    from ..video_models import conditioning_image, takes_image
+
+    if spec.frames is None:
+        return dict(prompt_inputs(pipe, [key]), guidance_scale=spec.guidance)
+    if not takes_image(pipe):
+        return dict(prompt_inputs(pipe, [key]), guidance_scale=spec.guidance, num_frames=spec.frames)
+    if spec.images:
+        from PIL import Image
+
+        with Image.open(key) as opened:
+            image = opened.convert("RGB")
+    else:  # a stand-in that only the prompt's text decides, as the presets' prompt embeddings are
+        image = conditioning_image(spec.size, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+    return dict(image=image, num_frames=spec.frames, max_guidance_scale=max(spec.guidance, 1.0))
 
 
 def run(spec: SweepSpec, candidates: Sequence[Candidate], folder: Path, *, grid: dict, resume: bool = False,
@@ -309,7 +363,7 @@ def run(spec: SweepSpec, candidates: Sequence[Candidate], folder: Path, *, grid:
     logger.info("%s", spec.note)
     todo = [c for c in candidates if c.name not in rows]
     images_path = folder / REFERENCE_FILE
-    reference_images = _load_images(images_path, len(spec.prompts) * len(spec.seeds)) if reference else None
+    reference_images = _load_images(images_path, len(spec.inputs) * len(spec.seeds)) if reference else None
     notes = [] if spec.clip_model else ["CLIP score skipped: no --clip-model (a local CLIP folder)"]
     if spec.lpips and (why := lpips_unavailable()):
         notes.append(why)
@@ -325,7 +379,7 @@ def run(spec: SweepSpec, candidates: Sequence[Candidate], folder: Path, *, grid:
         pipe, label = open_model()
         sweep = Sweep(spec, pipe)
         if reference_images is None:
-            logger.info("reference: %d images uncached", len(sweep.pairs))
+            logger.info("reference: %d %s uncached", len(sweep.pairs), "videos" if sweep.video else "images")
             reference, reference_images = sweep.reference()
             np.savez(images_path, images=reference_images)
             log.append("reference", reference)
@@ -341,7 +395,7 @@ def run(spec: SweepSpec, candidates: Sequence[Candidate], folder: Path, *, grid:
             else:
                 rows[candidate.name] = asdict(row)
                 log.append("candidate", rows[candidate.name])
-                logger.info("%s: %.2fx, PSNR %.2f dB, SSIM %.3f", row.name, row.speedup, row.psnr_db, row.ssim)
+                logger.info("%s: %s", row.name, summary(row))
                 if on_report:
                     on_report(report())
             bar.update()
