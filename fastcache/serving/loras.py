@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..lora import LoraLayers
+from .errors import some
 from .request import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -189,10 +190,10 @@ class ServedLoras:
 
     def check(self, adapters: tuple[tuple[str, float], ...]) -> None:
         """``InvalidRequest`` naming the loaded adapters unless this server can serve ``adapters``."""
-        loaded = ", ".join(self.names)
         unknown = [name for name, _ in adapters if name not in self.weights]
         if unknown:
-            raise InvalidRequest(f"lora {unknown[0][:64]!r} is not loaded; loaded adapters: {loaded}.", "lora")
+            raise InvalidRequest(f"lora {unknown[0][:64]!r} is not loaded; loaded adapters: {some(self.names)}.",
+                                 "lora")
         if len(adapters) > self.options.slot_count:
             raise InvalidRequest(f"lora names {len(adapters)} adapters; this server combines at most "
                                  f"{self.options.slot_count} per request (--lora-slots).", "lora")
