@@ -1,24 +1,37 @@
 """Seeded malformed requests for ``fastcache serve``: generations (JSON and raw HTTP) and edits (multipart uploads).
 
-Every case is invalid in at least one way a client can get wrong (a type, a range, an encoding, a header, an upload),
-so a correct server answers each with a 4xx in its one error format, in bounded time, and keeps serving. The cases
+Every case is invalid in at least one way a client can get wrong (a type, a range, an encoding, a header, an upload,
+JSON nested thousands deep, a key in the query string instead of the header), so a correct server answers each with
+a 4xx in its one error format, in bounded time, and keeps serving. The cases
 are drawn from a ``random.Random``: the same seed gives the same cases. ``bench/serve_faults.py fuzz`` runs them
 against a launched server; ``tests/test_edge.py`` runs a share of them.
+
+``idle_flood`` measures what idle connections do to everyone else (what a schema cannot express either):
+
+    python bench/serve_fuzz.py idle-flood --port 8000 --count 600            # 600 idle connections from 127.0.0.2
+    python bench/serve_fuzz.py idle-flood --port 8000 --count 600 --spread   # from 600 loopback addresses
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import random
+import selectors
 import socket
 import struct
+import sys
 import time
 import zlib
+from collections import Counter
+from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from fastcache.serving.errors import ErrorResponse
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -44,7 +57,9 @@ BAD_FORM_VALUES = {"n": ["0", "-1", "3", "abc", "1e3", "9" * 30], "strength": ["
                    "cache": ["{bad", '{"interval": 7}', '{"interval": 1}', '{"interval": "x"}', "5", "[]",
                              '{"interval": 3, "x": 1}'],
                    "response_format": ["url", "png"], "resize": ["maybe", "2"], "prompt": [" ", "x" * 10_001],
-                   "negative_prompt": ["y" * 10_001]}
+                   "negative_prompt": ["y" * 10_001],
+                   "lora": ["[" * 2_000, '{"a":' * 2_000, "[" * 40 + "]" * 40, '[{"name": 5}]'],
+                   "strenght": ["0.5"], "stength": ["0.1"], "nn": ["2"]}  # misspelt fields: refused, not ignored
 
 
 def _valid(rng: random.Random) -> dict:
@@ -86,9 +101,14 @@ def generation_cases(rng: random.Random, count: int, key: str, max_body: int) ->
         return http(text[:rng.randrange(len(text))])
 
     def nested():
-        depth = rng.choice([50, 2_000, 100_000])
-        inner = "[" * depth + "]" * depth
-        return http((f'{{"prompt": {inner}}}' if rng.random() < 0.5 else inner).encode())
+        depth = rng.choice([33, 50, 900, 958, 959, 961, 964, 965, 2_000, 5_000, 100_000])
+        inner = rng.choice(["[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth])
+        where = rng.choice(["prompt", "lora", "cache", "whole"])
+        return http((inner if where == "whole" else f'{{"prompt": "x", "{where}": {inner}}}').encode())
+
+    def key_in_query():
+        name = rng.choice(["api_key", "key", "access_token"])
+        return "http", ("POST", f"{GENERATIONS}?{name}={key}", json_type, encoded(_valid(rng)))
 
     def wrong_content_type():
         kind = rng.choice(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b",
@@ -140,7 +160,7 @@ def generation_cases(rng: random.Random, count: int, key: str, max_body: int) ->
         return "raw", head
 
     kinds = [wrong_type, bad_number, not_finite, not_utf8, truncated, nested, wrong_content_type, unknown_field,
-             gzip_body, no_or_wrong_key, routing, bad_text, raw]
+             gzip_body, no_or_wrong_key, routing, bad_text, raw, key_in_query]
     return [kinds[i % len(kinds)]() for i in range(count)]
 
 
@@ -239,17 +259,31 @@ def edit_cases(rng: random.Random, count: int, key: str, max_body: int, size: in
     def wrong_method():
         return "http", (rng.choice(["GET", "PUT", "DELETE"]), EDITS, auth, b"")
 
+    def not_utf8_text():
+        fields, files = valid()
+        _, (method, path, headers, body) = multipart({**fields, "prompt": "PROMPT"}, files)
+        broken = rng.choice([b"\xff", b"a\xc3\x28", b"\xed\xa0\x80"])  # a lone byte, a bad pair, a surrogate
+        return "http", (method, path, headers, body.replace(b"PROMPT", broken))
+
+    def no_step_left():  # int(steps * strength) == 0: BAD_NUMBERS' servers run 2 or more steps, at most 8
+        fields, files = valid()
+        steps = rng.choice([2, 4, 8])
+        strength = rng.choice([0.01, 0.1, 0.9 / steps])
+        return multipart({**fields, "num_inference_steps": str(steps), "strength": f"{strength:.4f}"}, files)
+
     kinds = [bad_field, bad_field, bad_image, bad_image, bad_mask, missing, image_as_text, wrong_body,
-             no_or_wrong_key, too_large, wrong_method]
+             no_or_wrong_key, too_large, wrong_method, not_utf8_text, no_step_left]
     return [kinds[i % len(kinds)]() for i in range(count)]
 
 
-def raw_exchange(port: int, data: bytes, wait: float, host: str = "127.0.0.1") -> tuple[int | None, bytes, float]:
-    """Send ``data`` on a new connection and read until the server closes it (at most ``wait`` seconds): the status
-    (None if nothing came), the body of the first answer, and the seconds it took; ``AssertionError`` if the
-    connection stays open."""
+def raw_exchange(port: int, data: bytes, wait: float, host: str = "127.0.0.1",
+                 source: str | None = None) -> tuple[int | None, bytes, float]:
+    """Send ``data`` on a new connection (from address ``source``, e.g. 127.0.0.2 on loopback) and read until the
+    server closes it (at most ``wait`` seconds): the status (None if nothing came), the body of the first answer, and
+    the seconds it took; ``AssertionError`` if the connection stays open."""
     start = time.monotonic()
-    with socket.create_connection((host, port), timeout=wait) as sock:
+    with socket.create_connection((host, port), timeout=wait,
+                                  source_address=(source, 0) if source else None) as sock:
         try:
             sock.sendall(data)
         except OSError:  # the server may answer and close before a long request is written
@@ -274,15 +308,12 @@ def raw_exchange(port: int, data: bytes, wait: float, host: str = "127.0.0.1") -
 
 
 def error_of(body: bytes) -> dict | None:
-    """The ``error`` object of ``body`` if it is the server's one error format (with a message and a code)."""
+    """The ``error`` object of ``body`` if it is the server's one error format (``errors.ErrorResponse``: a message of
+    at most 400 characters, a type, a code), else ``None``."""
     try:
-        error = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
+        return ErrorResponse.model_validate_json(body).error.model_dump()
+    except ValueError:
         return None
-    if (isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
-            and isinstance(error["message"], str) and error["message"] and isinstance(error["code"], str)):
-        return error
-    return None
 
 
 def run_cases(url: str, port: int, cases: list, wait: float) -> list[dict]:
@@ -307,3 +338,87 @@ def run_cases(url: str, port: int, cases: list, wait: float) -> list[dict]:
                                  code=error["code"] if error else None,
                                  request=str(request)[:200], answer=body[:200].decode(errors="replace")))
     return outcomes
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def idle_flood(port: int, count: int, sources: list[str], watch: float, host: str = "127.0.0.1",
+               probe_source: str = "127.0.0.1", probe_every: float = 0.25) -> dict:
+    """Open ``count`` connections that send nothing, from ``sources`` in turn (loopback addresses: Linux routes all of
+    127.0.0.0/8 here), then for ``watch`` seconds probe ``GET /health`` from ``probe_source`` (another client) and
+    watch the idle ones: how many the server held and for how long, what it answered the others, and what the other
+    client got and for how long it was kept out."""
+    selector, opened, flood = selectors.DefaultSelector(), {}, time.monotonic()
+    for i in range(count):
+        try:
+            sock = socket.create_connection((host, port), timeout=5, source_address=(sources[i % len(sources)], 0))
+        except OSError as error:
+            opened[f"failed {i}"] = {"error": str(error)}
+            continue
+        sock.setblocking(False)
+        opened[sock] = {"answer": b"", "closed": None}
+        selector.register(sock, selectors.EVENT_READ)
+    probes, start = [], time.monotonic()
+    next_probe = start
+    while (now := time.monotonic()) - start < watch:
+        for key, _ in selector.select(timeout=max(0.0, min(0.05, next_probe - now))):
+            state = opened[key.fileobj]
+            try:
+                chunk = key.fileobj.recv(65536)
+            except (ConnectionResetError, BlockingIOError):
+                chunk = b""
+            state["answer"] += chunk
+            if not chunk:
+                state["closed"] = time.monotonic() - flood
+                selector.unregister(key.fileobj)
+        if time.monotonic() >= next_probe:
+            try:
+                status, _, seconds = raw_exchange(port, HEALTH, 10, host, probe_source)
+            except (AssertionError, OSError):
+                status, seconds = None, 10.0
+            probes.append((round(time.monotonic() - start, 2), status, round(seconds, 3)))
+            next_probe = time.monotonic() + probe_every
+    for sock in opened:
+        if isinstance(sock, socket.socket):
+            sock.close()
+    states = [state for state in opened.values() if "answer" in state]
+    answered = Counter(state["answer"].split(b" ", 2)[1].decode() if state["answer"] else "none"
+                       for state in states)
+    held = [state for state in states if not state["answer"]]
+    held_closed = [state["closed"] for state in held if state["closed"] is not None]
+    kept_out = [t for t, status, _ in probes if status != 200]
+    return {"idle connections": count, "sources": len(set(sources)), "watched seconds": watch,
+            "answers to the idle ones": dict(answered),  # 'none': held open without an answer
+            "held": len(held), "held closed by the server": len(held_closed),
+            "held for seconds (max)": round(max(held_closed), 2) if held_closed else None,
+            "other client: probes": len(probes), "other client: 200": sum(1 for _, s, _ in probes if s == 200),
+            "other client: statuses": dict(Counter(str(status) for _, status, _ in probes)),
+            "other client: kept out for seconds": round(max(kept_out), 2) if kept_out else 0.0,
+            "other client: slowest answer seconds": max((s for _, _, s in probes), default=None)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="idle connections against a running fastcache serve (loopback)")
+    parser.add_argument("what", choices=["idle-flood"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, default=600)
+    parser.add_argument("--spread", action="store_true", help="one loopback address per connection (127.0.1.1, ...)")
+    parser.add_argument("--watch", type=float, default=40.0, help="seconds to watch (longer than the timeouts)")
+    parser.add_argument("--label", default="", help="a name for this run in the output files")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    sources = ([f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(args.count)] if args.spread else ["127.0.0.2"])
+    figures = idle_flood(args.port, args.count, sources, args.watch)
+    name = f"serve_idle_flood{'_spread' if args.spread else ''}{'_' + args.label if args.label else ''}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (out / f"{name}.md").write_text("| figure | value |\n|---|---|\n" + "".join(
+        f"| {key} | {value} |\n" for key, value in figures.items()))
+    print(json.dumps(figures, indent=1))
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
