@@ -6,7 +6,7 @@ import logging
 
 import httpx
 import pytest
-from conftest import app_in_thread, assert_error
+from conftest import app_in_thread, assert_error, wait_until
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
@@ -108,15 +108,20 @@ def test_an_unexpected_exception_is_logged_once_not_again_by_the_server():
         raise RuntimeError("a bug")
 
     tracebacks = _Tracebacks()
-    loggers = [logging.getLogger(name) for name in ("uvicorn", "")]  # uvicorn's loggers stop at "uvicorn"
-    for logger in loggers:
-        logger.addHandler(tracebacks)
-    try:
-        with app_in_thread(app, timeout=60) as url:
-            response = httpx.get(f"{url}/v1/fails", timeout=30)
-    finally:
+    # after uvicorn configured its loggers, which drops their handlers; its loggers stop at "uvicorn"
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "")]
+    with app_in_thread(app, timeout=60) as url:
         for logger in loggers:
-            logger.removeHandler(tracebacks)
+            logger.addHandler(tracebacks)
+        try:
+            response = httpx.get(f"{url}/v1/fails", timeout=30)
+            try:  # the server logs what escapes the app after the answer is sent: give it the time to
+                wait_until(lambda: len(tracebacks.logged) > 1, 2, "a second traceback")
+            except TimeoutError:
+                pass
+        finally:
+            for logger in loggers:
+                logger.removeHandler(tracebacks)
     assert_error(response.status_code, response.content, 500)
     assert tracebacks.logged == ["fastcache.serving.errors: fastcache: GET /v1/fails failed"]
 
