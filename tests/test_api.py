@@ -54,11 +54,35 @@ def test_the_schema_states_this_servers_limits(service):
         assert fields["guidance_scale"]["exclusiveMinimum"] == 1 and fields["guidance_scale"]["maximum"] == 50
         assert fields["response_format"]["const"] == "b64_json"
     assert schemas["CacheLevel"]["properties"]["interval"]["enum"] == [1, 3]
-    assert _variants(form["properties"]["strength"])[0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    strength = form["properties"]["strength"]
+    assert (strength["type"], strength["exclusiveMinimum"], strength["maximum"]) == ("number", 0, 1)
     assert form["properties"]["image"]["contentMediaType"] == "application/octet-stream"
     assert set(form["required"]) == {"prompt", "image"}
-    assert "lora" in body["properties"] and "none (this server serves no LoRA)" in body["properties"]["lora"][
-        "description"]
+    for name, field in form["properties"].items():  # a form has no null: an optional field is absent, not "null"
+        assert "anyOf" not in field and field.get("type") != "null", name
+    lora = body["properties"]["lora"]  # no adapters on this server: none, or an empty list
+    assert lora["anyOf"] == [{"type": "array", "maxItems": 0}, {"type": "null"}]
+    assert "none (this server serves no LoRA)" in lora["description"]
+
+
+def test_the_schema_speaks_json_schema_and_integers_as_json_does(service):
+    def keys(node):
+        if isinstance(node, dict):
+            yield from node
+            for value in node.values():
+                yield from keys(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from keys(value)
+
+    assert not {"ge", "le", "gt", "lt"} & set(keys(document(service)))  # pydantic's names, which no client reads
+    body = api_for(ENGINE, levels=(1, 3)).generation
+    taken = body.model_validate({"prompt": "x", "n": 2.0, "seed": 7.0, "num_inference_steps": 3.0,
+                                 "cache": {"interval": 3.0}})  # JSON Schema's integers include 2.0
+    assert (taken.n, taken.seed, taken.num_inference_steps, taken.cache.interval) == (2, 7, 3, 3)
+    for wrong in ({"n": 1.5}, {"n": "2"}, {"n": True}, {"seed": "7"}, {"num_inference_steps": 10.0}):
+        with pytest.raises(ValueError):
+            body.model_validate({"prompt": "x", **wrong})
 
 
 def _variants(field: dict) -> list[dict]:
@@ -78,6 +102,7 @@ def test_every_operation_answers_its_errors_in_the_one_format(service):
     assert set(operations) == {("post", "/v1/images/generations"), ("post", "/v1/images/edits"),
                                *((method, path) for method in ("get", "head")
                                  for path in ("/v1/models", "/health", "/ready", "/metrics"))}
+    assert len({operation["operationId"] for operation in operations.values()}) == len(operations)
     for (method, path), operation in operations.items():
         responses = operation["responses"]
         assert "422" not in responses and "401" not in responses and "security" not in operation  # no keys
@@ -183,7 +208,8 @@ def test_head_is_get_without_a_body_and_a_trailing_slash_is_the_path_without_it(
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return {name: await client.request(method, path) for name, (method, path) in {
                 "head": ("HEAD", "/health"), "get": ("GET", "/health"), "slash": ("GET", "/health/"),
-                "ready slash": ("HEAD", "/ready/"), "models slash": ("GET", "/v1/models/")}.items()}
+                "ready slash": ("HEAD", "/ready/"), "models slash": ("GET", "/v1/models/"),
+                "options": ("OPTIONS", "/health")}.items()}
 
     answers = asyncio.run(exchange())
     assert answers["head"].status_code == answers["get"].status_code == answers["slash"].status_code == 200
@@ -192,3 +218,5 @@ def test_head_is_get_without_a_body_and_a_trailing_slash_is_the_path_without_it(
     ready = answers["ready slash"]  # /ready's own answer (no engine thread runs here: 503), without its body
     assert ready.status_code == 503 and ready.content == b"" and ready.headers["content-type"] == "application/json"
     assert_error(answers["models slash"].status_code, answers["models slash"].content, 401)  # the key still counts
+    assert_error(answers["options"].status_code, answers["options"].content, 405)
+    assert set(answers["options"].headers["allow"].split(", ")) == {"GET", "HEAD"}  # schemathesis found HEAD alone

@@ -12,13 +12,24 @@ Bodies are read with two bounds before a parser recurses or guesses (``CheckedBo
 """
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Request, UploadFile
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    create_model,
+)
 
 from .engine import EngineConfig
 from .errors import ErrorResponse, error_response, some
@@ -36,13 +47,21 @@ MAX_JSON_DEPTH = 32  # a request nests 3 levels ({"lora": [{"name": ...}]}); Pyt
 NOT_BLANK = r"\S"  # JSON Schema's pattern: a non-space character somewhere
 
 
+def _integral(value):
+    """JSON Schema's integers include 3.0 (a JSON number with no fraction): as 3. Strings and booleans stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[StrictInt, BeforeValidator(_integral)]  # an integer as JSON says it: 3 or 3.0, not "3" or true
+
+
 class CacheLevel(BaseModel):
     """``"cache": {"interval": k}``: a full UNet step every ``k`` steps, ``k`` one of the served levels (1: uncached,
     the exact image of the plain pipeline). Requests batch only with requests of the same level."""
 
     model_config = ConfigDict(extra="forbid")
 
-    interval: StrictInt = Field(ge=1)
+    interval: Integer = Field(ge=1)
 
 
 class ImageData(BaseModel):
@@ -148,7 +167,11 @@ def api_for(config: EngineConfig, levels: tuple[int, ...], adapters: tuple[str, 
         guidance = dict(guidance, ge=None, gt=1)
     elif config.guidance == (False,):
         guidance = dict(guidance, le=1)
-    interval_type = Literal[tuple(levels)] if levels else StrictInt
+    interval_type = Annotated[Literal[tuple(levels)], BeforeValidator(_integral)] if levels else Integer
+    # NOTE: an optional field's bounds go inside its type, before the validator: on the union, or after it, pydantic
+    # writes "ge"/"le" into the schema, not JSON Schema's minimum/maximum
+    steps_type = Annotated[StrictInt, Field(ge=1, le=config.max_steps), BeforeValidator(_integral)]
+    seed_type = Annotated[StrictInt, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)]
     lora_schema = _lora_schema(adapters)
 
     served_level = create_model("CacheLevel", __config__=ConfigDict(extra="forbid"), __doc__=CacheLevel.__doc__,
@@ -162,14 +185,13 @@ def api_for(config: EngineConfig, levels: tuple[int, ...], adapters: tuple[str, 
         model_config = ConfigDict(extra="forbid")
 
         prompt: StrictStr = described("prompt", min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)
-        n: StrictInt = described("n", default=1, ge=1, le=config.max_batch)
+        n: Integer = described("n", default=1, ge=1, le=config.max_batch)
         size: size_type | None = described("size", default=None, **size_limits)  # default: the first served size
         response_format: Literal["b64_json"] = described("response_format", default="b64_json")
         negative_prompt: StrictStr = described("negative_prompt", default="", max_length=MAX_PROMPT_CHARS)
-        num_inference_steps: StrictInt | None = described("num_inference_steps", default=None, ge=1,
-                                                          le=config.max_steps)  # default: the server's --steps
+        num_inference_steps: steps_type | None = described("num_inference_steps", default=None)  # default: --steps
         guidance_scale: StrictFloat = described("guidance_scale", default=7.5, **guidance)  # integers too
-        seed: StrictInt | None = described("seed", default=None, ge=0, le=MAX_SEED)  # default: random
+        seed: seed_type | None = described("seed", default=None)  # default: random
         cache: served_level | None = described("cache", default=None)  # default: the server's --interval
         # "name", {"name": "x", "scale": 0.8} or a list of them: request.lora_adapters reads it, with its messages
         lora: Annotated[Any, WithJsonSchema(lora_schema)] = described("lora", default=None)
@@ -186,30 +208,32 @@ def api_for(config: EngineConfig, levels: tuple[int, ...], adapters: tuple[str, 
 
         prompt: str = described("prompt", min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)
         image: UploadFile = described("image")
-        mask: UploadFile | None = described("mask", default=None)
+        # NOTE: optional form fields are not nullable: a form has no null (absent: the default)
+        mask: UploadFile = described("mask", default=None)
         n: int = described("n", default=1, ge=1, le=config.max_batch)
-        size: size_type | None = described("size", default=None, **size_limits)
+        size: size_type = described("size", default=None, **size_limits)
         response_format: Literal["b64_json"] = described("response_format", default="b64_json")
         negative_prompt: str = described("negative_prompt", default="", max_length=MAX_PROMPT_CHARS)
-        num_inference_steps: int | None = described("num_inference_steps", default=None, ge=1, le=config.max_steps)
+        num_inference_steps: int = described("num_inference_steps", default=None, ge=1, le=config.max_steps)
         guidance_scale: float = described("guidance_scale", default=7.5, **guidance)
-        seed: int | None = described("seed", default=None, ge=0, le=MAX_SEED)
+        seed: int = described("seed", default=None, ge=0, le=MAX_SEED)
         # default: diffusers' per kind
-        strength: float | None = described("strength", default=None, gt=0, le=1, allow_inf_nan=False)
+        strength: float = described("strength", default=None, gt=0, le=1, allow_inf_nan=False)
         resize: bool = described("resize", default=False)
-        cache: str | None = described("cache", default=None, max_length=200,
+        cache: str = described("cache", default=None, max_length=200,
                                       json_schema_extra={"contentMediaType": "application/json"})
-        lora: str | None = described("lora", default=None, max_length=4096)
+        lora: str = described("lora", default=None, max_length=4096)
 
     return Api(GenerationBody, EditForm, rules)
 
 
 def _lora_schema(adapters: tuple[str, ...]) -> dict:
-    name = {"type": "string", "enum": list(adapters)} if adapters else {"type": "string", "minLength": 1}
+    if not adapters:  # nothing to name: none, or an empty list
+        return {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}
+    name = {"type": "string", "enum": list(adapters)}
     item = {"anyOf": [name, {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
         "name": name, "scale": {"type": "number", "minimum": -MAX_LORA_SCALE, "maximum": MAX_LORA_SCALE}}}]}
-    return {"anyOf": [item, {"type": "array", "items": item}, {"type": "null"}],
-            "description": f"{LORA_FORM}, each adapter once"}
+    return {"anyOf": [item, {"type": "array", "items": item, "uniqueItems": True}, {"type": "null"}]}
 
 
 def field_rules(config: EngineConfig, levels: tuple[int, ...] = (), adapters: tuple[str, ...] = ()) -> dict[str, str]:
@@ -352,7 +376,9 @@ def openapi(app, keys: bool) -> dict:
     400s in the one error format), the routing errors in components, and the API key's scheme where keys are set."""
     from fastapi.openapi.utils import get_openapi
 
-    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    with warnings.catch_warnings():  # a GET and HEAD route gives both operations its one id: told apart below
+        warnings.simplefilter("ignore", UserWarning)
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for model in app.state.request_models:
@@ -361,7 +387,9 @@ def openapi(app, keys: bool) -> dict:
         schemas.pop(name, None)
     open_paths = set(app.state.open_paths)
     for path, operations in document["paths"].items():
-        for operation in operations.values():
+        for method, operation in operations.items():
+            if method == "head":
+                operation["operationId"] = f"head_{operation['operationId']}"
             operation["responses"].pop("422", None)
             if path in open_paths:
                 operation["responses"].pop("401", None)

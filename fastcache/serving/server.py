@@ -114,7 +114,7 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
         except QueueFull as error:
             return error_response(429, f"too many requests: {error}", code="queue_full", retry_after=1)
         except ShuttingDown as error:
-            return error_response(503, str(error), code="shutting_down")
+            return error_response(503, str(error), code="shutting_down", retry_after=1)  # another replica may take it
         waiter = asyncio.wrap_future(future)
         try:
             while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S))[0]:
@@ -134,14 +134,9 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
                 "data": [{"b64_json": png, "seed": request.seed + i} for i, png in enumerate(data)]}
 
     def get_and_head(path: str, **kwargs):
-        """A GET endpoint that answers HEAD too (load balancers probe with either); two routes, so that each has
-        its operation in the schema."""
-
-        def register(endpoint):
-            app.head(path, operation_id=f"head_{endpoint.__name__}", **kwargs)(endpoint)
-            return app.get(path, operation_id=endpoint.__name__, **kwargs)(endpoint)
-
-        return register
+        """A GET endpoint that answers HEAD too (load balancers probe with either); one route, so that a 405 says
+        both in its Allow header."""
+        return app.api_route(path, methods=["GET", "HEAD"], **kwargs)
 
     @get_and_head("/v1/models", responses={200: {"model": api.ModelList}, **api.EDGE_ERRORS})
     async def models():
