@@ -202,6 +202,7 @@ def test_a_seeded_fuzz_of_malformed_generations_and_edits_gets_4xx_in_one_format
     assert not failures, failures[:10]
     assert {o["kind"] for o in outcomes} == {"http", "raw"} and len(outcomes) == 525
     assert server.proc.poll() is None and httpx.get(f"{server.url}/ready").status_code == 200
+    assert "Traceback" not in server.output(), server.output()[-3000:]  # bad input is no error of the server's
     again = generate(server, {"prompt": "the same before and after", "seed": 11})
     assert again.status_code == 200
     assert np.array_equal(png_array(again.json()["data"][0]["b64_json"]),

@@ -30,6 +30,7 @@ from pydantic import (
     WithJsonSchema,
     create_model,
 )
+from starlette.requests import ClientDisconnect
 
 from .engine import EngineConfig
 from .errors import ErrorResponse, error_response, some
@@ -344,13 +345,15 @@ class CheckedBodyRoute(APIRoute):
         async def checked(request: Request):
             content_type = request.headers.get("content-type", "")
             media = content_type.split(";")[0].strip().lower()
-            if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
-                problem = depth_problem(await request.body(), "the request body")
-                if problem:
+            is_json = media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+            if is_json or media == "multipart/form-data":
+                try:
+                    body = await request.body()
+                except ClientDisconnect:  # the edge answered it (408, 413), or its client left: no one reads this
+                    return error_response(400, "the request body did not arrive whole.", code="incomplete_body")
+                if is_json and (problem := depth_problem(body, "the request body")):
                     return error_response(400, problem, code="invalid_json")
-            elif media == "multipart/form-data":
-                problem = form_text_problem(await request.body(), content_type)
-                if problem:
+                if not is_json and (problem := form_text_problem(body, content_type)):
                     return error_response(400, *problem, code="invalid_value")
             return await handler(request)
 
