@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import platform
 import random
 import selectors
 import socket
 import struct
 import sys
+import threading
 import time
 import zlib
 from collections import Counter
@@ -39,7 +42,7 @@ FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "num_infe
           "seed", "model", "user")
 WRONG_TYPES = {  # per field: values of a type it does not take (None only where the field is required)
     "str": [5, 1.5, True, [], ["x"], {"a": 1}], "opt_str": [5, 1.5, False, [], {}],
-    "int": ["2", 1.5, 2.0, True, [1], {"n": 1}], "opt_int": ["7", 0.5, False, [], {}],
+    "int": ["2", 1.5, 2.5, True, [1], {"n": 1}], "opt_int": ["7", 0.5, False, [], {}],  # 2.0 is an integer in JSON
     "float": ["7.5", True, [7.5], {}, None],
 }
 FIELD_KIND = {"prompt": "str", "response_format": "str", "negative_prompt": "str", "size": "opt_str",
@@ -342,14 +345,34 @@ def run_cases(url: str, port: int, cases: list, wait: float) -> list[dict]:
 
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+GENERATION = {"prompt": "a red fox", "num_inference_steps": 4}  # a normal request, small, at the served size
+
+
+def generation_seconds(port: int, source: str, api_key: str | None, wait: float = 120.0) -> tuple[int | None, float]:
+    """One normal generation from ``source``: its status (None if it failed to connect or timed out) and seconds."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    start = time.monotonic()
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=wait) as client:
+            status = client.post(f"http://127.0.0.1:{port}{GENERATIONS}", json=GENERATION, headers=headers).status_code
+    except httpx.HTTPError:
+        status = None
+    return status, round(time.monotonic() - start, 3)
+
+
+def _generate_into(result: dict, port: int, source: str, api_key: str | None) -> None:
+    result["status"], result["seconds"] = generation_seconds(port, source, api_key)
 
 
 def idle_flood(port: int, count: int, sources: list[str], watch: float, host: str = "127.0.0.1",
-               probe_source: str = "127.0.0.1", probe_every: float = 0.25) -> dict:
+               probe_source: str = "127.0.0.1", probe_every: float = 0.25, api_key: str | None = None,
+               generate_at: float = 1.0) -> dict:
     """Open ``count`` connections that send nothing, from ``sources`` in turn (loopback addresses: Linux routes all of
     127.0.0.0/8 here), then for ``watch`` seconds probe ``GET /health`` from ``probe_source`` (another client) and
     watch the idle ones: how many the server held and for how long, what it answered the others, and what the other
-    client got and for how long it was kept out."""
+    client got and for how long it was kept out. One normal generation from ``probe_source`` before the flood and
+    one ``generate_at`` seconds into the watch give the latency of a real request without and with the flood."""
+    before = generation_seconds(port, probe_source, api_key)
     selector, opened, flood = selectors.DefaultSelector(), {}, time.monotonic()
     for i in range(count):
         try:
@@ -360,9 +383,14 @@ def idle_flood(port: int, count: int, sources: list[str], watch: float, host: st
         sock.setblocking(False)
         opened[sock] = {"answer": b"", "closed": None}
         selector.register(sock, selectors.EVENT_READ)
-    probes, start = [], time.monotonic()
+    opening_seconds = round(time.monotonic() - flood, 3)
+    probes, start, during = [], time.monotonic(), None
     next_probe = start
     while (now := time.monotonic()) - start < watch:
+        if during is None and now - start >= generate_at:  # in a thread: the idle ones are watched meanwhile
+            during = {"at": round(now - start, 2)}
+            worker = threading.Thread(target=_generate_into, args=(during, port, probe_source, api_key), daemon=True)
+            worker.start()
         for key, _ in selector.select(timeout=max(0.0, min(0.05, next_probe - now))):
             state = opened[key.fileobj]
             try:
@@ -380,6 +408,8 @@ def idle_flood(port: int, count: int, sources: list[str], watch: float, host: st
                 status, seconds = None, 10.0
             probes.append((round(time.monotonic() - start, 2), status, round(seconds, 3)))
             next_probe = time.monotonic() + probe_every
+    if during is not None:
+        worker.join(timeout=120)  # bounded: generation_seconds waits at most 120 s
     for sock in opened:
         if isinstance(sock, socket.socket):
             sock.close()
@@ -390,13 +420,19 @@ def idle_flood(port: int, count: int, sources: list[str], watch: float, host: st
     held_closed = [state["closed"] for state in held if state["closed"] is not None]
     kept_out = [t for t, status, _ in probes if status != 200]
     return {"idle connections": count, "sources": len(set(sources)), "watched seconds": watch,
+            "seconds to open them": opening_seconds,
+            "connect failures": sum(1 for key in opened if isinstance(key, str)),
             "answers to the idle ones": dict(answered),  # 'none': held open without an answer
             "held": len(held), "held closed by the server": len(held_closed),
             "held for seconds (max)": round(max(held_closed), 2) if held_closed else None,
             "other client: probes": len(probes), "other client: 200": sum(1 for _, s, _ in probes if s == 200),
             "other client: statuses": dict(Counter(str(status) for _, status, _ in probes)),
             "other client: kept out for seconds": round(max(kept_out), 2) if kept_out else 0.0,
-            "other client: slowest answer seconds": max((s for _, _, s in probes), default=None)}
+            "other client: slowest answer seconds": max((s for _, _, s in probes), default=None),
+            "other client: health median seconds": (sorted(s for _, _, s in probes)[len(probes) // 2]
+                                                    if probes else None),
+            "generation before the flood (status, seconds)": list(before),
+            "generation during the flood": during}
 
 
 def main(argv=None) -> dict:
@@ -407,10 +443,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--spread", action="store_true", help="one loopback address per connection (127.0.1.1, ...)")
     parser.add_argument("--watch", type=float, default=40.0, help="seconds to watch (longer than the timeouts)")
     parser.add_argument("--label", default="", help="a name for this run in the output files")
+    parser.add_argument("--api-key", default=None, help="the server's API key, if it has one (for the generations)")
+    parser.add_argument("--note", default="", help="what was measured (the server's command line, its version)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     sources = ([f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(args.count)] if args.spread else ["127.0.0.2"])
-    figures = idle_flood(args.port, args.count, sources, args.watch)
+    figures = {"note": args.note, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+               **idle_flood(args.port, args.count, sources, args.watch, api_key=args.api_key)}
     name = f"serve_idle_flood{'_spread' if args.spread else ''}{'_' + args.label if args.label else ''}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
