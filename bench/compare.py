@@ -50,7 +50,6 @@ from torch._inductor.utils import clear_caches as clear_inductor_caches
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastcache.environment import environment
-from fastcache.fidelity import psnr, ssim
 from fastcache.graphs import UNET_INDUCTOR_OPTIONS, compile_decoder, compile_options, cudagraph_recordings
 from fastcache.models import (
     build_pipeline,
@@ -60,6 +59,7 @@ from fastcache.models import (
     with_controlnet,
     with_text_encoder,
 )
+from fastcache.tuning.fidelity import psnr, ssim
 from fastcache.variants import VARIANTS, speed_switches
 
 logger = logging.getLogger("bench")

@@ -78,7 +78,7 @@ export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # fail in seconds, not after a model build, when something the stages import is missing
 python3 -c "import diffusers, DeepCache, triton, torch, pytest, matplotlib, pynvml, torchmetrics, peft
-import fastcache.variants, fastcache.fused_step, fastcache.sweep
+import fastcache.variants, fastcache.fused_step, fastcache.tuning.sweep
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" || exit 1
 if [[ " ${stages[*]} " == *" serve "* ]]; then
     python3 -c "import fastapi, uvicorn, prometheus_client, httpx" || exit 1

@@ -1,7 +1,8 @@
 """The ``fastcache`` command: ``generate``, ``warmup``, ``serve``, ``tune`` and ``bench``.
 
 Every argument is checked before a model is built, against the model's own configs where they can be read without
-weights (presets, local folders); a bad one gets one line and exit code 2.
+weights (presets, local folders); a bad one gets one line and exit code 2. The checks (``cli_options``) import
+neither diffusers' pipelines nor the wings; a command imports what it runs once its arguments are checked.
 """
 
 from __future__ import annotations
@@ -9,31 +10,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from transformers.utils import logging as transformers_logging
-
-# NOTE: importing diffusers' pipelines makes transformers log notices (e.g. "requires torchvision") that would bury
-# the one-line errors of a bad argument; quiet while importing only.
-_verbosity = transformers_logging.get_verbosity()
-transformers_logging.set_verbosity_error()
-from .config import FastCacheConfig  # noqa: E402
-from .graphs import COMPILE_MODES  # noqa: E402
-from .models import INPAINT_PRESETS, PRESETS, Geometry, check_device, default_dtype, model_geometry  # noqa: E402
-from .schedule import SCHEDULE_KINDS, make_schedule  # noqa: E402
-from .serving.loras import DEFAULT_MAX_SLOTS  # noqa: E402
-from .serving.request import size_problem  # noqa: E402
-
-transformers_logging.set_verbosity(_verbosity)
+from .cli_options import (
+    CACHE_DEFAULTS,
+    Parser,
+    add_cache_options,
+    add_model_options,
+    cache_config,
+    check_model_options,
+    check_model_path,
+    check_steps,
+    check_writable,
+    extra_errors,
+    fail,
+    field_errors,
+    model_errors,
+    parse_int_list,
+    parse_size,
+    quiet_imports,
+    require_extra,
+)
+from .extras import missing_module
+from .presets import INPAINT_PRESETS, VIDEO_PRESETS, default_dtype
 
 logger = logging.getLogger("fastcache")
 
@@ -42,217 +46,14 @@ BENCHMARKS = {"compare": "bench/compare.py", "serve-load": "bench/serve_load.py"
               "serve-faults": "bench/serve_faults.py", "cold-start": "bench/cold_start.py"}
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with defaults in ``--help`` and one-line errors (exit code 2)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default, unless its help already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if not any(action.default is nothing for nothing in (None, argparse.SUPPRESS, False)) and (
-                "default" not in text):
-            text += " (default: %(default)s)"
-        return text
-
-
-# -- options shared by the commands (and python -m fastcache) ------------------------------------------------------
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", help="a local diffusers pipeline folder or a hub id (loaded with from_pretrained); "
-                                       "default: --preset")
-    group.add_argument("--preset", default="tiny-sd", choices=sorted(PRESETS),
-                       help="an architecture built from its config with RANDOM weights (images are noise; sd15, sd21 "
-                            "and sdxl run at the real models' speed, tiny-* are small stand-ins); prompt embeddings "
-                            "are derived from the prompt text")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="cpu, cuda or cuda:N (float16 on CUDA, float32 on CPU)")
-
-
-# the cache options' defaults; warmup and serve leave them unset on the command line so that --tuned can fill them
-CACHE_DEFAULTS = {name: getattr(FastCacheConfig, name) for name in ("interval", "branch", "schedule")}
-
-
-def add_cache_options(parser: argparse.ArgumentParser, compile_flag: bool = True, tuned: bool = False) -> None:
-    group = parser.add_argument_group("cache")
-    default = ("default: %s, or the --tuned file's pick" if tuned else "default: %s")
-    group.add_argument("--interval", type=int, default=None if tuned else CACHE_DEFAULTS["interval"],
-                       help=f"a full UNet step every INTERVAL steps (1: no caching) "
-                            f"({default % CACHE_DEFAULTS['interval']})")
-    group.add_argument("--branch", type=int, default=None if tuned else CACHE_DEFAULTS["branch"],
-                       help=f"DeepCache branch: how deep the shallow path goes (0: shallowest, fastest) "
-                            f"({default % CACHE_DEFAULTS['branch']})")
-    group.add_argument("--schedule", default=None if tuned else CACHE_DEFAULTS["schedule"], choices=SCHEDULE_KINDS,
-                       help=f"which steps are full: every INTERVAL-th, or DeepCache's quad-center schedule "
-                            f"({default % CACHE_DEFAULTS['schedule']})")
-    if tuned:
-        group.add_argument("--tuned", metavar="FILE",
-                           help="use the pick of a `fastcache tune` run (its tune.json) for --interval, --branch and "
-                                "--schedule; refused if it was made for another model, size or steps")
-    if compile_flag:
-        add_compile_options(group)
-
-
-def add_compile_options(group) -> None:
-    group.add_argument("--compile", default=True, action=argparse.BooleanOptionalAction,
-                       help="compile the two UNet paths (CUDA graphs on CUDA); --no-compile runs them eagerly")
-    group.add_argument("--mode", choices=COMPILE_MODES,
-                       help="torch.compile mode (default: reduce-overhead); static-cudagraphs: CUDA graphs "
-                            "captured by hand (see README)")
-
-
-def check_compile_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.mode is not None and not args.compile:
-        parser.error("--mode needs --compile (--no-compile runs the paths eagerly)")
-    if getattr(args, "static_shapes", False) and not args.compile:
-        parser.error("--static-shapes needs --compile (--no-compile runs the paths eagerly)")
-    args.mode = args.mode or FastCacheConfig.mode
-
-
-def check_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
-    """Validate --device and --model; the model's geometry where its configs are readable."""
-    device = args.device
-    with field_errors(parser):
-        check_device(device)
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            parser.error(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
-        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
-            parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    if args.model:
-        check_model_path(parser, args.model, "--model")
-    return model_geometry(str(Path(args.model).expanduser()) if args.model else None, args.preset)
-
-
-def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Geometry | None:
-    """Validate the model and cache options; the model's geometry where its configs are readable."""
-    geometry = check_model(parser, args)
-    if args.interval < 1:
-        parser.error(f"--interval must be >= 1 (1 means no caching); got {args.interval}")
-    if geometry is not None and not 0 <= args.branch < geometry.branches:
-        parser.error(f"--branch must be between 0 and {geometry.branches - 1} for this model; got {args.branch}")
-    if args.branch < 0:
-        parser.error(f"--branch must be >= 0; got {args.branch}")
-    if hasattr(args, "compile"):
-        check_compile_options(parser, args)
-    return geometry
-
-
-def check_model_path(parser: argparse.ArgumentParser, model: str, flag: str) -> None:
-    """``model`` is a diffusers pipeline folder, or may be a hub id (one line, exit code 2 otherwise)."""
-    path = Path(model).expanduser()
-    if path.exists() and not (path / "model_index.json").is_file():
-        parser.error(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
-    hub_id = not model.startswith((".", "/", "~")) and model.count("/") <= 1
-    if not path.exists() and (not hub_id or os.environ.get("HF_HUB_OFFLINE")):
-        parser.error(f"{flag} {model}: no such folder")
-
-
-def cache_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FastCacheConfig:
-    """The cache options as a ``FastCacheConfig`` (which checks them); a bad one: one line, exit code 2."""
-    options = dict(interval=args.interval, branch=args.branch, schedule=args.schedule)
-    if hasattr(args, "compile"):
-        options.update(compile=args.compile, mode=args.mode, dynamic_batch=not getattr(args, "static_shapes", False))
-    with field_errors(parser):
-        return FastCacheConfig(**options)
-
-
-# flags whose name is not the field's (the fields of FastCacheConfig, EngineConfig, EdgeConfig and image requests)
-FLAGS = {"guidance": "--guidance-modes", "guidance_scale": "--guidance", "n": "--batch",
-         "num_inference_steps": "--steps", "prompt": "PROMPT", "api_keys": "--api-key (or FASTCACHE_API_KEY)"}
-
-
-@contextmanager
-def field_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
-    """A dataclass's own check, said with the command line's flag: 'max_queue must ...' becomes '--max-queue must
-    ...'. The dataclasses name the field first in every message."""
-    try:
-        yield
-    except (TypeError, ValueError) as error:
-        message = str(error)
-        field = getattr(error, "param", None) or message.split(" ", 1)[0]
-        flag = FLAGS.get(field, "--" + field.replace("_", "-"))
-        parser.error(flag + message[len(field):] if message.startswith(field) else message)
-
-
-def check_finite(parser: argparse.ArgumentParser, value: float, flag: str, low: float = float("-inf"),
-                 high: float = float("inf")) -> None:
-    if not (math.isfinite(value) and low <= value <= high):
-        parser.error(f"{flag} must be a finite number" + (f" from {low:g} to {high:g}" if math.isfinite(low) and
-                                                          math.isfinite(high) else "") + f"; got {value}")
-
-
-def check_writable(parser: argparse.ArgumentParser, path: str, flag: str, folder: bool = False) -> None:
-    """``path`` (a folder, or a file whose folder exists) can be created or written."""
-    target = Path(path).expanduser().resolve()
-    if folder and target.exists() and not target.is_dir():
-        parser.error(f"{flag} {path}: not a folder")
-    existing = target if folder else target.parent
-    while not existing.exists():
-        if not folder:
-            parser.error(f"{flag} {path}: the folder {existing} does not exist")
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        parser.error(f"{flag} {path}: {existing} is not a writable folder")
-
-
-@contextmanager
-def model_errors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[None]:
-    """A model that cannot be loaded, or that fastcache refuses (known only once loaded, for hub ids): one line."""
-    try:
-        yield
-    except (OSError, ValueError) as error:
-        parser.error(f"{args.model or args.preset}: {error}".replace("\n", " "))
-
-
-def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace, steps: int, flag: str = "--steps",
-                interval: int | None = None) -> None:
-    """``steps`` has a schedule at ``interval`` (default ``--interval``): quad-center has none for some pairs."""
-    if steps < 1:
-        parser.error(f"{flag} must be >= 1; got {steps}")
-    try:
-        make_schedule(args.schedule, args.interval if interval is None else interval).full_steps(steps)
-    except ValueError as error:
-        parser.error(f"{flag} {steps}: {error}")
-
-
-def parse_size(parser: argparse.ArgumentParser, text: str, geometry: Geometry | None) -> tuple[int, int]:
-    """``N`` or ``WxH`` pixels, each a positive multiple of the model's pixel multiple."""
-    parts = text.lower().split("x")
-    if len(parts) > 2 or not all(part.isdigit() for part in parts):
-        parser.error(f"a size is N or WIDTHxHEIGHT in pixels; got {text!r}")
-    width, height = int(parts[0]), int(parts[-1])
-    multiple = geometry.pixel_multiple if geometry else 8
-    if size_problem(width, height, multiple):
-        parser.error(f"sizes must be positive multiples of {multiple} pixels for this model; got {text!r}")
-    return width, height
-
-
-def parse_int_list(parser: argparse.ArgumentParser, text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        parser.error(f"{flag} takes comma-separated integers, e.g. 1,2,4; got {text!r}")
-    if not values or min(values) < 1:
-        parser.error(f"{flag} values must be >= 1; got {text!r}")
-    return tuple(sorted(set(values)))
-
-
 # -- commands ------------------------------------------------------------------------------------------------------
 
 def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The ``fastcache`` parser, and its commands' parsers by name."""
     parser = Parser(prog="fastcache", description="DeepCache and torch.compile with CUDA graphs for diffusers UNet "
                                                   "pipelines: generate images, warm up, serve, tune, benchmark.")
+    from .serving.video_options import add_video_arguments  # the standard library only: a parser may import it
+
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="prompts to PNG files", description="Generate images with "
@@ -269,9 +70,11 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     generate.add_argument("--output-dir", default=".", help="where the PNG files go")
 
     for name, text in (("warmup", "compile and capture every bucket, storing the compile cache"),
-                       ("serve", "the OpenAI-style HTTP images API")):
+                       ("serve", "the OpenAI-style HTTP images API (videos: /v1/videos)")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_model_options(sub)
+        preset = next(action for action in sub._actions if action.dest == "preset")
+        preset.choices = sorted([*preset.choices, *VIDEO_PRESETS])  # served at /v1/videos
         add_cache_options(sub, tuned=True)
         sub.add_argument("--sizes", default=None, help="comma-separated sizes to serve, N or WIDTHxHEIGHT "
                                                        "(default: the model's native size)")
@@ -303,13 +106,14 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                           help="load a LoRA (a .safetensors file, or a folder holding one) as adapter NAME; repeat for "
                                "several. Requests pick theirs with \"lora\": switching compiles nothing (hot-swaps "
                                "into prepared slots)")
+        # NOTE: "at most 4" is serving.loras.DEFAULT_MAX_SLOTS, which a parser must not import (a test pins it)
         lora.add_argument("--lora-slots", type=int,
                           help="adapters one request may combine; each slot costs a LoRA of --lora-rank on every "
-                               "layer the adapters target, used or not (default: the adapters loaded, at most "
-                               f"{DEFAULT_MAX_SLOTS})")
+                               "layer the adapters target, used or not (default: the adapters loaded, at most 4)")
         lora.add_argument("--lora-rank", type=int,
                           help="the slots' rank: an adapter of a wider rank is refused (default: the widest "
                                "adapter's)")
+        add_video_arguments(sub, serving=name == "serve")
         if name == "warmup":
             sub.add_argument("--report", help="append the warm-up's report (seconds per bucket, cold or warm, cache "
                                               "hits, card, versions) to this JSON-lines file")
@@ -360,7 +164,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                              help="with --replicas: an existing Ray cluster ('auto' or ray://HOST:PORT); default: "
                                   "a local Ray on 127.0.0.1")
 
-    from .tune_command import add_tune_command
+    from .tuning.command import add_tune_command  # the tuning wing's options (its module imports only light ones)
 
     add_tune_command(commands)
 
@@ -377,11 +181,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
 
 def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Validated ``ServiceOptions`` for ``warmup`` and ``serve``: the command line's own checks (parsing, files,
-    ports), then the dataclasses' (``EngineConfig``, ``ServiceOptions``), said with the flags' names."""
-    from .serving.engine import EngineConfig
-    from .serving.loras import LoraOptions, parse_adapter
-    from .serving.service import ServiceOptions
-
+    ports), then, once the serving wing is imported, the dataclasses' (``EngineConfig``, ``LoraOptions``,
+    ``ServiceOptions``), said with the flags' names."""
     pick = apply_tuned(parser, args)
     tuned_size = pick.size if pick else None
     geometry = check_model_options(parser, args)
@@ -420,13 +221,26 @@ def service_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
         engine.update(max_size=max(max(size) for size in sizes))
     if args.inpaint_model:
         check_model_path(parser, args.inpaint_model, "--inpaint-model")
+    if args.lora:
+        require_extra(parser, "serve", "peft")
+    video = dict(sizes=tuple(parse_size(parser, text, geometry) for text in args.video_sizes.split(",")) if (
+        args.video_sizes) else (), frames=parse_int_list(parser, args.video_frames, "--video-frames") if (
+        args.video_frames) else ())
+    if serving:
+        video.update(fps=args.video_fps, data_dir=args.data_dir, ttl=args.video_ttl, max_jobs=args.max_video_jobs,
+                     crf=args.video_crf)
+    with quiet_imports():
+        from .serving.engine import EngineConfig
+        from .serving.loras import LoraOptions, parse_adapter
+        from .serving.service import ServiceOptions
+        from .serving.video_options import VideoOptions
     with field_errors(parser):
         lora = LoraOptions(adapters=tuple(parse_adapter(text) for text in args.lora or ()), slots=args.lora_slots,
                            rank=args.lora_rank)
         return ServiceOptions(model=args.model, preset=args.preset, device=args.device, cache=cache,
                               cache_dir=args.cache_dir, engine=EngineConfig(**engine),
                               inpaint_model=args.inpaint_model, inpaint_preset=args.inpaint_preset,
-                              level_labels=pick.levels if pick else None, lora=lora)
+                              level_labels=pick.levels if pick else None, lora=lora, video=VideoOptions(**video))
 
 
 def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -439,7 +253,7 @@ def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
             if getattr(args, name) is None:
                 setattr(args, name, value)
         return None
-    from .tune import tuned_pick
+    from .tuning.report import tuned_pick
 
     if given:
         parser.error(f"--tuned sets --interval, --branch and --schedule from its pick; drop {', '.join(given)}")
@@ -460,8 +274,9 @@ def apply_tuned(parser: argparse.ArgumentParser, args: argparse.Namespace):
 def edge_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The validated ``EdgeConfig`` of ``serve`` (keys from --api-key and FASTCACHE_API_KEY); a host that must not be
     served without a key is refused here, before anything is bound or built."""
-    from .serving.auth import keys_from_env
-    from .serving.edge import EdgeConfig
+    with quiet_imports():
+        from .serving.auth import keys_from_env
+        from .serving.edge import EdgeConfig
 
     with field_errors(parser):
         edge = EdgeConfig(api_keys=(*(args.api_key or ()), *keys_from_env()), metrics_public=args.metrics_public,
@@ -477,10 +292,6 @@ def edge_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 def generate(parser, args) -> int:
-    from .handle import compile_pipeline
-    from .models import open_pipeline
-    from .serving.request import ImageRequest, pipeline_kwargs, request_problem
-
     geometry = check_model_options(parser, args)
     cache = cache_config(parser, args)
     check_steps(parser, args, args.steps)
@@ -488,12 +299,16 @@ def generate(parser, args) -> int:
         parser.error(f"--batch must be >= 1; got {args.batch}")
     if args.size is not None:
         width, height = parse_size(parser, args.size, geometry)
+    check_writable(parser, args.output_dir, "--output-dir", folder=True)
+    with quiet_imports():
+        from .handle import compile_pipeline
+        from .models import open_pipeline
+        from .serving.request import ImageRequest, pipeline_kwargs, request_problem
     for prompt in args.prompts:
         problem = request_problem(prompt, args.negative_prompt, args.batch, args.guidance, args.seed)
         if problem:
             with field_errors(parser):
                 raise ValueError(problem[0])
-    check_writable(parser, args.output_dir, "--output-dir", folder=True)
     output = Path(args.output_dir)
     dtype = default_dtype(args.device)
     with model_errors(parser, args):
@@ -519,9 +334,10 @@ def generate(parser, args) -> int:
 
 
 def warmup(parser, args) -> int:
+    require_extra(parser, "serve")
+    options = service_options(parser, args)
     from .serving.service import Service
 
-    options = service_options(parser, args)
     with model_errors(parser, args):
         service = Service(options)
     report = service.warm_up(progress=True)
@@ -532,27 +348,50 @@ def warmup(parser, args) -> int:
 
 
 def serve(parser, args) -> int:
+    require_extra(parser, "serve")
+    if args.replicas > 0:
+        require_extra(parser, "ray")
     options = service_options(parser, args)
     edge = edge_config(parser, args)
+    check_video_serving(parser, args, options)
     if args.replicas:
-        from .serving.ray_serve import run_replicas
+        with quiet_imports():
+            try:
+                import ray.serve  # noqa: F401 (its own dependencies, which the ray extra installs)
+            except ModuleNotFoundError as error:
+                fail(parser, missing_module("ray", error.name))
+            from .serving.ray_serve import run_replicas
 
         return run_replicas(options, args.replicas, host=args.host, port=args.port, address=args.ray_address,
                             edge=edge)
-    import uvicorn
+    with quiet_imports():
+        import uvicorn
 
-    from .serving.server import make_app
-    from .serving.service import Service
+        from .serving.server import make_app
+        from .serving.service import Service
 
     sock = _bind(parser, args.host, args.port)  # a busy port fails now, not after the model is built
     with model_errors(parser, args):
         service = Service(options)
-    app = make_app(service, edge)
+        app = make_app(service, edge)  # a video server opens its --data-dir here (one server per folder)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, runs the app's shutdown (the engine's queue), then raises
     # the signal again with the handler it found: after a drained SIGTERM, that one exits 0
     signal.signal(signal.SIGTERM, _exit_drained)
     uvicorn.Server(edge.uvicorn_config(app, log_level="info")).run(sockets=[sock])
     return 0
+
+
+def check_video_serving(parser: argparse.ArgumentParser, args: argparse.Namespace, options) -> None:
+    """A model known to make video (a preset, a local folder) needs PyAV and one process, before it is built."""
+    from .presets import preset_spec
+    from .serving.video_options import makes_video
+
+    if not makes_video(args.model, "" if args.model else preset_spec(args.preset)["pipeline"]):
+        return
+    if args.replicas:
+        fail(parser, "--replicas: video jobs live in one process's --data-dir; serve video from one process")
+    require_extra(parser, "video")
+    check_writable(parser, options.video.data_dir, "--data-dir", folder=True)
 
 
 def _exit_drained(*_) -> None:
@@ -590,10 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .tune_command import tune
+    from .tuning.command import tune
 
     run = {"generate": generate, "warmup": warmup, "serve": serve, "bench": bench, "tune": tune}[args.command]
-    return run(commands[args.command], args)
+    with extra_errors(commands[args.command]):
+        return run(commands[args.command], args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors_text import listing
 from .graphs import COMPILE_MODES, compile_options
 from .schedule import Schedule, as_int, make_schedule
 
@@ -80,7 +81,8 @@ class FastCacheConfig:
         """A copy with ``changes`` applied (validated again); unknown names raise ``TypeError`` naming the valid."""
         unknown = sorted(set(changes) - set(OPTION_NAMES))
         if unknown:
-            raise TypeError(f"unknown fastcache options {unknown}; valid: {list(OPTION_NAMES)}.")
+            raise TypeError(f"unknown fastcache options: {listing(unknown, 'name')}; valid: "
+                            f"{listing(OPTION_NAMES, 'option', ordered=True)}.")
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:

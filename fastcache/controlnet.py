@@ -39,7 +39,9 @@ def check_controlnet(net: ControlNetModel, unet) -> None:
     """``ValueError`` unless ``net``'s encoder is laid out as the UNet's, so that its residuals meet the UNet's skips
     one for one (a ControlNet made with ``ControlNetModel.from_unet`` is)."""
     layout = [(type(b).__name__, len(b.resnets), b.downsamplers is not None) for b in net.down_blocks]
-    expected = [(type(b).__name__, len(b.resnets), b.downsamplers is not None) for b in unet.down_blocks]
+    # an AnimateDiff UNet's blocks are SD's with motion modules: its ControlNet is SD's, run on every frame
+    expected = [(type(b).__name__.replace("Motion", "2D"), len(b.resnets), b.downsamplers is not None)
+                for b in unet.down_blocks]
     if layout != expected:
         raise ValueError(f"fastcache needs a ControlNet whose down blocks are the UNet's {expected}; got {layout}.")
     if net.config.addition_embed_type not in (None, "text", "text_time"):
@@ -203,7 +205,7 @@ class SplitControlNet:
         """The UNet inputs with the ControlNet residuals its step consumes (whoever computed them): all on a full
         step; on a skip step those of the skip connections it computes, and the mid residual only where the cached
         feature is the mid block's output (elsewhere the cached feature already holds it)."""
-        down, mid = inputs["down_block_additional_residuals"], inputs["mid_block_additional_residual"]
+        down, mid = inputs.get("down_block_additional_residuals"), inputs.get("mid_block_additional_residual")
         if full or (down is None and mid is None):
             return inputs
         return dict(inputs, down_block_additional_residuals=None if down is None else down[:boundary.shallow_skips],

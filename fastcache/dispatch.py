@@ -61,14 +61,16 @@ class StepDispatcher:
             loop.saved.clear()
         return Decision(not shallow, placement.new_loop, loop is not None, restored)
 
-    def peek(self, timestep, sample_signature) -> bool:
+    def peek(self, timestep, sample_signature, per_frame=None) -> bool:
         """Whether the UNet evaluation that an evaluation at ``timestep`` from this caller would be is shallow, for
-        a UNet input of ``sample_signature``: asked by the ControlNet hook before the UNet runs. Changes nothing."""
+        a UNet input of ``sample_signature``: asked by the ControlNet hook before the UNet runs. Changes nothing.
+        ``per_frame`` maps a UNet sample's signature to the per-frame one a video pipeline's ControlNet gets."""
         loop, step = self.loops.peek(timestep)
         if loop is None or step in loop.full_steps:
             return False
         keys = [key for key, owner in self._owner.items() if owner is loop] + list(loop.saved)
-        return any(dict(key).get("sample") == sample_signature for key in keys)
+        per_frame = per_frame or (lambda found: found)
+        return any(per_frame(dict(key).get("sample")) == sample_signature for key in keys)
 
     def _keep(self, owner: Loop | None, key: Any, buffer: torch.Tensor, by: Loop | None) -> None:
         """Save ``owner``'s feature before evaluation ``by`` overwrites the buffer, if ``owner`` will read it again.

@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
 from fastcache_kernels import step_coefficients
 from fastcache_kernels.guided_step import guided_step
 

@@ -26,6 +26,7 @@ from torch._dynamo.utils import guard_failures
 from torch.utils._pytree import tree_map_only
 
 from .counters import Counters
+from .errors_text import examples, listing
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def compile_options(mode: str, inductor_options: Mapping[str, Any] | None) -> di
     known = torch._inductor.config.get_config_copy()
     unknown = sorted(key for key in inductor_options if key.replace("-", "_") not in known)
     if unknown:
-        raise ValueError(f"unknown inductor options {unknown}: keys must be torch._inductor.config settings, "
-                         f"e.g. {sorted(UNET_INDUCTOR_OPTIONS)}.")
+        raise ValueError(f"unknown inductor options: {listing(unknown, 'name')}; keys must be torch._inductor.config "
+                         f"settings, {examples(UNET_INDUCTOR_OPTIONS)}.")
     return dict(options={**torch._inductor.list_mode_options(mode), **inductor_options})
 
 
@@ -123,6 +124,7 @@ class CompiledPaths(Paths):
         super().__init__(partition, counters)
         self.full, self.shallow = torch.compile(partition.full, **options), torch.compile(partition.shallow, **options)
         self.mode, self.dynamic_batch = mode, dynamic_batch
+        self._frames = getattr(partition, "frames", None)  # video: per-frame tensors lead with batch * frames
         self._eager = (partition.full, partition.shallow)
         # dynamo keeps its graphs, and files the guards that failed (why it compiled again), under the function's code
         self._codes = tuple(getattr(f, "__func__", f).__code__ for f in self._eager)
@@ -136,7 +138,7 @@ class CompiledPaths(Paths):
         if (key, full) in self.failed:
             return self.eager(full, inputs)
         if self.dynamic_batch:  # at every call: a graph made again after a setting changed stays batch-generic
-            mark_batch_dynamic(inputs)
+            mark_batch_dynamic(inputs, self._frames(inputs["sample"].shape) if self._frames else 1)
         fn = self.path(full)
         if (key, full) in self._warm:
             return clone(self._guarded(fn, full, inputs))
@@ -214,20 +216,22 @@ def dynamo_graph_count(code) -> int | None:
 _GRAPH_COUNT_WARNED = False
 
 
-def mark_batch_dynamic(inputs: Mapping[str, Any]) -> None:
+def mark_batch_dynamic(inputs: Mapping[str, Any], frames: int = 1) -> None:
     """Mark dimension 0 of every batched tensor among ``inputs`` (nested in lists and dicts too: ControlNet
     residuals, SDXL's ``added_cond_kwargs``, IP-Adapter embeddings; the feature buffer) as dynamic, so the graph
-    dynamo makes takes every batch size. A tensor is batched when its first dimension is the sample's.
+    dynamo makes takes every batch size. A tensor is batched when its first dimension is the sample's, or for a video
+    UNet the sample's times ``frames`` (per-frame tensors: the feature buffer, AnimateDiff's text embeddings).
 
     ``maybe_mark_dynamic``: a dimension dynamo must specialise (a batch of one) is made static without an error.
     Dynamo's guards still check every size the graph relies on, so a mark can cost a compile, never a wrong result.
     """
     batch = inputs["sample"].shape[0]
+    batches = (batch, batch * frames)
     stack = list(inputs.values())
     while stack:
         value = stack.pop()
         if isinstance(value, torch.Tensor):
-            if value.dim() and value.shape[0] == batch:
+            if value.dim() and value.shape[0] in batches:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
         elif isinstance(value, (list, tuple)):
             stack.extend(value)

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .config import FastCacheConfig
 from .controlnet import ControlNetPartition, SplitControlNet, check_controlnet, controlnet_nets
@@ -21,6 +20,7 @@ from .dispatch import Decision, StepDispatcher
 from .graphs import RECOMPILE_LIMIT, CompiledPaths, Paths, compile_decoder
 from .lora import LoraLayers, refuse_wide_hotswaps, split_scale
 from .partition import UNetPartition, adapter_residuals_problem, downsampling_factor
+from .partitions import make_partition
 from .schedule import Schedule
 from .settings import path_settings
 from .shapes import FeatureBuffers, on_device, shape_key, signature
@@ -30,12 +30,9 @@ logger = logging.getLogger(__name__)
 
 HOOK_NAME = "fastcache"
 
-# The UNet arguments the two paths implement. A call that sets any other one (attention masks, whatever a later
-# diffusers adds) runs the original forward; so does a cross_attention_kwargs with more than a LoRA scale, which the
-# handle applies itself.
-PATH_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels",
-                  "down_block_additional_residuals", "mid_block_additional_residual",
-                  "down_intrablock_additional_residuals")
+# The UNet arguments the two paths implement are the partition's (``UNetPartition.arguments``, per UNet family). A
+# call that sets any other one (attention masks, whatever a later diffusers adds) runs the original forward; so does a
+# cross_attention_kwargs with more than a LoRA scale, which the handle applies itself.
 # The same for the ControlNet's shallow path (guess mode, too, runs the whole ControlNet).
 CONTROLNET_ARGUMENTS = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale",
                         "added_cond_kwargs", "timestep_cond", "class_labels", "guess_mode")
@@ -93,7 +90,7 @@ class FastCacheHandle:
     _restore_loader: Any = field(default=None, repr=False)  # undoes refuse_wide_hotswaps
 
     def __post_init__(self):
-        self._arguments = _Arguments(type(self.unet).forward, (*PATH_ARGUMENTS, "cross_attention_kwargs"))
+        self._arguments = _Arguments(type(self.unet).forward, (*self.partition.arguments, "cross_attention_kwargs"))
         self.lora = self.lora or LoraLayers(self.unet)
         if self.controlnet is not None:
             self._controlnet_arguments = _Arguments(type(self.controlnet.module).forward, CONTROLNET_ARGUMENTS)
@@ -176,7 +173,8 @@ class FastCacheHandle:
         # at the deepest branch a skip step needs the mid residual too: the whole ControlNet
         at_mid = self.partition.boundary.at_mid_output
         with self._lock:
-            shallow = not at_mid and self.dispatcher.peek(call["timestep"], signature(call["sample"]))
+            shallow = not at_mid and self.dispatcher.peek(call["timestep"], signature(call["sample"]),
+                                                          self.partition.frame_signature)
             self.counters.controlnet_shallow += shallow
         return self.controlnet.run(call, shallow, original)
 
@@ -187,11 +185,13 @@ class FastCacheHandle:
     def forward(self, unet, *args, **kwargs):
         """Replacement for ``unet.forward`` while the handle is enabled: the full or the shallow path."""
         call = self._arguments.bind(unet, args, kwargs)
-        scale, processor_kwargs = split_scale(call["cross_attention_kwargs"])  # the handle applies a LoRA scale
+        scale, processor_kwargs = split_scale(call.get("cross_attention_kwargs"))  # the handle applies a LoRA scale
         # residuals of a shallow ControlNet: the UNet step must be shallow, or the whole ControlNet runs again
-        partial = self.controlnet and self.controlnet.take_partial(call["down_block_additional_residuals"],
-                                                                   call["mid_block_additional_residual"])
+        partial = self.controlnet and self.controlnet.take_partial(call.get("down_block_additional_residuals"),
+                                                                   call.get("mid_block_additional_residual"))
         inputs, key = self._inputs(call)
+        if key not in self.buffers:  # a new shape: what the UNet itself cannot take gets a clear error, nothing runs
+            self.partition.check_input(inputs["sample"].shape)
         unsupported = self._unsupported(call, processor_kwargs, inputs, key)
         if unsupported:
             if partial:
@@ -199,7 +199,7 @@ class FastCacheHandle:
             return self._fallback(unsupported, args, kwargs)
         with self._lock:
             out = self._evaluate(inputs, key, call["timestep"], partial, scale)
-        return UNet2DConditionOutput(sample=out) if call["return_dict"] else (out,)
+        return self.partition.output(sample=out) if call["return_dict"] else (out,)
 
     # -- the pieces of an evaluation ---------------------------------------------------------------------
 
@@ -207,7 +207,7 @@ class FastCacheHandle:
         """The paths' inputs, every tensor on the sample's device (a Python-number timestep too: it would be baked
         into the graph), and their shape key."""
         sample = call["sample"]
-        inputs = {name: on_device(call[name], sample.device) for name in PATH_ARGUMENTS}
+        inputs = {name: on_device(call[name], sample.device) for name in self.partition.arguments}
         if not torch.is_tensor(call["timestep"]):
             inputs["timestep"] = torch.as_tensor(call["timestep"], device=sample.device)
         return inputs, shape_key(inputs)
@@ -236,7 +236,7 @@ class FastCacheHandle:
         if decision.full and partial:
             inputs.update(on_device(self.controlnet.whole(partial), sample.device))
         inputs = SplitControlNet.residuals_for_step(inputs, decision.full, self.partition.boundary)
-        adapter = inputs["down_intrablock_additional_residuals"]
+        adapter = inputs.get("down_intrablock_additional_residuals")
         if not decision.full and adapter is not None:  # T2I-Adapter: a skip step gets those it adds only
             inputs["down_intrablock_additional_residuals"] = adapter[:self.partition.boundary.shallow_adapter_residuals]
         with self.lora.scaled(scale):  # as the UNet's forward scales its LoRA layers
@@ -271,10 +271,10 @@ class FastCacheHandle:
     def _residuals_problem(self, inputs: dict) -> list[str]:
         """ControlNet residuals must meet the UNet's skip connections one for one, T2I-Adapter residuals the hidden
         states they are added to shape for shape."""
-        down, skips = inputs["down_block_additional_residuals"], self.partition.skip_count
-        problems = adapter_residuals_problem(self.unet, inputs["down_intrablock_additional_residuals"],
+        down, skips = inputs.get("down_block_additional_residuals"), self.partition.skip_count
+        problems = adapter_residuals_problem(self.unet, inputs.get("down_intrablock_additional_residuals"),
                                              inputs["sample"].shape)
-        if down is not None and inputs["mid_block_additional_residual"] is None:
+        if down is not None and inputs.get("mid_block_additional_residual") is None:
             problems.append("down_block_additional_residuals without mid_block_additional_residual (diffusers' "
                             "deprecated T2I-Adapter call; pass down_intrablock_additional_residuals)")
         elif down is not None and len(down) != skips:
@@ -323,10 +323,14 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
     """Make ``pipe`` run DeepCache with its full and shallow UNet paths compiled as two graphs.
 
     Args:
-        pipe: a diffusers pipeline with a ``UNet2DConditionModel`` as ``pipe.unet`` (SD 1.x/2.x, SDXL, ...).
-        interval, branch, **options: ``FastCacheConfig``'s fields (``schedule``, ``compile``, ``mode``,
-            ``inductor_options``, ``compile_vae``, ...), which document them; defaults are its defaults.
+        pipe: a diffusers pipeline whose ``pipe.unet`` is a ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, ...), a
+            ``UNetMotionModel`` (AnimateDiff), a ``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion) or a
+            ``UNet3DConditionModel`` (ModelScope text-to-video): ``partitions.PARTITIONS``.
+        interval: a full UNet step every ``interval`` steps (``FastCacheConfig.interval``).
+        branch: the DeepCache branch id (``FastCacheConfig.branch``).
         config: a ``FastCacheConfig`` to start from (the keywords given override its fields).
+        **options: ``FastCacheConfig``'s other fields (``schedule``, ``compile``, ``mode``, ``inductor_options``,
+            ``compile_vae``, ...), which document them; defaults are its defaults.
 
     Returns the enabled handle. Call ``pipe(...)`` exactly as before. Nothing changes, on the pipeline or in
     torch's process-wide settings, if an argument is invalid: every check runs first.
@@ -350,7 +354,7 @@ def compile_pipeline(pipe: Any, interval: int | None = None, branch: int | None 
         raise ValueError(f"compile_vae needs a pipeline with a VAE decoder (pipe.vae.decoder); "
                          f"{type(pipe).__name__} has none.")
     plan = config.plan
-    partition = UNetPartition(unet, config.branch)
+    partition = make_partition(unet, config.branch)
 
     # every argument is valid: from here on, things are built (and enable() changes dynamo's recompile limit)
     counters = Counters()

@@ -15,12 +15,23 @@ compiled graphs valid:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+def tuner_layers(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The PEFT tuner (LoRA) layers among ``modules``. PEFT is imported only where a LoRA is in play: a model that has
+    LoRA layers was given them through PEFT (diffusers imports it to load one), so while PEFT is not imported there
+    are none, and the core runs without PEFT installed."""
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in modules if isinstance(module, BaseTunerLayer)]
 
 
 class LoraLayers:
@@ -29,14 +40,14 @@ class LoraLayers:
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
         self._adapters: Any = None  # the adapter names the layers were looked up for
-        self._layers: list[BaseTunerLayer] = []
+        self._layers: list[torch.nn.Module] = []  # PEFT's BaseTunerLayer
 
-    def layers(self) -> list[BaseTunerLayer]:
+    def layers(self) -> list[torch.nn.Module]:
         # loading, deleting or unloading adapters changes unet.peft_config (read without nn.Module's slow __getattr__)
         config = vars(self.unet).get("peft_config")
         adapters = (id(config), tuple(config)) if config else None
         if adapters != self._adapters:
-            self._layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)] if config else []
+            self._layers = tuner_layers(self.unet.modules()) if config else []
             self._adapters = adapters
         return self._layers
 
@@ -91,10 +102,9 @@ def check_hotswap_rank(unet: torch.nn.Module, state_dict: dict, prefix: str | No
 
     Reads only PEFT-format keys (``...lora_A.weight``), as ``save_lora_weights`` writes them; changes nothing.
     """
-    layers = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {}):
-            layers[name] = module.lora_A[adapter_name].weight.shape[0]
+    names = {module: name for name, module in unet.named_modules()}
+    layers = {names[module]: module.lora_A[adapter_name].weight.shape[0] for module in tuner_layers(names)
+              if adapter_name in getattr(module, "lora_A", {})}
     if not layers:
         return  # not an adapter of this UNet: diffusers raises its own error
     for key, value in state_dict.items():
@@ -117,6 +127,8 @@ def check_hotswap_rank(unet: torch.nn.Module, state_dict: dict, prefix: str | No
 def refuse_wide_hotswaps(unet: torch.nn.Module) -> Callable[[], None]:
     """Make ``unet.load_lora_adapter`` (what ``pipe.load_lora_weights`` calls) first refuse a hot-swap wider than the
     adapter's layers (``check_hotswap_rank``); returns the function that puts the UNet's own back."""
+    if not hasattr(unet, "load_lora_adapter"):  # a UNet without LoRA support (SVD's): nothing to guard
+        return lambda: None
     previous = vars(unet).get("load_lora_adapter")
     load = unet.load_lora_adapter
 

@@ -1,4 +1,5 @@
-"""Pipelines to run on: real ones via ``from_pretrained``, or SD-architecture ones built from config.
+"""Pipelines to run on: real ones via ``from_pretrained``, or SD-architecture ones built from config (the presets'
+configs, in ``fastcache.presets``).
 
 No machine of ours can download weights, so tests, the demo and benchmarks build the real architectures (or tiny
 ones) with random weights. Speed does not depend on the weights; images from random weights are noise, and every
@@ -10,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
-from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -23,7 +23,6 @@ from diffusers import (
     StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
     StableDiffusionXLAdapterPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -34,113 +33,42 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-_SD_UNET = dict(
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
+from .presets import (  # noqa: F401 (the presets' names, re-exported: fastcache.models has always had them)
+    INPAINT_PRESETS,
+    PRESETS,
+    SD_SCHEDULER,
+    TINY_REFINER_UNET,
+    VIDEO_PRESETS,
+    Geometry,
+    check_device,
+    default_dtype,
+    model_geometry,
+    preset_spec,
 )
-_SD_VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-)
-_TINY_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                 block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4)
-_TINY_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, attention_head_dim=8,
-                  cross_attention_dim=32, sample_size=16)
-
-_DEFAULT_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # UNet2DConditionModel's default
-# UNet/VAE configs as published with the models (the keys that differ from diffusers' defaults), plus the
-# width of the text embeddings the pipeline is called with.
-PRESETS: dict[str, dict[str, Any]] = {
-    "sd15": dict(unet=dict(_SD_UNET, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
-                 vae=dict(_SD_VAE, sample_size=512), pipeline=StableDiffusionPipeline),
-    "sd21": dict(unet=dict(_SD_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                           use_linear_projection=True, sample_size=64),
-                 vae=dict(_SD_VAE, sample_size=512), pipeline=StableDiffusionPipeline),
-    "sdxl": dict(unet=dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                           block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
-                           transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-                           use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                           projection_class_embeddings_input_dim=2816, sample_size=128),
-                 vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-                 pipeline=StableDiffusionXLPipeline),
-    "tiny-sd": dict(unet=dict(_TINY_UNET,
-                              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
-                    vae=_TINY_VAE, pipeline=StableDiffusionPipeline),
-    "tiny-sdxl": dict(unet=dict(_TINY_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
-                                                              "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                                transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
-                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=32 + 6 * 8),
-                      vae=_TINY_VAE, pipeline=StableDiffusionXLPipeline),
-}
-
-# A tiny stand-in for the SDXL refiner's UNet, laid out as the published one (DownBlock2D at both ends, no first
-# text encoder: a narrower context, and aesthetic-score time ids: 5 of them beside a pooled embedding of 16).
-TINY_REFINER_UNET = dict(_TINY_UNET, block_out_channels=(32, 64, 64, 64),
-                         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                         use_linear_projection=True, cross_attention_dim=24, addition_embed_type="text_time",
-                         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 5 * 8)
-# Inpainting models: a base architecture whose UNet takes 9 input channels (latents, mask, masked-image latents), as
-# the published SD inpainting checkpoints do; served beside a base model (fastcache serve --inpaint-preset).
-INPAINT_PRESETS: dict[str, dict[str, Any]] = {
-    name: dict(PRESETS[base], unet=dict(PRESETS[base]["unet"], in_channels=9), pipeline=StableDiffusionInpaintPipeline)
-    for name, base in (("sd15-inpaint", "sd15"), ("tiny-sd-inpaint", "tiny-sd"))
-}
-
-# The schedule Stable Diffusion ships with, as a DDIM scheduler.
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                    set_alpha_to_one=False, steps_offset=1)
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """float16 on CUDA, float32 elsewhere (CPU kernels are slow or missing in half precision)."""
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
-
-
-def check_device(device: str) -> None:
-    """``ValueError`` unless ``device`` is ``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is known only
-    where it runs)."""
-    if not isinstance(device, str) or not (device in ("cpu", "cuda") or (device.startswith("cuda:")
-                                                                          and device[5:].isdigit())):
-        raise ValueError(f"device must be cpu, cuda or cuda:N; got {device!r}.")
+from .video_models import build_video_pipeline
 
 
 def build_pipeline(preset: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    seed: int = 0) -> DiffusionPipeline:
-    """A pipeline of the ``preset`` architecture (``PRESETS`` or ``INPAINT_PRESETS``) with random weights and no text
-    encoder."""
+    """A pipeline of the ``preset`` architecture (``PRESETS``, ``INPAINT_PRESETS`` or ``VIDEO_PRESETS``) with random
+    weights and no text encoder."""
     spec = preset_spec(preset)
+    if preset in VIDEO_PRESETS:
+        return build_video_pipeline(preset, dtype=dtype, device=device, seed=seed)
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the target device: seconds instead of a minute for SDXL
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"])
     scheduler = DDIMScheduler(**SD_SCHEDULER)
-    if spec["pipeline"] is StableDiffusionXLPipeline:
+    kind = getattr(diffusers, spec["pipeline"])
+    if kind is StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                          tokenizer_2=None, unet=unet, scheduler=scheduler)
     else:
-        pipe = spec["pipeline"](vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = kind(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, safety_checker=None,
+                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
-
-
-def preset_spec(preset: str) -> dict[str, Any]:
-    """The configs of a preset name; ``ValueError`` naming the valid ones."""
-    spec = PRESETS.get(preset) or INPAINT_PRESETS.get(preset)
-    if spec is None:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)} (or an inpainting preset: "
-                         f"{sorted(INPAINT_PRESETS)}); got {preset!r}.")
-    return spec
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"):
@@ -165,38 +93,6 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float16, device: str
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **missing)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What a model's configs say about valid arguments, known before any weights are read."""
-
-    pixel_multiple: int  # image sizes must be multiples of the VAE's scale times the UNet's downsampling
-    native_size: int  # pixels
-    branches: int  # DeepCache branch ids 0 .. branches - 1
-
-
-def model_geometry(model: str | None = None, preset: str = "tiny-sd") -> Geometry | None:
-    """The ``Geometry`` of a preset or a local diffusers folder (from its configs); ``None`` for a hub id."""
-    if model is None:
-        unet, vae = preset_spec(preset)["unet"], preset_spec(preset)["vae"]
-    elif os.path.isdir(model):
-        configs = []
-        for part in ("unet", "vae"):
-            path = os.path.join(model, part, "config.json")
-            if not os.path.isfile(path):
-                return None
-            with open(path) as f:
-                configs.append(json.load(f))
-        unet, vae = configs
-    else:
-        return None
-    blocks = len(unet.get("down_block_types", _DEFAULT_DOWN_BLOCKS))
-    layers = unet.get("layers_per_block", 2)
-    layers = [layers] * blocks if isinstance(layers, int) else list(layers)
-    scale = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
-    return Geometry(pixel_multiple=scale * 2 ** (blocks - 1), native_size=unet.get("sample_size", 64) * scale,
-                    branches=sum(n + 1 for n in layers))
 
 
 def open_pipeline(model: str | None, preset: str, *, device: str, dtype: torch.dtype, seed: int = 0):
@@ -263,7 +159,8 @@ def random_prompt_embeds(pipe: DiffusionPipeline, batch_size: int = 1, *, seed: 
     width = unet.config.cross_attention_dim
     kwargs = dict(prompt_embeds=randn(batch_size, seq_len, width),
                   negative_prompt_embeds=randn(batch_size, seq_len, width))
-    if unet.config.addition_embed_type == "text_time":  # SDXL: 6 time ids, or the refiner's 5 with aesthetic scores
+    # SDXL: 6 time ids, or the refiner's 5 with aesthetic scores (a video UNet's config may not have the key)
+    if unet.config.get("addition_embed_type") == "text_time":
         time_ids = 5 if pipe.config.get("requires_aesthetics_score") else 6
         pooled = unet.config.projection_class_embeddings_input_dim - time_ids * unet.config.addition_time_embed_dim
         kwargs.update(pooled_prompt_embeds=randn(batch_size, pooled),
@@ -395,7 +292,8 @@ def random_ip_adapter(unet: UNet2DConditionModel, embed_dim: int, seed: int = 0)
                   "norm.weight": random(cross) + 1, "norm.bias": random(cross)}
     ip_adapter, key = {}, 1
     for name in unet.attn_processors:
-        if not name.endswith("attn1.processor"):  # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them
+        # cross-attentions, numbered 1, 3, 5, ... as diffusers reads them (AnimateDiff's motion modules have none)
+        if not name.endswith("attn1.processor") and "motion_modules" not in name:
             hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
             ip_adapter[f"{key}.to_k_ip.weight"] = random(hidden, cross)
             ip_adapter[f"{key}.to_v_ip.weight"] = random(hidden, cross)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.utils.torch_utils import apply_freeu
 
 SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -63,30 +64,27 @@ def branch_positions(unet: UNet2DConditionModel) -> list[tuple[int, int]]:
     return [(b, layer) for b, block in enumerate(unet.down_blocks) for layer in range(len(block.resnets) + 1)]
 
 
-def check_unet(unet: Any) -> None:
-    """Raise ``ValueError`` naming what is supported if ``unet`` is not a standard down/mid/up UNet."""
-    if not isinstance(unet, UNet2DConditionModel):
-        raise ValueError(f"fastcache supports UNet2DConditionModel; got {type(unet).__name__}.")
+def check_layout(unet: Any, down: tuple[str, ...], up: tuple[str, ...], mid: tuple[str, ...]) -> None:
+    """``ValueError`` unless ``unet``'s blocks are of the named types and mirror each other as DeepCache's branch
+    numbering needs (one up resnet more than its down block, a downsampler in every down block but the last)."""
     names = {
-        "down": ([type(b).__name__ for b in unet.down_blocks], SUPPORTED_DOWN_BLOCKS),
-        "up": ([type(b).__name__ for b in unet.up_blocks], SUPPORTED_UP_BLOCKS),
-        "mid": ([type(unet.mid_block).__name__] if unet.mid_block is not None else [], SUPPORTED_MID_BLOCKS),
+        "down": ([type(b).__name__ for b in unet.down_blocks], down),
+        "up": ([type(b).__name__ for b in unet.up_blocks], up),
+        "mid": ([type(unet.mid_block).__name__] if unet.mid_block is not None else [], mid),
     }
     for kind, (found, valid) in names.items():
         bad = [n for n in found if n not in valid]
         if bad:
             raise ValueError(f"fastcache supports {kind} blocks {valid}; this UNet has {bad}.")
-    if unet.config.addition_embed_type == "image_hint":
-        raise ValueError("fastcache does not support addition_embed_type='image_hint' (it changes the input).")
     n = len(unet.down_blocks)
-    for b, down in enumerate(unet.down_blocks):
-        up = unet.up_blocks[n - 1 - b]
-        if len(up.resnets) != len(down.resnets) + 1:
+    for b, down_block in enumerate(unet.down_blocks):
+        up_block = unet.up_blocks[n - 1 - b]
+        if len(up_block.resnets) != len(down_block.resnets) + 1:
             raise ValueError(
                 f"fastcache needs up block {n - 1 - b} to have one resnet more than down block {b}; "
-                f"found {len(up.resnets)} and {len(down.resnets)}."
+                f"found {len(up_block.resnets)} and {len(down_block.resnets)}."
             )
-        if (down.downsamplers is None) != (b == n - 1):
+        if (down_block.downsamplers is None) != (b == n - 1):
             raise ValueError("fastcache needs a downsampler in every down block but the last.")
 
 
@@ -109,20 +107,23 @@ def resolve_branch(unet: UNet2DConditionModel, branch: int) -> Boundary:
 
 
 def run_down(down_blocks, h, emb, context, boundary: Boundary | None = None,
-             adapter: list | tuple = ()) -> tuple[torch.Tensor, list]:
+             adapter: list | tuple = (), calls: Any = None) -> tuple[torch.Tensor, list]:
     """The down path of a UNet or a ControlNet (the same blocks): every block, or with ``boundary`` only the layers
     a skip step runs, plus T2I-Adapter residuals (``adapter``, one per block in order) where the UNet adds them.
-    Returns the hidden state and the skip connections, ``conv_in``'s output ``h`` first."""
+    ``calls``: the partition whose ``_layer``/``_call_block`` call a layer and a block of this UNet family (default:
+    ``UNetPartition``'s, for 2-D blocks; ``context`` is what they take). Returns the hidden state and the skip
+    connections, ``conv_in``'s output ``h`` first."""
+    calls = calls or UNetPartition
     skips = [h]
     blocks = down_blocks if boundary is None else down_blocks[:boundary.block]
     for down, residual in itertools.zip_longest(blocks, adapter[:len(blocks)]):
-        h, res = _down_block(down, h, emb, context, residual)
+        h, res = _down_block(down, h, emb, context, residual, calls)
         skips.extend(res)
     if boundary is not None:
         down = down_blocks[boundary.block]
         residual = adapter[boundary.block] if boundary.block < len(adapter) else None
         for i in range(boundary.layer):
-            h = UNetPartition._layer(down, i, h, emb, context)
+            h = calls._layer(down, i, h, emb, context)
             if residual is not None and i == len(down.resnets) - 1 and _adapter_inside(down):
                 h = h + residual
             skips.append(h)
@@ -165,11 +166,11 @@ def _adapter_inside(down) -> bool:
     return getattr(down, "has_cross_attention", False) or down.downsamplers is None
 
 
-def _down_block(down, h, emb, context, residual):
+def _down_block(down, h, emb, context, residual, calls):
     """A whole down block, with its T2I-Adapter residual (or ``None``) added where the UNet's forward adds it."""
     if residual is None or getattr(down, "has_cross_attention", False):
         extra = {} if residual is None else {"additional_residuals": residual}
-        return UNetPartition._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context, **extra)
+        return calls._call_block(down, hidden_states=h, temb=emb, encoder_hidden_states=context, **extra)
     h, res = down(hidden_states=h, temb=emb)
     h = h + residual  # the UNet adds it in place: to the block's output and so to its last skip connection
     return h, (*res[:-1], h)
@@ -184,15 +185,22 @@ def feature_shape(unet: UNet2DConditionModel, boundary: Boundary, sample_shape: 
     """Shape of the cached hidden state for a UNet input of ``sample_shape`` (B, C, H, W)."""
     up = unet.up_blocks[boundary.up_index]
     if boundary.first_up_resnet > 0:
-        channels = up.resnets[boundary.first_up_resnet - 1].out_channels
+        channels = _out_channels(up.resnets[boundary.first_up_resnet - 1])
     elif boundary.up_index > 0:
-        channels = unet.up_blocks[boundary.up_index - 1].resnets[-1].out_channels
+        channels = _out_channels(unet.up_blocks[boundary.up_index - 1].resnets[-1])
     elif unet.mid_block is not None:
-        channels = unet.mid_block.resnets[-1].out_channels
+        channels = _out_channels(unet.mid_block.resnets[-1])
     else:
-        channels = unet.down_blocks[-1].resnets[-1].out_channels
+        channels = _out_channels(unet.down_blocks[-1].resnets[-1])
     batch, _, height, width = sample_shape
     return (batch, channels, height >> boundary.block, width >> boundary.block)
+
+
+def _out_channels(resnet: torch.nn.Module) -> int:
+    """A resnet's output channels (SVD's spatio-temporal resnet holds a 2-D one, which says; FreeNoise's split
+    inference wraps resnets in a module that holds the resnet)."""
+    resnet = getattr(resnet, "module", resnet)
+    return getattr(resnet, "spatial_res_block", resnet).out_channels
 
 
 class UNetPartition:
@@ -200,26 +208,97 @@ class UNetPartition:
 
     ``full`` and ``shallow`` take the UNet's own call arguments plus the cache buffer, and return the noise
     prediction. They hold no state of their own, which is what lets them be compiled as two graphs.
+
+    This class is the 2-D family's (``UNet2DConditionModel``); a video family (``partition_motion``,
+    ``partition_svd``) subclasses it with its own stem (embeddings, ``conv_in``, frames flattened into the batch),
+    its own way of calling a layer and a block (``_layer``, ``_call_block``: ``context`` is whatever they take
+    besides the hidden state and the time embedding), its head (back to the 5-D sample) and its arguments. The
+    cut itself, ``_full`` and ``_shallow`` on per-frame hidden states, is shared.
     """
 
+    # The UNet arguments the two paths implement, by the names of the UNet's forward. A call that sets any other
+    # one (attention masks, whatever a later diffusers adds) runs the original forward.
+    arguments = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels",
+                 "down_block_additional_residuals", "mid_block_additional_residual",
+                 "down_intrablock_additional_residuals")
+    output = UNet2DConditionOutput  # what the UNet's forward returns with return_dict=True
+    unet_class = UNet2DConditionModel
+    blocks = dict(down=SUPPORTED_DOWN_BLOCKS, up=SUPPORTED_UP_BLOCKS, mid=SUPPORTED_MID_BLOCKS)
+    layer_parts = ("resnets", "attentions")  # the modules of layer i of a block, in the order they run
+
     def __init__(self, unet: UNet2DConditionModel, branch: int):
-        check_unet(unet)
+        self.check(unet)
         self.unet = unet
         self.boundary = resolve_branch(unet, branch)
         # skip connections of the full path: conv_in's output, every down layer's and every downsampler's
         self.skip_count = 1 + sum(len(down.resnets) + (down.downsamplers is not None) for down in unet.down_blocks)
+
+    @classmethod
+    def check(cls, unet: Any) -> None:
+        """``ValueError`` naming what is supported unless this family's partition can cut ``unet``."""
+        check_layout(unet, **cls.blocks)
+        if unet.config.get("addition_embed_type") == "image_hint":
+            raise ValueError("fastcache does not support addition_embed_type='image_hint' (it changes the input).")
+
+    def frames(self, sample_shape) -> int:
+        """Frames per sample: the per-frame hidden states hold ``batch * frames`` of them (1 for images)."""
+        return 1
+
+    def feature_shape(self, sample_shape) -> tuple[int, ...]:
+        """Shape of the cached hidden state for a UNet input of ``sample_shape``."""
+        return feature_shape(self.unet, self.boundary, sample_shape)
+
+    def check_input(self, sample_shape) -> None:
+        """``ValueError`` naming what is valid for an input the UNet itself cannot take (checked at a new shape, before
+        anything runs); images: none."""
+
+    def frame_signature(self, sample_signature):
+        """A sample's ``(dtype, shape, device)`` as the per-frame images a video pipeline's ControlNet gets (for
+        images: itself)."""
+        return sample_signature
 
     def full(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
              class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None,
              down_intrablock_additional_residuals=None):
         """Whole UNet; writes the feature at the boundary into ``cache``. ControlNet and T2I-Adapter residuals, if
         given, are added where the UNet's forward adds them."""
-        unet, bnd = self.unet, self.boundary
-        adapter = down_intrablock_additional_residuals or ()
         emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                                      class_labels)
-        h, skips = run_down(unet.down_blocks, h, emb, context, adapter=adapter)  # the up path pops skips from the end
-        skips = _add(skips, down_block_additional_residuals)
+        return self._full(h, emb, context, cache, down_block_additional_residuals, mid_block_additional_residual,
+                          down_intrablock_additional_residuals or ())
+
+    def shallow(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
+                class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None):
+        """Only the layers above the branch; everything deeper comes from ``cache``. ControlNet residuals, if
+        given, are those of the skip connections this path computes (the first ``boundary.shallow_skips``);
+        T2I-Adapter residuals those of the blocks it computes (``boundary.shallow_adapter_residuals``, more are
+        ignored); mid residuals count only where the cached feature is the mid block's output."""
+        emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
+                                     class_labels)
+        return self._shallow(h, emb, context, cache, down_block_additional_residuals, mid_block_additional_residual,
+                             down_intrablock_additional_residuals or ())
+
+    def path_modules(self, full: bool) -> list[torch.nn.Module]:
+        """The modules a path runs (for the full path, the whole UNet): the settings its graphs depend on."""
+        unet, bnd = self.unet, self.boundary
+        if full:
+            return [unet]
+        modules = [m for name, m in unet.named_children() if name not in ("down_blocks", "mid_block", "up_blocks")]
+        parts = self.layer_parts
+        modules += [*unet.down_blocks[:bnd.block],
+                    *_layer_modules(unet.down_blocks[bnd.block], range(bnd.layer), parts)]
+        up = unet.up_blocks[bnd.up_index]
+        modules += _layer_modules(up, range(bnd.first_up_resnet, len(up.resnets)), parts) + list(up.upsamplers or [])
+        return modules + list(unet.up_blocks[bnd.up_index + 1:])
+
+    # -- the cut, on per-frame hidden states: shared by every family ---------------------------------------
+
+    def _full(self, h, emb, context, cache, down_residuals=None, mid_residual=None, adapter=()):
+        """From ``conv_in``'s output to ``conv_out``'s, writing the boundary feature into ``cache``."""
+        unet, bnd = self.unet, self.boundary
+        h, skips = run_down(unet.down_blocks, h, emb, context, adapter=adapter, calls=self)  # up pops from the end
+        skips = _add(skips, down_residuals)
         adapter_mid = None
         if unet.mid_block is not None:
             h = self._call_block(unet.mid_block, h, emb, encoder_hidden_states=context)
@@ -229,45 +308,27 @@ class UNetPartition:
             cache = None
         if adapter_mid is not None:
             h = h + adapter_mid
-        if mid_block_additional_residual is not None:
-            h = h + mid_block_additional_residual
+        if mid_residual is not None:
+            h = h + mid_residual
         for up in unet.up_blocks[: bnd.up_index]:
             h = self._call_up_block(up, h, skips, emb, context)
         h = self._up_layers(h, skips, emb, context, start=0, cache=cache)
         return self._head(h, skips, emb, context)
 
-    def shallow(self, sample, timestep, encoder_hidden_states, cache, added_cond_kwargs=None, timestep_cond=None,
-                class_labels=None, down_block_additional_residuals=None, mid_block_additional_residual=None,
-                down_intrablock_additional_residuals=None):
-        """Only the layers above the branch; everything deeper comes from ``cache``. ControlNet residuals, if
-        given, are those of the skip connections this path computes (the first ``boundary.shallow_skips``);
-        T2I-Adapter residuals those of the blocks it computes (``boundary.shallow_adapter_residuals``, more are
-        ignored); mid residuals count only where the cached feature is the mid block's output."""
+    def _shallow(self, h, emb, context, cache, down_residuals=None, mid_residual=None, adapter=()):
+        """From ``conv_in``'s output to ``conv_out``'s through the layers above the branch and ``cache``."""
         bnd = self.boundary
-        adapter = (down_intrablock_additional_residuals or ())[:bnd.shallow_adapter_residuals]
-        emb, context, h = self._stem(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
-                                     class_labels)
-        _, skips = run_down(self.unet.down_blocks, h, emb, context, bnd, adapter)
-        skips = _add(skips, down_block_additional_residuals)
+        adapter = adapter[:bnd.shallow_adapter_residuals]
+        _, skips = run_down(self.unet.down_blocks, h, emb, context, bnd, adapter, calls=self)
+        skips = _add(skips, down_residuals)
         if bnd.at_mid_output:
             adapter_mid = self._adapter_mid(adapter, cache)
             if adapter_mid is not None:
                 cache = cache + adapter_mid
-            if mid_block_additional_residual is not None:
-                cache = cache + mid_block_additional_residual
+            if mid_residual is not None:
+                cache = cache + mid_residual
         h = self._up_layers(cache, skips, emb, context, start=bnd.first_up_resnet, cache=None)
         return self._head(h, skips, emb, context)
-
-    def path_modules(self, full: bool) -> list[torch.nn.Module]:
-        """The modules a path runs (for the full path, the whole UNet): the settings its graphs depend on."""
-        unet, bnd = self.unet, self.boundary
-        if full:
-            return [unet]
-        modules = [m for name, m in unet.named_children() if name not in ("down_blocks", "mid_block", "up_blocks")]
-        modules += [*unet.down_blocks[:bnd.block], *_layer_modules(unet.down_blocks[bnd.block], range(bnd.layer))]
-        up = unet.up_blocks[bnd.up_index]
-        modules += _layer_modules(up, range(bnd.first_up_resnet, len(up.resnets))) + list(up.upsamplers or [])
-        return modules + list(unet.up_blocks[bnd.up_index + 1:])
 
     # -- pieces shared by both paths -------------------------------------------------------------------
 
@@ -306,7 +367,7 @@ class UNetPartition:
             h = self._layer(up, i, torch.cat([h, skip], dim=1), emb, context)
         if up.upsamplers is not None:
             for upsampler in up.upsamplers:
-                h = upsampler(h)
+                h = upsampler(hidden_states=h)  # by name, as the blocks call it (FreeNoise's split inference)
         return h
 
     def _head(self, h, skips, emb, context):
@@ -340,9 +401,10 @@ class UNetPartition:
         return h
 
 
-def _layer_modules(block, indices) -> list[torch.nn.Module]:
-    attentions = getattr(block, "attentions", None)
-    return [m for i in indices for m in (block.resnets[i], attentions[i] if attentions is not None else None) if m]
+def _layer_modules(block, indices, parts=("resnets", "attentions")) -> list[torch.nn.Module]:
+    """The modules of layers ``indices`` of a block: each one's ``parts`` (resnet, attention, motion module...)."""
+    lists = [getattr(block, part, None) for part in parts]
+    return [modules[i] for i in indices for modules in lists if modules is not None]
 
 
 def _freeu(up, h: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,9 +27,8 @@ from diffusers.models.attention_processor import (
     IPAdapterAttnProcessor2_0,
     IPAdapterXFormersAttnProcessor,
 )
-from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .lora import LoraLayers
+from .lora import LoraLayers, tuner_layers
 
 IP_ADAPTER_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
 FREEU_VALUES = ("s1", "s2", "b1", "b2")
@@ -76,7 +75,7 @@ class SettingsWatch:
         self._attention_modules = [a._modules for a in attentions]  # a processor that is a module (IP-Adapter)
         self._processors: list = []
         self._ip_adapters: list = []
-        layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+        layers = tuner_layers(modules)
         self._lora_dicts = [vars(layer) for layer in layers]
         self._scalings = [layer.scaling for layer in layers]  # PEFT writes into these dicts, never replaces them
         self._lora_layers = self.lora.layers()  # the UNet's, to notice adapters loaded or removed

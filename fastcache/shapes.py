@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .partition import UNetPartition, feature_shape
+from .partition import UNetPartition
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class FeatureBuffers:
     def get(self, key: tuple, sample: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(key)
         if buffer is None:
-            shape = feature_shape(self.partition.unet, self.partition.boundary, sample.shape)
+            shape = self.partition.feature_shape(sample.shape)
             buffer = torch.zeros(shape, dtype=self.partition.unet.dtype, device=sample.device)
             torch._dynamo.mark_static_address(buffer)
             self._buffers[key] = buffer

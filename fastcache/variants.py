@@ -11,13 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers.models.attention_processor import Attention
 
 from .config import FastCacheConfig
+from .extras import require
 from .graphs import UNET_INDUCTOR_OPTIONS
-from .handle import FastCacheHandle, compile_pipeline
+
+if TYPE_CHECKING:  # imported where used: the variants' names are a command-line choice, read before diffusers loads
+    from diffusers.models.attention_processor import Attention
+
+    from .handle import FastCacheHandle
 
 
 @contextmanager
@@ -30,6 +35,8 @@ def speed_switches(pipe, on: bool = True) -> Iterator[None]:
     if not on:
         yield
         return
+    from diffusers.models.attention_processor import Attention
+
     models = (pipe.unet, pipe.vae)
     bookkeeping = [(pipe, "fusing_unet"), (pipe, "fusing_vae")] + [(m, "original_attn_processors") for m in models]
     created = [(obj, name) for obj, name in bookkeeping if name not in vars(obj)]  # diffusers leaves these behind
@@ -82,6 +89,8 @@ class Variant:
     @contextmanager
     def applied(self, pipe, interval: int, branch: int, schedule: str = "uniform") -> Iterator[FastCacheHandle]:
         """The pipeline with this variant on, as a handle; everything is undone on exit."""
+        from .handle import compile_pipeline
+
         scheduler = pipe.scheduler
         with speed_switches(pipe, self.switches):
             if self.fused_step:
@@ -97,10 +106,9 @@ class Variant:
 
 
 def _fused_scheduler():
-    try:
-        from .fused_step import fused_scheduler
-    except ImportError as error:
-        raise ImportError("variants with fused_step need triton: pip install 'fastcache[kernels]'.") from error
+    require("kernels")  # the fused step is a Triton kernel
+    from .fused_step import fused_scheduler
+
     return fused_scheduler
 
 

@@ -5,6 +5,7 @@ import ast
 import base64
 import importlib.util
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -15,9 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from DeepCache import DeepCacheSDHelper
 
-if not torch.cuda.is_available():  # Triton kernels run on the CPU through Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter. Forced, not defaulted: with an inherited
+    # TRITON_INTERPRET=0, guided_step runs its PyTorch reference on CPU tensors, and the kernel tests would compare
+    # the reference with itself. Triton reads it when @triton.jit decorates a kernel, at the import of
+    # fastcache_kernels, so it is set here, before anything imports them.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from fastcache import compile_pipeline
 from fastcache.models import (
@@ -62,12 +68,43 @@ def deepcache_function(module: str, name: str):
     return namespace[name]
 
 
-@contextmanager
-def deepcache_helper(pipe, interval: int, branch: int):
-    """The oracle: a fresh ``DeepCacheSDHelper`` enabled on ``pipe``."""
-    from DeepCache import DeepCacheSDHelper
+class StepCountingHelper(DeepCacheSDHelper):
+    """The helper with one defect fixed, its step counter, for the schedulers that repeat timesteps.
 
-    helper = DeepCacheSDHelper(pipe=pipe)
+    The helper numbers a UNet evaluation ``list(pipe.scheduler.timesteps).index(t)``, the first index holding ``t``.
+    PNDM's timesteps ``[t0, t1, t1, t2, ...]`` and Heun's (each step evaluates at two timesteps, and each timestep but
+    the first twice) repeat, so its steps drift from the scheduler's and its full steps fall elsewhere. Here the step
+    is the number of the call's UNet evaluations before this one, divided by the scheduler's ``order`` (evaluations
+    per step: 2 for Heun), which is the step the scheduler is at. What is cached, reused and recomputed stays the
+    helper's own code. ``extra_full``: steps that run full besides the schedule's (fastcache runs full the first step
+    of a new input signature, whose feature buffer holds nothing of the call).
+    """
+
+    def __init__(self, pipe, extra_full=()):
+        super().__init__(pipe=pipe)
+        self.extra_full = frozenset(extra_full)
+
+    def wrap_unet_forward(self):
+        forward = self.pipe.unet.forward
+        self.function_dict["unet_forward"] = forward  # what the helper's unwrap_modules puts back
+        evaluations = itertools.count()
+
+        def counted(*args, **kwargs):
+            self.cur_timestep = next(evaluations) // self.pipe.scheduler.order
+            return forward(*args, **kwargs)
+
+        self.pipe.unet.forward = counted
+
+    def is_skip_step(self, block_i, layer_i, blocktype="down"):
+        skip = super().is_skip_step(block_i, layer_i, blocktype)
+        return skip and self.cur_timestep not in self.extra_full
+
+
+@contextmanager
+def deepcache_helper(pipe, interval: int, branch: int, count_steps: bool = False, extra_full=()):
+    """The oracle: a fresh ``DeepCacheSDHelper`` enabled on ``pipe``; with ``count_steps`` or ``extra_full``, a fresh
+    ``StepCountingHelper`` (for schedulers that repeat timesteps, or with steps run full besides the schedule's)."""
+    helper = StepCountingHelper(pipe, extra_full) if count_steps or extra_full else DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
     try:
@@ -242,6 +279,19 @@ def sd_runner() -> Runner:
     return Runner("tiny-sd")
 
 
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """``guided_step`` must launch the Triton kernel (through the interpreter on a CPU), never its PyTorch fallback:
+    a test that compared the fallback's result with the reference would pass whatever the kernel computes."""
+    import fastcache_kernels.guided_step as kernel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("guided_step ran its PyTorch reference instead of the Triton kernel "
+                             f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} on a CPU)")
+
+    monkeypatch.setattr(kernel, "guided_step_reference", refuse)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Compiled tests must not see each other's dynamo caches or stance."""
@@ -272,6 +322,30 @@ def save_tiny_clip(folder: Path) -> Path:
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+# -- the command line: a bad argument is one line a person reads ------------------------------------------------------
+
+MAX_ERROR_CHARS = 400  # one line, as a terminal shows it: a count and a few names, never every name
+
+
+def one_line_error(run, capsys) -> str:
+    """The error of a command line that ``run()`` must refuse: exit code 2, and on stderr exactly one line of at most
+    ``MAX_ERROR_CHARS`` characters, said once (every bad-input test of the command line checks it through here)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2, exit_info.value.code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert len(err) - 1 <= MAX_ERROR_CHARS, f"{len(err) - 1} characters: {err}"
+    return err
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """``one_line_error`` of ``fastcache ARGV``."""
+    from fastcache import cli
+
+    return one_line_error(lambda: cli.main(argv), capsys)
 
 
 # fastcache tune on the tiny preset: 32 px, 4 steps, 2 prompts, I1 and I2 at branches 0 and 1, eager, with CLIP
@@ -457,3 +531,99 @@ def app_in_thread(app, timeout: float = 300):
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+# -- video: AnimateDiff and Stable Video Diffusion, tiny, few frames and steps ----------------------------------------
+
+FRAMES = 4
+VIDEO_STEPS = 5
+VIDEO_SIZE = 16  # pixels; latents 8x8 with the tiny VAEs
+
+
+def motion_unet_inputs(unet, batch=2, frames=FRAMES, size=8, seed=0) -> dict:
+    """Random inputs of a ``UNetMotionModel``: a ``(batch, channels, frames, h, w)`` sample and per-frame text
+    embeddings, as ``AnimateDiffPipeline`` passes them (SDXL's added conditions included)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(sample=torch.randn(batch, 4, frames, size, size, generator=g), timestep=torch.tensor(501),
+                  encoder_hidden_states=torch.randn(batch * frames, 77, unet.config.cross_attention_dim, generator=g))
+    if unet.config.get("addition_embed_type") == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
+                                           time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]] * batch))
+    return inputs
+
+
+def svd_unet_inputs(unet, batch=2, frames=FRAMES, size=8, seed=0) -> dict:
+    """Random inputs of a ``UNetSpatioTemporalConditionModel``: a ``(batch, frames, 2 * 4, h, w)`` sample (noise and
+    image latents), one image embedding per video and SVD's three added time ids (fps, motion bucket, noise aug)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, frames, unet.config.in_channels, size, size, generator=g),
+                timestep=torch.tensor(0.7), added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * batch),
+                encoder_hidden_states=torch.randn(batch, 1, unet.config.cross_attention_dim, generator=g))
+
+
+class VideoRunner:
+    """A tiny video pipeline plus a call that returns the final latents for a fixed seed."""
+
+    def __init__(self, preset: str, pipe=None):
+        from fastcache.video_models import build_video_pipeline
+
+        self.preset = preset
+        self.pipe = pipe or build_video_pipeline(preset)
+        self.svd = preset.endswith("svd")
+        if self.svd:
+            from fastcache.video_models import conditioning_image
+
+            self.inputs = dict(image=conditioning_image((VIDEO_SIZE, VIDEO_SIZE)))
+        else:
+            self.inputs = random_prompt_embeds(self.pipe)
+
+    def __call__(self, steps: int = VIDEO_STEPS, seed: int = 0, frames: int = FRAMES, size: int = VIDEO_SIZE,
+                 output_type: str = "latent", **kwargs) -> torch.Tensor:
+        return self.pipe(num_inference_steps=steps, num_frames=frames, height=size, width=size, output_type=output_type,
+                         generator=torch.Generator().manual_seed(seed), **{**self.inputs, **kwargs}).frames
+
+
+# -- serving video: the tiny video presets, saved as folders for `fastcache serve --model` -------------------------
+
+def tiny_animatediff(seed: int = 0):
+    """The ``tiny-animatediff`` preset (random weights, no text encoder)."""
+    return build_pipeline("tiny-animatediff", seed=seed)
+
+
+def tiny_svd(seed: int = 0):
+    """The ``tiny-svd`` preset (random weights)."""
+    return build_pipeline("tiny-svd", seed=seed)
+
+
+def decode_mp4(path) -> tuple[np.ndarray, float]:
+    """An MP4's frames as uint8 RGB ``(frames, height, width, 3)`` (PyAV), and its frame rate."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate or stream.base_rate or 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny AnimateDiff and SVD pipelines saved as local diffusers folders (what ``fastcache serve --model``
+    loads): their paths by family."""
+    root = tmp_path_factory.mktemp("video-models")
+    folders = {"animatediff": root / "animatediff", "svd": root / "svd"}
+    tiny_animatediff().save_pretrained(folders["animatediff"])
+    tiny_svd().save_pretrained(folders["svd"])
+    return folders
+
+
+def video_model(pipe, steps: int = 2, guidance=(True,), default_frames=None, **options):
+    """``pipe`` as a server serves it (``VideoModel``), without a fastcache handle (so, no cache levels), its engine
+    not started: ``options`` are ``VideoOptions``' (sizes, frames, ...)."""
+    from fastcache.serving.engine import Engine, EngineConfig
+    from fastcache.serving.video_options import VideoOptions
+    from fastcache.serving.video_pipeline import VideoModel
+
+    engine = Engine(pipe, EngineConfig(sizes=((32, 32),), steps=steps, max_steps=50, guidance=guidance, edits=()),
+                    images=False)
+    return VideoModel(pipe, engine, VideoOptions(**options), default_frames)

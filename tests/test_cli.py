@@ -6,6 +6,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error, one_line_error
 from PIL import Image
 
 from fastcache import cli
@@ -61,6 +62,13 @@ BAD = [
     (["serve", "--inpaint-preset", "tiny-sd"], "invalid choice"),
     (["serve", "--inpaint-model", "/etc"], "--inpaint-model /etc: not a diffusers pipeline folder"),
     (["serve", "--inpaint-model", "./missing"], "--inpaint-model ./missing: no such folder"),
+    (["serve", "--video-sizes", "30"], "multiples of 8 pixels"),
+    (["serve", "--video-frames", "0"], "--video-frames values must be >= 1"),
+    (["warmup", "--video-frames", "2000"], "--video-frames must be integers from 1 to 1024"),
+    (["serve", "--video-fps", "0"], "--video-fps must be an integer from 1 to 120"),
+    (["serve", "--video-ttl", "0"], "--video-ttl must be a number of seconds above 0"),
+    (["serve", "--max-video-jobs", "0"], "--max-video-jobs must be an integer from 1 to 100000"),
+    (["serve", "--video-crf", "52"], "--video-crf must be an integer from 0 (lossless) to 51"),
     (["bench", "nothing"], "invalid choice"),
     (["dance"], "invalid choice"),
 ]
@@ -70,28 +78,21 @@ BAD = [
 def test_a_bad_argument_is_one_line_and_exit_code_2(argv, message, capsys, monkeypatch):
     monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)  # all of this is known before any model
     monkeypatch.delenv("FASTCACHE_API_KEY", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    err = cli_error(argv, capsys)
+    assert message in err, err
     assert "sk bad key" not in err  # a key is never repeated
 
 
 def test_a_bad_key_in_the_environment_is_refused_without_showing_it(capsys, monkeypatch):
     monkeypatch.setattr("fastcache.models.build_pipeline", _no_model)
     monkeypatch.setenv("FASTCACHE_API_KEY", "sk-good-key,sk-bäd-key")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["serve", "--host", "0.0.0.0"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "key 2 is not" in err and "sk-" not in err
+    err = cli_error(["serve", "--host", "0.0.0.0"], capsys)
+    assert "key 2 is not" in err and "sk-" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_refused(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["generate", "x", "--device", "cuda"])
-    assert exit_info.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+    assert "sees no CUDA device" in cli_error(["generate", "x", "--device", "cuda"], capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -102,11 +103,7 @@ def test_cuda_without_cuda_is_refused(capsys):
     (["--guidance", "inf"], "--guidance must be a finite number"),
 ])
 def test_the_main_job_checks_every_argument_first(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main_job_args(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
+    assert message in one_line_error(lambda: main_job_args(argv), capsys)
 
 
 def test_help_explains_every_option_with_its_default(capsys):
@@ -170,11 +167,8 @@ def test_a_busy_port_is_one_line_before_any_model(capsys, monkeypatch):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(["serve", "--port", str(port), "--no-compile"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot listen there" in err
+        err = cli_error(["serve", "--port", str(port), "--no-compile"], capsys)
+    assert "cannot listen there" in err
 
 
 @pytest.mark.parametrize("command", ["warmup", "serve"])
@@ -183,3 +177,69 @@ def test_static_shapes_turns_the_dynamic_batch_off(command):
     for flags, dynamic in (([], True), (["--static-shapes"], False)):
         options = cli.service_options(commands[command], parser.parse_args([command, *flags]))
         assert options.cache.dynamic_batch is dynamic
+
+
+def test_the_video_flags_make_the_video_options(tmp_path):
+    from fastcache.serving.video_options import VideoOptions
+
+    parser, commands = cli.build_parser()
+    args = parser.parse_args(["serve", "--video-sizes", "64x32,32", "--video-frames", "8,4", "--video-fps", "12",
+                              "--data-dir", str(tmp_path), "--video-ttl", "60", "--max-video-jobs", "3",
+                              "--video-crf", "0"])
+    assert cli.service_options(commands["serve"], args).video == VideoOptions(
+        sizes=((64, 32), (32, 32)), frames=(4, 8), fps=12, data_dir=str(tmp_path), ttl=60, max_jobs=3, crf=0)
+    warmup = cli.service_options(commands["warmup"], parser.parse_args(["warmup", "--video-frames", "16"]))
+    assert warmup.video.frames == (16,)
+
+
+@pytest.mark.parametrize("model, argv, message", [
+    ("animatediff", ["--replicas", "2"], "--replicas: video jobs live in one process's --data-dir; serve video from "
+                                         "one process"),
+    ("tiny-svd", ["--replicas", "2"], "--replicas: video jobs live"),
+    ("animatediff", ["--data-dir", "/etc/passwd"], "--data-dir /etc/passwd: not a folder"),
+])
+def test_serving_a_video_model_is_checked_before_it_is_built(tiny_video_models, model, argv, message, capsys,
+                                                              monkeypatch):
+    monkeypatch.setattr("fastcache.serving.service.Service", _no_model)
+    chosen = ["--model", str(tiny_video_models[model])] if model in tiny_video_models else ["--preset", model]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", *chosen, *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_serving_video_without_pyav_is_one_line_naming_the_install(tiny_video_models, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av fails, as where the video extra is not installed
+    monkeypatch.setattr("fastcache.serving.service.Service", _no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(tiny_video_models["svd"])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert 'the video extra is not installed (no av): pip install "fastcache[video]"' in err
+
+
+def test_a_lora_for_a_video_model_that_loads_none_is_one_line(lora_dir, capsys):
+    from conftest import free_port, save_lora
+
+    path = save_lora(build_pipeline("tiny-sd"), lora_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--preset", "tiny-svd", "--lora", f"style={path}", "--no-compile", "--port",
+                  str(free_port())])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "lora: StableVideoDiffusionPipeline loads no LoRA adapters; serve it without --lora" in err
+
+
+def test_a_video_pipeline_the_server_cannot_call_is_one_line(tmp_path, capsys):
+    from conftest import free_port
+    from diffusers import AnimateDiffVideoToVideoPipeline
+
+    AnimateDiffVideoToVideoPipeline.from_pipe(build_pipeline("tiny-animatediff")).save_pretrained(tmp_path / "v2v")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(tmp_path / "v2v"), "--no-compile", "--port", str(free_port())])
+    last = capsys.readouterr().err.splitlines()[-1]  # after diffusers' loading bar
+    assert exit_info.value.code == 2 and last.startswith("fastcache serve: error: ")
+    assert ("AnimateDiffVideoToVideoPipeline is not served; the video pipelines served are AnimateDiffPipeline, "
+            "StableVideoDiffusionPipeline.") in last

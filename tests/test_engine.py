@@ -4,7 +4,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import rel_l2
+from conftest import rel_l2, wait_until
 
 from fastcache import compile_pipeline
 from fastcache.models import build_pipeline
@@ -233,19 +233,6 @@ def test_an_engine_config_normalises_what_it_holds():
     assert hash(config) == hash(EngineConfig(batch_sizes=(1, 4), sizes=((32, 32),), guidance=(True, False)))
 
 
-@pytest.mark.parametrize("fields, param", [
-    (dict(prompt=" "), "prompt"), (dict(prompt="\ud800"), "prompt"), (dict(negative_prompt="x" * 10_001),
-                                                                        "negative_prompt"),
-    (dict(guidance_scale=float("inf")), "guidance_scale"), (dict(guidance_scale=51.0), "guidance_scale"),
-    (dict(seed=-1), "seed"), (dict(seed=2**63 - 1, n=2), "seed"),  # image 1 would use seed 2**63
-])
-def test_an_image_request_checks_what_no_server_could_serve(fields, param):
-    arguments = dict(prompt="a cat", width=SIZE, height=SIZE, steps=STEPS, guidance_scale=7.5) | fields
-    with pytest.raises(InvalidRequest) as error:
-        ImageRequest(**arguments)
-    assert error.value.param == param
-
-
 def test_cache_levels_batch_apart_and_each_image_equals_a_direct_call_at_its_interval(cached):
     pipe, handle = cached
     calls = []
@@ -257,7 +244,7 @@ def test_cache_levels_batch_apart_and_each_image_equals_a_direct_call_at_its_int
     futures = [engine.submit(request(seed=3, interval=level)) for level in levels]
     with pytest.raises(InvalidRequest) as error:
         engine.submit(request(interval=5))
-    assert error.value.param == "cache" and "served levels: 1, 2, 3" in str(error.value)
+    assert error.value.param == "cache" and "this server serves 3 levels (1, 2, 3)" in str(error.value)
     engine.start().stop(timeout=120)
     assert sorted(calls) == [1, 1, 2]
     images = {level: future.result(timeout=0)[0] for level, future in zip(levels, futures, strict=True)}
@@ -311,10 +298,49 @@ def test_an_explicit_schedule_serves_no_cache_level_and_runs_as_it_is():
     engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=STEPS, edits=()), handle)
     try:
         assert engine.levels == ()
-        with pytest.raises(InvalidRequest, match="served levels: none"):
+        with pytest.raises(InvalidRequest, match=r"serves no level \(no cache here\)"):
             engine.check(request(interval=3))
         engine.submit(request())
         engine.start().stop(timeout=120)
         assert (handle.counters.full, handle.counters.shallow) == (2, 2)
     finally:
         handle.disable()
+
+
+def test_jobs_and_batches_take_turns_on_the_worker_thread(pipe):
+    order = []
+    engine = Engine(pipe, EngineConfig(batch_sizes=(1,), sizes=((SIZE, SIZE),), steps=2, max_delay_ms=0),
+                    on_batch=lambda images, padded: order.append("batch"))
+    gate = threading.Event()
+    engine.start()
+    try:
+        blocker = engine.run_on_worker(lambda: (gate.wait(60), order.append("job 0")))
+        wait_until(blocker.running, 30, "the first job's start")
+        jobs = [engine.run_on_worker(lambda i=i: order.append(f"job {i}") or i) for i in (1, 2)]
+        images = [engine.submit(request(steps=2 + i)) for i in range(2)]  # two steps counts: two batches
+        gate.set()
+        assert [job.result(60) for job in jobs] == [1, 2] and all(len(f.result(60)) == 1 for f in images)
+        assert order == ["job 0", "batch", "job 1", "batch", "job 2"]  # neither waits for all of the other kind
+        failing = engine.run_on_worker(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result(60)
+        assert engine.run_on_worker(lambda: "still serving").result(60) == "still serving"
+    finally:
+        gate.set()
+        engine.stop(60)
+
+
+def test_jobs_not_started_when_the_engine_stops_are_cancelled(pipe):
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=2))  # never started: nothing runs the job
+    waiting = engine.run_on_worker(lambda: "never")
+    engine.stop(1)
+    assert waiting.cancelled()
+    with pytest.raises(ShuttingDown):
+        engine.run_on_worker(lambda: None)
+
+
+def test_the_engine_of_a_video_model_refuses_images_and_warms_none(pipe):
+    engine = Engine(pipe, EngineConfig(sizes=((SIZE, SIZE),), steps=2, edits=("img2img",)), images=False)
+    with pytest.raises(InvalidRequest, match="this server's model makes video, not images: POST /v1/videos"):
+        engine.submit(request())
+    assert engine.warm_up(progress=False) == {} and set(engine.targets) == {"generate"}

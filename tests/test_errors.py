@@ -74,7 +74,7 @@ def test_validation_names_what_is_valid_on_this_server(client):
     assert wrong["param"] == "n" and "n must be an integer between 1 and 4" in wrong["message"]
     unknown = assert_error(*_status_body(post(client, json.dumps({"prompt": "x", "nn": 2}).encode())), 400)
     assert unknown["code"] == "unknown_field" and "'nn' is not a field" in unknown["message"]
-    assert "(did you mean 'n'?); its fields: prompt, n." in unknown["message"]
+    assert "(did you mean 'n'?); it has 2 fields (prompt, n)." in unknown["message"]
     missing = assert_error(*_status_body(post(client, b"{}")), 400)
     assert missing["param"] == "prompt" and "prompt must be a non-empty string (field required)" in missing["message"]
 
@@ -142,13 +142,10 @@ def test_many_invalid_fields_are_counted_within_the_bound():
 
     response = TestClient(app).post("/v1/wide", json={"prompt": 1, "n": "x", **{f"x{i}": i for i in range(50)}})
     error = assert_error(response.status_code, response.content, 400)
-    assert error["message"].startswith("invalid request: 'x0', 'x1', 'x2' and 47 more are not a field")
+    assert error["message"].startswith("invalid request: 50 fields (e.g. 'x0', 'x1', 'x2') are not fields")
     assert error["message"].endswith("more.") and error["code"] == "unknown_field"
 
 
-def test_some_names_gives_a_count_and_five_examples():
-    assert errors.some(["a", "b"]) == "a, b"
-    assert errors.some(f"n{i}" for i in range(90)) == "n0, n1, n2, n3, n4 and 85 more"
 
 
 def _status_body(response):

@@ -12,6 +12,8 @@ from fastcache import compile_pipeline
 from fastcache.fused_step import FusedDDIMScheduler, fused_scheduler
 from fastcache.models import SD_SCHEDULER
 
+pytestmark = pytest.mark.usefixtures("kernel_only")  # the fused schedulers step with the kernel, not its fallback
+
 SCHEDULERS = [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
 
 
@@ -65,16 +67,29 @@ def test_img2img_starting_mid_schedule(sd_runner, scheduler_cls):
 
 
 def test_fused_ddim_reads_a_view_of_its_timesteps_from_the_host_copy():
-    """Reading a timestep's value would be a host sync on a GPU; the pipeline's loop passes views of self.timesteps."""
+    """Reading a timestep's value would be a host sync on a GPU; the pipeline's loop passes views of ``timesteps``.
+
+    On a CPU a read costs nothing, so the test tells the two apart by what each sees: once ``set_timesteps`` has run,
+    the tensor is overwritten in place (standing in for memory the host must not read). A view's step still takes the
+    value ``set_timesteps`` made; a tensor that is not a view (a value) is read, and its step takes what it holds."""
     scheduler = fused_scheduler(DDIMScheduler(**SD_SCHEDULER))
     scheduler.set_timesteps(10)
     view = list(scheduler.timesteps[4:])[0]  # as img2img's loop gets it
-    value = int(view)
-    assert scheduler._timestep_value(value) == scheduler._timestep_value(view.clone()) == value
+    made, overwritten = int(scheduler.timesteps[4]), int(scheduler.timesteps[5])
+    scheduler.timesteps[4] = overwritten
+    generator = torch.Generator().manual_seed(1)
+    x, eps = (torch.randn(SHAPE, generator=generator) for _ in range(2))
 
-    scheduler._host_timesteps = [1000 + i for i in range(10)]  # what a view resolves to, if it is not read
-    assert scheduler._timestep_value(view) == scheduler._timestep_value(view.expand(2)) == 1004
-    assert scheduler._timestep_value(view.clone()) == value  # not a view: read
+    def diffusers_step(value: int) -> torch.Tensor:
+        reference = DDIMScheduler(**SD_SCHEDULER)
+        reference.set_timesteps(10)
+        return reference.step(eps, value, x).prev_sample
+
+    at_made, at_overwritten = diffusers_step(made), diffusers_step(overwritten)
+    assert rel_l2(at_made, at_overwritten) > 1e-3, "the two timesteps must step differently for this test to tell"
+    for timestep in (view, view.expand(2)):
+        assert rel_l2(scheduler.step(eps, timestep, x).prev_sample, at_made) < 1e-5
+    assert rel_l2(scheduler.step(eps, view.clone(), x).prev_sample, at_overwritten) < 1e-5  # not a view: read
 
 
 SHAPE = (1, 4, 8, 8)

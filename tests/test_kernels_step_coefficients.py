@@ -4,10 +4,12 @@ import pytest
 import torch
 from conftest import rel_l2
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from fastcache.models import SD_SCHEDULER
 from fastcache_kernels import step_coefficients
 from fastcache_kernels.guided_step import guided_step
 
-from fastcache.models import SD_SCHEDULER
+pytestmark = pytest.mark.usefixtures("kernel_only")  # the kernel steps, not its PyTorch fallback
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BASE = {k: v for k, v in SD_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")}

@@ -8,10 +8,10 @@ from fastcache.partition import (
     UNetPartition,
     adapter_residual_shapes,
     branch_positions,
-    check_unet,
     feature_shape,
     resolve_branch,
 )
+from fastcache.partitions import check_unet
 
 
 @pytest.fixture(params=["tiny-sd", "tiny-sdxl"])

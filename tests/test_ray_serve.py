@@ -16,19 +16,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import ray.serve  # noqa: F401 (Ray is in the test extra: without it this file fails, it is not skipped)
 from conftest import HOST, assert_error, free_port, wait_until
 from PIL import Image
 
 from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
+from fastcache.serving import ray_serve
 from fastcache.serving.edge import EdgeConfig
 from fastcache.serving.engine import EngineConfig
 from fastcache.serving.probe import wait_ready
 from fastcache.serving.request import ImageRequest, pipeline_kwargs
 from fastcache.serving.service import ServiceOptions
-
-ray_serve = pytest.importorskip("fastcache.serving.ray_serve")
-pytest.importorskip("ray.serve")
 
 STEPS = 2
 KEY = "sk-ray-replicas-3e1d"

@@ -90,7 +90,7 @@ BAD_REQUESTS = [
                                                   "(input should be a valid string, unable to parse raw data as a "
                                                   "unicode string)"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": "x", "size": "64x64"}, "served sizes: 32x32"),
+    ({"prompt": "x", "size": "64x64"}, "one of 1 served size (32x32)"),
     ({"prompt": "x", "size": "big"}, "'WIDTHxHEIGHT'"),
     ({"prompt": "x", "size": "9" * 5000 + "x1"}, "'WIDTHxHEIGHT'"),
     ({"prompt": "x", "size": "\uff13\uff12x\uff13\uff12"}, "'WIDTHxHEIGHT'"),  # full-width digits

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import helper_run, rel_l2
+from diffusers.hooks import HookRegistry
 
 from fastcache.variants import VARIANTS, speed_switches
 
@@ -27,7 +28,7 @@ def test_every_variant_attaches_and_leaves_the_pipeline_as_it_was(sd_runner, nam
     before, weights = snapshot(pipe), {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     count = parameter_count(pipe)
     with VARIANTS[name].applied(pipe, 3, 0) as handle:
-        assert handle.enabled and pipe.unet._diffusers_hook.get_hook("fastcache") is not None
+        assert handle.enabled and HookRegistry.check_if_exists_or_initialize(pipe.unet).get_hook("fastcache")
         if VARIANTS[name].switches:
             assert snapshot(pipe)["channels_last"] and hasattr(pipe.unet.mid_block.attentions[0]
                                                                 .transformer_blocks[0].attn1, "to_qkv")

@@ -11,6 +11,7 @@ Bodies are read with two bounds before a parser recurses or guesses (``CheckedBo
 (Starlette decodes a field that is not as Latin-1, silently).
 """
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -32,9 +33,10 @@ from pydantic import (
 )
 from starlette.requests import ClientDisconnect
 
+from ..errors_text import examples, listing
 from .engine import EngineConfig
-from .errors import ErrorResponse, error_response, some
-from .request import LORA_FORM, MAX_GUIDANCE, MAX_LORA_SCALE, MAX_PROMPT_CHARS, MAX_SEED
+from .errors import ErrorResponse, error_response
+from .request import LORA_FORM, MAX_GUIDANCE, MAX_LORA_SCALE, MAX_PROMPT_CHARS, MAX_SEED, InvalidRequest
 
 try:
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -109,7 +111,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def _error(description: str, *headers: str) -> dict:
+def error_doc(description: str, *headers: str) -> dict:
     described = {"Retry-After": "seconds to wait before retrying", "WWW-Authenticate": "Bearer",
                  "Allow": "the methods this path takes"}
     return {"model": ErrorResponse, "description": description,
@@ -118,25 +120,25 @@ def _error(description: str, *headers: str) -> dict:
 
 # what any request may get from the layers in front of the routes (edge.py, auth.py); 401 only with API keys
 EDGE_ERRORS = {
-    400: _error("malformed HTTP, or a request that is invalid (the message names the field and what is valid)"),
-    401: _error("no valid API key ('Authorization: Bearer KEY'); only when the server has keys", "WWW-Authenticate"),
-    408: _error("the request's head or body did not arrive in time (--header-timeout, --read-timeout)"),
-    413: _error("the body is over --max-body-mb"),
-    429: _error("this client address holds --max-connections-per-client connections", "Retry-After"),
-    431: _error("the request head is over 16 KiB"),
-    503: _error("the server holds --max-connections connections, or is shutting down", "Retry-After"),
+    400: error_doc("malformed HTTP, or a request that is invalid (the message names the field and what is valid)"),
+    401: error_doc("no valid API key ('Authorization: Bearer KEY'); only when the server has keys", "WWW-Authenticate"),
+    408: error_doc("the request's head or body did not arrive in time (--header-timeout, --read-timeout)"),
+    413: error_doc("the body is over --max-body-mb"),
+    429: error_doc("this client address holds --max-connections-per-client connections", "Retry-After"),
+    431: error_doc("the request head is over 16 KiB"),
+    503: error_doc("the server holds --max-connections connections, or is shutting down", "Retry-After"),
 }
 IMAGE_ERRORS = {
     **EDGE_ERRORS,
-    415: _error("the body is not of the media type this endpoint takes"),
-    429: _error("too many images wait (--max-queue), or this client holds too many connections", "Retry-After"),
-    500: _error("the generation failed (the server keeps serving)"),
-    503: _error("warming up, shutting down (a request the drain cut short), or too many connections", "Retry-After"),
+    415: error_doc("the body is not of the media type this endpoint takes"),
+    429: error_doc("too many images wait (--max-queue), or this client holds too many connections", "Retry-After"),
+    500: error_doc("the generation failed (the server keeps serving)"),
+    503: error_doc("warming up, shutting down (a request the drain cut short), or too many connections", "Retry-After"),
 }
-READY_ERRORS = {**EDGE_ERRORS, 503: _error("warming up, or the engine stopped", "Retry-After")}
+READY_ERRORS = {**EDGE_ERRORS, 503: error_doc("warming up, or the engine stopped", "Retry-After")}
 # no route of this API can answer these: documented once, in components
-ROUTING_ERRORS = {404: _error("no such endpoint (the message lists them)"),
-                  405: _error("a method this path does not take", "Allow")}
+ROUTING_ERRORS = {404: error_doc("no such endpoint (the message lists them)"),
+                  405: error_doc("a method this path does not take", "Allow")}
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,8 @@ def _lora_schema(adapters: tuple[str, ...]) -> dict:
 
 def field_rules(config: EngineConfig, levels: tuple[int, ...] = (), adapters: tuple[str, ...] = ()) -> dict[str, str]:
     """What each field of a generations or edits request may be on this server, in a few words and a few names."""
-    sizes = some(f"{w}x{h}" for w, h in config.sizes)
+    sizes = listing((f"{w}x{h}" for w, h in config.sizes), "served size", ordered=True)
+    served_levels = f"the served levels {examples(levels, ordered=True)}" if levels else "the served interval"
     guidance = "" if len(config.guidance) == 2 else (" and above 1 (classifier-free guidance is warmed on only)"
                                                       if config.guidance[0] else
                                                       " and at most 1 (classifier-free guidance is warmed off only)")
@@ -247,15 +250,15 @@ def field_rules(config: EngineConfig, levels: tuple[int, ...] = (), adapters: tu
         "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
         "n": f"an integer between 1 and {config.max_batch} (the largest batch size served)",
         "size": (f"'WIDTHxHEIGHT', multiples of {config.pixel_multiple} pixels from {config.pixel_multiple} to "
-                 f"{config.max_size}" if config.on_demand else f"'WIDTHxHEIGHT', one of the served sizes: {sizes}"),
+                 f"{config.max_size}" if config.on_demand else f"'WIDTHxHEIGHT', one of {sizes}"),
         "response_format": "'b64_json'",
         "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters",
         "num_inference_steps": f"an integer between 1 and {config.max_steps} (default {config.steps})",
         "guidance_scale": f"a number between 0 and {MAX_GUIDANCE:g}{guidance}",
         "seed": f"an integer between 0 and {MAX_SEED} - (n - 1) (image i uses seed + i)",
-        "cache": f"{{\"interval\": k}} with k one of {some(map(str, levels)) or 'the served interval'} (1: uncached)",
+        "cache": f"{{\"interval\": k}} with k one of {served_levels} (1: uncached)",
         "lora": (f"{LORA_FORM} (S from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, default 1), NAME one of the "
-                 f"loaded adapters: {some(adapters) or 'none (this server serves no LoRA)'}"),
+                 f"{listing(adapters, 'loaded adapter') if adapters else 'none (this server serves no LoRA)'}"),
         "image": f"a PNG, JPEG or WebP file of at most {config.max_size} pixels a side (edits only)",
         "mask": "an image file of the image's size, white where the image is repainted (edits only)",
         "strength": "a number in (0, 1] leaving at least one step: steps x strength >= 1 (edits only; default 0.8 "
@@ -288,6 +291,21 @@ def depth_problem(data: bytes | str, what: str) -> str | None:
     if depth <= MAX_JSON_DEPTH:
         return None
     return f"{what} nests JSON {depth} levels deep; this server reads at most {MAX_JSON_DEPTH}."
+
+
+def form_lora(text: str):
+    """A form's ``lora`` (image edits, videos): JSON (a list, an object or a quoted name), or else an adapter's name
+    as it is; ``InvalidRequest`` if it is nested too deeply or is not JSON."""
+    if not text.lstrip().startswith(("[", "{", '"')):
+        return text
+    problem = depth_problem(text, "lora")
+    if problem:
+        raise InvalidRequest(problem, "lora")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidRequest(f"lora must be {LORA_FORM}, as JSON or a bare name; got {text[:40]!r}.",
+                             "lora") from None
 
 
 def form_text_problem(body: bytes, content_type: str) -> tuple[str, str] | None:

@@ -8,6 +8,10 @@ request), so an image does not depend on what it was batched with. Each kind of 
 text-to-image the served one, edits its ``from_pipe`` pipelines (same UNet, same graphs) or an inpainting model's,
 each with its fastcache handle. A request's LoRA adapters are put in place on its pipeline's UNet before the call
 (``loras.ServedLoras``: hot-swaps, no compile).
+
+The worker thread is the device's one user: other work (a video job, ``run_on_worker``) runs on it between batches,
+never beside them. When both wait they take turns, a batch then a job: a job (minutes of video) is not preempted, so
+an image waits for at most the job running and one more; a job never starves behind a steady stream of images.
 """
 
 from __future__ import annotations
@@ -17,17 +21,19 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors_text import listing
 from .edits import edit_pipeline, warmup_inputs
-from .errors import some
 from .loras import ServedLoras
 from .request import DEFAULT_STRENGTH, EDIT_KINDS, ImageRequest, InvalidRequest, pipeline_kwargs, size_problem
 
@@ -153,14 +159,16 @@ class Engine:
 
     ``submit`` is thread-safe and returns a future of the request's images (float arrays, HxWx3 in [0, 1]).
     ``on_batch(images, padded)`` is called after each pipeline call (metrics); ``loras`` serves requests' LoRA
-    adapters (their UNets prepared with ``loras.attach``), ``None``: none are served.
+    adapters (their UNets prepared with ``loras.attach``), ``None``: none are served. ``images=False``: ``pipe``
+    makes video (``video_pipeline.VideoModel`` calls it through ``run_on_worker``); image requests are refused.
     """
 
     def __init__(self, pipe, config: EngineConfig, handle=None, on_batch: Callable[[int, int], None] | None = None,
-                 targets: Mapping[str, Target] | None = None, loras: ServedLoras | None = None):
+                 targets: Mapping[str, Target] | None = None, loras: ServedLoras | None = None, images: bool = True):
         self.pipe, self.config, self.handle, self.loras = pipe, config, handle, loras
+        self.images = images
         self.targets = {"generate": Target(pipe, handle)}
-        for kind in config.edits:
+        for kind in config.edits if images else ():
             self.targets[kind] = (targets or {}).get(kind) or Target(edit_pipeline(pipe, kind), handle)
         # the cache levels served; the server's default is the handle's interval as it was built (an explicit list
         # of full steps has no interval: no level can be asked for)
@@ -171,6 +179,8 @@ class Engine:
         self.ready = threading.Event()  # set when warm-up is done
         self.eager_buckets: list[Bucket] = []  # buckets whose compile failed: served by the eager paths
         self._queue: deque[ImageRequest] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()  # run_on_worker's
+        self._jobs_turn = False  # a batch ran last: a waiting job goes next
         self._waiting_images = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -186,6 +196,9 @@ class Engine:
     def check(self, request: ImageRequest) -> None:
         """Raise ``InvalidRequest`` naming what is served if no warmed bucket takes ``request``."""
         config = self.config
+        if not self.images:
+            raise InvalidRequest("this server's model makes video, not images: POST /v1/videos (GET /v1/models says "
+                                 "what it serves).", "model")
         if request.kind not in self.targets:
             served = ", ".join(config.edits) or "none"
             raise InvalidRequest(f"{request.kind} edits are not served (edits served: {served}).",
@@ -203,8 +216,8 @@ class Engine:
                                  f"{'on' if guidance else 'off'}, which this server did not warm up: guidance_scale "
                                  f"must be {'<= 1' if guidance else '> 1'}.", "guidance_scale")
         if request.interval is not None and request.interval not in self.levels:
-            levels = some(map(str, self.levels)) or "none (no cache on this server)"
-            raise InvalidRequest(f"cache.interval {request.interval} is not served; served levels: {levels}.",
+            levels = listing(self.levels, "level", ordered=True) if self.levels else "no level (no cache here)"
+            raise InvalidRequest(f"cache.interval {request.interval} is not served; this server serves {levels}.",
                                  "cache")
         if request.lora:
             if self.loras is None:
@@ -221,8 +234,8 @@ class Engine:
             if problem:
                 raise InvalidRequest(problem, "size")
         elif (width, height) not in config.sizes:
-            sizes = some(f"{w}x{h}" for w, h in config.sizes)
-            raise InvalidRequest(f"size {width}x{height} is not served; served sizes: {sizes}.", "size")
+            sizes = listing((f"{w}x{h}" for w, h in config.sizes), "size", ordered=True)
+            raise InvalidRequest(f"size {width}x{height} is not served; this server serves {sizes}.", "size")
 
     def submit(self, request: ImageRequest) -> Future:
         """Queue ``request``; ``InvalidRequest`` if no bucket takes it, ``QueueFull`` if too many images wait."""
@@ -238,6 +251,21 @@ class Engine:
             self._waiting_images += request.n
             self._cond.notify_all()
         return request.future
+
+    def run_on_worker(self, work: Callable[[], Any]) -> Future:
+        """Run ``work()`` on the worker thread, between batches (one device, one pipeline call at a time); a future
+        of its result. Jobs not started when the engine stops are dropped (their futures cancelled)."""
+        future = Future()
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down.")
+            self._jobs.append((work, future))
+            self._cond.notify_all()
+        return future
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def queue_depth(self) -> int:
@@ -259,15 +287,8 @@ class Engine:
         kwargs = pipeline_kwargs(target.pipe, requests, pad_to)
         if self.loras is not None:  # every call sets them: a call without adapters sets every slot to 0
             self.loras.apply(target.pipe.unet, first.lora)
-        level = first.interval or self.default_interval
-        if target.handle is None or level == self.default_interval:
+        with self.at_level(target.handle, first.interval):
             images = target.pipe(**kwargs).images
-        else:  # the cache level of this call only; it changes which steps run full, not the graphs
-            target.handle.set_interval(level)
-            try:
-                images = target.pipe(**kwargs).images
-            finally:
-                target.handle.set_interval(self.default_interval)
         if record and self.on_batch is not None:
             self.on_batch(total, pad_to)
         if record and self.loras is not None:
@@ -278,6 +299,20 @@ class Engine:
             start += request.n
         return out
 
+    @contextmanager
+    def at_level(self, handle, interval: int | None) -> Iterator[None]:
+        """``handle`` at cache level ``interval`` (None: the server's) for one call; it changes which steps run
+        full, not the graphs."""
+        level = interval or self.default_interval
+        if handle is None or level == self.default_interval:
+            yield
+            return
+        handle.set_interval(level)
+        try:
+            yield
+        finally:
+            handle.set_interval(self.default_interval)
+
     # -- warm-up ---------------------------------------------------------------------------------------------
 
     def warm_up(self, progress: bool = True) -> dict[Bucket, float]:
@@ -287,8 +322,8 @@ class Engine:
         warning; it is listed in ``eager_buckets``.
         """
         seconds = {}
-        buckets = self.config.buckets()
-        bar = tqdm(buckets, desc="fastcache warm-up", unit="bucket", disable=not progress)
+        buckets = self.config.buckets() if self.images else []
+        bar = tqdm(buckets, desc="fastcache warm-up", unit="bucket", disable=not progress or not buckets)
         for bucket in bar:
             if self._stopping:  # shutting down: the remaining buckets are not needed
                 logger.info("fastcache: warm-up stopped before %s", bucket)
@@ -333,18 +368,34 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cond:
+            while self._jobs:
+                self._jobs.popleft()[1].cancel()
 
     def _serve(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            work = self._next_work()
+            if work is None:
                 return
-            if not batch:  # every request of it was cancelled while queued
-                continue
             try:
-                self._answer(batch)
+                work()
             except Exception:  # never let the thread die: requests would wait forever
                 logger.exception("fastcache: the engine failed to answer a batch")
+
+    def _next_work(self) -> Callable[[], None] | None:
+        """The next batch's answer or job, taking turns when both wait; ``None`` once stopping with no image request
+        queued (jobs not started stay unstarted)."""
+        with self._cond:
+            while not self._queue and not (self._jobs and not self._stopping):
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            if self._jobs and not self._stopping and (self._jobs_turn or not self._queue):
+                self._jobs_turn = False
+                return partial(_run_job, *self._jobs.popleft())
+            self._jobs_turn = bool(self._jobs)
+        batch = self._next_batch()  # the queue holds a request: only this thread takes them
+        return partial(self._answer, batch) if batch else (lambda: None)  # empty: all cancelled while queued
 
     def _answer(self, batch: list[ImageRequest]) -> None:
         """Run a batch and resolve its futures. If it fails, its requests run one by one, so that a request that
@@ -391,6 +442,17 @@ class Engine:
 
     def _joinable(self, first: ImageRequest) -> int:
         return sum(request.n for request in self._queue if request.batch_key == first.batch_key)
+
+
+def _run_job(work: Callable[[], Any], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = work()
+    except Exception as error:  # the job's own failure: its future says it, the worker goes on
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _resolve(future: Future, images=None, error: BaseException | None = None) -> None:

@@ -25,13 +25,14 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from ..errors_text import count, examples, listing
+
 logger = logging.getLogger(__name__)
 
 _TYPES = {401: "authentication_error", 429: "rate_limit_error", 499: "client_closed", 500: "server_error",
           503: "server_unavailable"}  # any other status: invalid_request_error
 CLOSE = (("connection", "close"),)  # for answers sent before the request's body was read: the rest is not read
-MAX_MESSAGE_CHARS = 400  # a message a person reads: a list of names gives a count and at most EXAMPLES of them
-EXAMPLES = 5
+MAX_MESSAGE_CHARS = 400  # a message a person reads: a list of names gives a count and a few (errors_text)
 MAX_PROBLEMS = 3  # invalid fields named in one message (the rest are counted)
 
 
@@ -51,14 +52,6 @@ class ErrorResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     error: ErrorDetail
-
-
-def some(names: Iterable[str], limit: int = EXAMPLES) -> str:
-    """``names`` for a message: all of them when there are at most ``limit``, else ``limit`` and how many more."""
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
@@ -109,7 +102,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
         if error.status_code == 404:
-            return error_response(404, f"no endpoint {request.url.path[:100]!r}; endpoints: {_endpoints(app)} "
+            return error_response(404, f"no endpoint {request.url.path[:100]!r}; this server has {_endpoints(app)} "
                                        f"(GET /openapi.json describes them).", code="not_found")
         if error.status_code == 405:
             allowed = (error.headers or {}).get("Allow", "")
@@ -148,8 +141,8 @@ class _AnsweredOnce:
 
 
 def _endpoints(app: FastAPI) -> str:
-    return some([f"{'/'.join(sorted(route.methods))} {route.path}" for route in app.routes
-                 if isinstance(route, APIRoute)])
+    return listing([f"{'/'.join(sorted(route.methods))} {route.path}" for route in app.routes
+                    if isinstance(route, APIRoute)], "endpoint", ordered=True)
 
 
 def _media_type(content_type: str | None) -> str:
@@ -207,8 +200,10 @@ def _describe(error: RequestValidationError, rules: Mapping[str, str], fields: I
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(fields), 1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        what = f"{unknown[0]!r} is" if len(unknown) == 1 else f"{some(map(repr, unknown), 3)} are"
-        problems.insert(0, (unknown[0], f"{what} not a field of this request{hint}; its fields: {some(fields)}"))
+        what = (f"{unknown[0]!r} is not a field" if len(unknown) == 1 else
+                f"{count(unknown, 'field')} {examples(map(repr, unknown), 3, ordered=True)} are not fields")
+        problems.insert(0, (unknown[0], f"{what} of this request{hint}; it has "
+                                        f"{listing(fields, 'field', ordered=True)}"))
     shown, left = [], len(problems)
     for _, text in problems[:MAX_PROBLEMS]:
         candidate = "; ".join([*shown, text])

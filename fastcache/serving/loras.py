@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors_text import count, examples, one_line
 from ..lora import LoraLayers
-from .errors import some
 from .request import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,8 @@ class ServedLoras:
         """``InvalidRequest`` naming the loaded adapters unless this server can serve ``adapters``."""
         unknown = [name for name, _ in adapters if name not in self.weights]
         if unknown:
-            raise InvalidRequest(f"lora {unknown[0][:64]!r} is not loaded; loaded adapters: {some(self.names)}.",
-                                 "lora")
+            raise InvalidRequest(f"lora {unknown[0][:64]!r} is not loaded; {count(self.names, 'adapter')} "
+                                 f"{'is' if len(self.names) == 1 else 'are'} loaded {examples(self.names)}.", "lora")
         if len(adapters) > self.options.slot_count:
             raise InvalidRequest(f"lora names {len(adapters)} adapters; this server combines at most "
                                  f"{self.options.slot_count} per request (--lora-slots).", "lora")
@@ -211,6 +211,10 @@ class ServedLoras:
             return
         if getattr(unet, "peft_config", None):
             raise ValueError("lora: the model already has LoRA adapters; serve a model without them")
+        for adapter, (state_dict, _, _) in self.weights.items():  # before diffusers and PEFT log their own errors
+            problem = fit_problem(unet, _unet_keys(adapter, state_dict))
+            if problem:
+                raise ValueError(f"lora {adapter}: {problem}")
         names = [SLOT.format(i) for i in range(self.options.slot_count)]
         empty = self._empty_slot(unet)
         with warnings.catch_warnings():  # PEFT warns of several adapters in one model: that is the point here
@@ -225,7 +229,7 @@ class ServedLoras:
                 self._swap(slots, 0, adapter)
             except Exception as error:  # noqa: BLE001 (diffusers and PEFT raise several kinds)
                 raise ValueError(f"lora {adapter}: cannot be hot-swapped into this model's UNet "
-                                 f"({type(error).__name__}: {str(error)[:300]})") from None
+                                 f"({type(error).__name__}: {one_line(error, 200)})") from None
         self.hotswaps = 0
         for i in range(len(names)):
             torch._foreach_zero_(slots.scalings(i))
@@ -233,17 +237,10 @@ class ServedLoras:
 
     def _empty_slot(self, unet) -> dict[str, torch.Tensor]:
         """A LoRA of zeros, at the slots' rank, on every layer any adapter targets (PEFT keys, ``unet.`` prefix)."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
 
         rank, empty = self.options.target_rank, {}
         for name, (state_dict, _, _) in self.weights.items():
-            unet_keys = {key.removeprefix("unet."): value for key, value in state_dict.items()
-                         if key.startswith("unet.")}
-            if not unet_keys:
-                raise ValueError(f"lora {name}: no UNet layers in it")
-            if not any("lora_A" in key for key in unet_keys):
-                unet_keys = convert_unet_state_dict_to_peft(unet_keys)
-            for key, value in unet_keys.items():
+            for key, value in _unet_keys(name, state_dict).items():
                 if ".lora_A." in key:
                     empty[f"unet.{key}"] = torch.zeros(rank, *value.shape[1:], dtype=unet.dtype, device=unet.device)
                 elif ".lora_B." in key and value.ndim >= 2:
@@ -292,6 +289,49 @@ class ServedLoras:
         slots.held[index] = adapter
         self.hotswaps += 1
         logger.debug("fastcache: LoRA %s hot-swapped into %s", adapter, slots.names[index])
+
+
+def _unet_keys(name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet's part of a LoRA, keyed as PEFT names its layers (``down_blocks.0....to_q.lora_A.weight``)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    unet_keys = {key.removeprefix("unet."): value for key, value in state_dict.items() if key.startswith("unet.")}
+    if not unet_keys:
+        raise ValueError(f"lora {name}: no UNet layers in it")
+    if not any("lora_A" in key for key in unet_keys):
+        unet_keys = convert_unet_state_dict_to_peft(unet_keys)
+    return unet_keys
+
+
+def fit_problem(unet: torch.nn.Module, unet_keys: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a LoRA (PEFT keys) does not fit ``unet``: modules the UNet does not have, or layers of other widths; one
+    bounded line (a count and a few names), or ``None``. A LoRA made for another model, or saved with its keys
+    prefixed twice (``unet.unet.``), fails here, before diffusers and PEFT log every module name."""
+    modules = dict(unet.named_modules())
+    widths: dict[str, list[int | None]] = {}  # module -> [in, out] as the LoRA's A and B matrices say
+    for key, value in unet_keys.items():
+        for part, axis, side in ((".lora_A.", 1, 0), (".lora_B.", 0, 1)):
+            if part in key and value.ndim >= 2:
+                widths.setdefault(key.split(part)[0], [None, None])[side] = value.shape[axis]
+    absent = [name for name in widths if name not in modules]
+    if absent:
+        twice = all(name.startswith("unet.") and name[5:] in modules for name in absent)
+        return (f"the LoRA targets {count(absent, 'module')} this UNet does not have {examples(absent)}; "
+                + ("its keys are prefixed twice (unet.unet.): save the UNet's layers without the unet. prefix"
+                   if twice else "is it for another model, or are its keys prefixed twice?"))
+    misfit = [name for name, (width_in, width_out) in widths.items()
+              if (width_in, width_out) != _widths(modules[name], width_in, width_out)]
+    if misfit:
+        return (f"the LoRA's layers have other widths than {count(misfit, 'module')} of this UNet "
+                f"{examples(misfit)}; is it for another model?")
+    return None
+
+
+def _widths(module: torch.nn.Module, width_in: int | None, width_out: int | None) -> tuple:
+    """``module``'s input and output widths, where the LoRA gives one (``None`` where it does not)."""
+    found = (getattr(module, "in_features", getattr(module, "in_channels", None)),
+             getattr(module, "out_features", getattr(module, "out_channels", None)))
+    return tuple(None if given is None else width for given, width in zip((width_in, width_out), found, strict=True))
 
 
 def parse_adapter(text: str) -> tuple[str, str]:

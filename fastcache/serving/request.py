@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..models import prompt_inputs
+from ..presets import size_problem  # noqa: F401 (the one place of the size rule; the engine imports it here)
 
 KINDS = ("generate", "img2img", "inpaint")
 EDIT_KINDS = KINDS[1:]
@@ -37,16 +38,6 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-
-def size_problem(width: int, height: int, multiple: int, max_size: int | None = None) -> str | None:
-    """Why ``width`` x ``height`` pixels cannot be generated (each side a multiple of the model's pixel multiple, the
-    VAE's scale times the UNet's downsampling, and at most ``max_size``), or ``None``. The one place this is said."""
-    largest = max_size if max_size is not None else max(width, height, multiple)
-    if all(multiple <= side <= largest and side % multiple == 0 for side in (width, height)):
-        return None
-    return f"width and height must be multiples of {multiple} pixels, from {multiple} to {largest}; got " \
-           f"{width}x{height}."
 
 
 def request_problem(prompt, negative_prompt: str = "", n: int = 1, guidance_scale: float = 7.5,

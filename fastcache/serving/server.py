@@ -7,14 +7,13 @@ and 413 from the edge; 415 for a body of another media type; 429 with ``Retry-Af
 ``Retry-After`` until the warm-up is done. ``api`` holds the request models with this server's limits, which
 ``/openapi.json`` states. The edge's layers (``edge.EdgeConfig``: keys, read deadline, body limit) wrap every route,
 so a route added here is covered by them. A GET endpoint answers HEAD as well, and a path with a trailing slash is the
-path without it (``edge.TrailingSlash``).
+path without it (``edge.TrailingSlash``). ``/v1/videos`` (``videos``) serves a model that makes video instead.
 """
 
 
 import asyncio
 import base64
 import io
-import json
 import logging
 import os
 import re
@@ -29,12 +28,12 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from . import api, errors
-from .api import EDITS, GENERATIONS, CacheLevel, CheckedBodyRoute, depth_problem
+from .api import EDITS, GENERATIONS, CacheLevel, CheckedBodyRoute, depth_problem, form_lora
 from .edge import EdgeConfig, TrailingSlash
 from .edits import fit, fit_mask, read_image
 from .engine import QueueFull, ShuttingDown
 from .errors import error_response
-from .request import LORA_FORM, ImageRequest, InvalidRequest
+from .request import ImageRequest, InvalidRequest
 from .service import Service
 
 logger = logging.getLogger(__name__)
@@ -54,6 +53,8 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        if videos is not None:
+            videos.start()
         warming = None
         if warm_up and not engine.ready.is_set():
             warming = threading.Thread(target=_warm_up, args=(service,), name="fastcache-warmup", daemon=True)
@@ -62,6 +63,8 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
         await asyncio.to_thread(engine.stop, drain_seconds)
         if warming is not None:
             await asyncio.to_thread(warming.join, drain_seconds)
+        if videos is not None:
+            await asyncio.to_thread(videos.stop, drain_seconds)
 
     contract = api.api_for(config, tuple(engine.levels), service.options.lora.names)
     GenerationBody, EditForm = contract.generation, contract.edit  # classes, made for this server
@@ -72,6 +75,9 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
     app.state.field_rules, app.state.fields = contract.rules, contract.fields  # named by invalid fields' messages
     app.state.media_types, app.state.open_paths = api.MEDIA_TYPES, edge.open_paths
     app.state.request_models = (GenerationBody, EditForm)
+    from .videos import install as install_videos  # here: the video modules import the api's readers
+
+    videos = install_videos(app, service)  # the video routes and jobs; on a video server, its field rules
 
     def openapi() -> dict:  # FastAPI's, made once, with what it cannot know (api.openapi)
         if app.openapi_schema is None:
@@ -157,6 +163,7 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             "max_body_mb": edge.max_body_mb, "max_image_size": config.max_size,
             "compile": options.cache.mode if options.cache.compile else "eager",
             "runtime": service.environment(),
+            "images": engine.images, "video": service.video.describe() if service.video is not None else None,
         }]}
 
     @get_and_head("/health", responses={200: {"model": api.Health}, **api.EDGE_ERRORS})
@@ -248,7 +255,7 @@ def _edit_request(form: BaseModel, uploads: dict[str, bytes | None], service: Se
         except ValidationError:
             raise InvalidRequest(f"cache must be JSON like {{\"interval\": 2}}; got {form.cache[:40]!r}.",
                                  "cache") from None
-    lora = _form_lora(form.lora) if form.lora is not None else None
+    lora = form_lora(form.lora) if form.lora is not None else None
     image = read_image(uploads["image"], "image", config.max_size)
     mask = read_image(uploads["mask"], "mask", config.max_size) if uploads["mask"] is not None else None
     if form.size is not None:
@@ -266,20 +273,6 @@ def _edit_request(form: BaseModel, uploads: dict[str, bytes | None], service: Se
                         negative_prompt=form.negative_prompt, seed=form.seed,
                         image=fit(image, width, height, form.resize).convert("RGB"), mask=fitted_mask,
                         strength=form.strength, interval=interval, lora=lora)
-
-
-def _form_lora(text: str):
-    """An edits form's ``lora``: JSON (a list, an object or a quoted name), or else an adapter's name as it is."""
-    if not text.lstrip().startswith(("[", "{", '"')):
-        return text
-    problem = depth_problem(text, "lora")
-    if problem:
-        raise InvalidRequest(problem, "lora")
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise InvalidRequest(f"lora must be {LORA_FORM}, as JSON or a bare name; got {text[:40]!r}.",
-                             "lora") from None
 
 
 def _check_format(response_format: str) -> None:

@@ -1,7 +1,9 @@
 """One serving process: the pipeline, its fastcache handle, the engine, the metrics, and the warm-up.
 
 ``fastcache serve`` and each Ray Serve replica build one ``Service`` from the same ``ServiceOptions``; the warm-up
-runs every declared bucket through the serving path, loading and then saving the persistent compile cache.
+runs every declared bucket through the serving path, loading and then saving the persistent compile cache. A model
+that makes video (AnimateDiff, SVD) is served as ``video`` (``video_pipeline.VideoModel``): its buckets are warmed
+too, and the engine's thread runs its jobs; such a server serves no images.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from ..environment import environment
 from ..handle import compile_pipeline
 from ..models import INPAINT_PRESETS, PRESETS, check_device, default_dtype, has_text_encoder, open_pipeline
 from ..partition import downsampling_factor
+from ..video_models import VIDEO_PRESETS
 from . import compile_cache
 from .compile_cache import CompileCache
 from .edits import inpainting_model
 from .engine import Engine, EngineConfig, Target
 from .loras import LoraOptions, ServedLoras
 from .metrics import ServeMetrics
+from .video_options import VideoOptions
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +52,18 @@ class ServiceOptions:
     inpaint_model: str | None = None  # a diffusers folder or hub id
     inpaint_preset: str | None = None  # one of models.INPAINT_PRESETS (random weights)
     # measured speed and fidelity per cache level, shown by /v1/models: {interval: {"speedup": ..., "psnr_db": ...}},
-    # as fastcache.tune.levels(FILE) gives them (serve --tuned FILE passes them)
+    # as fastcache.tuning.report.levels(FILE) gives them (serve --tuned FILE passes them)
     level_labels: Mapping[int, Mapping[str, Any]] | None = None
     lora: LoraOptions = field(default_factory=LoraOptions)  # LoRA adapters a request may ask for (--lora NAME=PATH)
+    video: VideoOptions = field(default_factory=VideoOptions)  # a video model's buckets, job store and limits
 
     def __post_init__(self):
-        if self.model is None and self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}.")
+        if self.model is None and self.preset not in PRESETS and self.preset not in VIDEO_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} (or a video preset: {sorted(VIDEO_PRESETS)}); "
+                             f"got {self.preset!r}.")
         check_device(self.device)
-        for name, kind in (("cache", FastCacheConfig), ("engine", EngineConfig), ("lora", LoraOptions)):
+        for name, kind in (("cache", FastCacheConfig), ("engine", EngineConfig), ("lora", LoraOptions),
+                           ("video", VideoOptions)):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"{name} must be a {kind.__name__}; got {type(getattr(self, name)).__name__}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -99,19 +106,43 @@ class Service:
         self.cache = CompileCache(options.cache_dir, self.identity()) if options.cache_dir else None
         self.pipe, self.label = open_pipeline(options.model, options.preset, device=options.device,
                                               dtype=options.dtype, seed=options.seed)
+        video = self._video_module()  # None: the model makes images
         # the LoRA slots go in before anything compiles: the graphs are made with them
         self.loras = ServedLoras(options.lora, type(self.pipe), options.dtype) if options.lora.adapters else None
         if self.loras is not None:
             self.loras.attach(self.pipe)
         self.handle = compile_pipeline(self.pipe, config=options.cache)
         targets = {"inpaint": self._inpainting_target()} if options.inpainting_model else {}
-        self.engine = Engine(self.pipe, self._engine_config(), self.handle, targets=targets, loras=self.loras)
+        self.engine = Engine(self.pipe, self._engine_config(images=video is None), self.handle, targets=targets,
+                             loras=self.loras, images=video is None)
+        frames = VIDEO_PRESETS.get(options.preset, {}).get("frames") if options.model is None else None
+        self.video = video.VideoModel(self.pipe, self.engine, options.video, frames) if video else None
         self.metrics = ServeMetrics(self.engine.handles, self.loras)
         self.engine.on_batch = self.metrics.on_batch
         self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
         self.warmup_seconds: float | None = None
         self.warmup_cache: str | None = None  # cold or warm: whether the compile cache had this configuration
         logger.info("fastcache: serving %s on %s (%s)", self.label, options.device, options.dtype)
+
+    def _video_module(self):
+        """The ``video_pipeline`` module if the model makes video (checking that PyAV is there to encode it, that no
+        inpainting model is asked for, and that LoRAs are only asked of a pipeline that loads them), else ``None``."""
+        from ..extras import require
+        from ..video_models import is_video
+        from . import video_pipeline
+        from .video_options import VIDEO_PIPELINES
+
+        if not video_pipeline.is_video_pipeline(self.pipe):
+            if is_video(self.pipe):
+                raise ValueError(f"{type(self.pipe).__name__} is not served; the video pipelines served are "
+                                 f"{', '.join(VIDEO_PIPELINES)}.")
+            return None
+        require("video")  # PyAV encodes the MP4s: one line naming the pip install
+        if self.options.inpainting_model:
+            raise ValueError(f"{self.options.model_name} makes video: it takes no inpainting model (image edits).")
+        if self.options.lora.adapters and not hasattr(self.pipe, "lora_state_dict"):
+            raise ValueError(f"lora: {type(self.pipe).__name__} loads no LoRA adapters; serve it without --lora.")
+        return video_pipeline
 
     def _inpainting_target(self) -> Target:
         """The inpainting model's pipeline with its own fastcache handle (same options); its sizes must be the base
@@ -129,15 +160,17 @@ class Service:
             self.loras.attach(pipe)
         return Target(pipe, compile_pipeline(pipe, config=options.cache))
 
-    def _engine_config(self) -> EngineConfig:
-        """The engine's options, with the loaded model's real pixel multiple (a hub model's is known only now); its
-        steps must be fewer than the scheduler's training timesteps (diffusers fails at as many: a 500 per request)."""
+    def _engine_config(self, images: bool = True) -> EngineConfig:
+        """The engine's options, with the loaded model's real pixel multiple (a hub model's is known only now); a
+        video model's engine serves no image edits; its steps must be fewer than the scheduler's training timesteps
+        (diffusers fails at as many: a 500 per request)."""
         multiple = self.pipe.vae_scale_factor * downsampling_factor(self.pipe.unet)
         timesteps = self.pipe.scheduler.config.get("num_train_timesteps")
         if timesteps and self.options.engine.max_steps >= timesteps:
             raise ValueError(f"max_steps must be below this model's {timesteps} training timesteps (its scheduler "
                              f"fails at {timesteps}); got {self.options.engine.max_steps}.")
-        return replace(self.options.engine, pixel_multiple=multiple)  # checks the sizes against it
+        edits = {} if images else {"edits": ()}
+        return replace(self.options.engine, pixel_multiple=multiple, **edits)  # checks the sizes against it
 
     def identity(self) -> dict:
         """What the compiled code depends on: the compile cache of another process is reused only if all match."""
@@ -148,6 +181,7 @@ class Service:
             if options[name] and os.path.isdir(options[name]):
                 options[name] = os.path.abspath(options[name])
         options["engine"] = {key: options["engine"][key] for key in ("batch_sizes", "sizes", "guidance", "edits")}
+        options["video"] = {key: options["video"][key] for key in ("sizes", "frames")}  # the video buckets
         return dict(options, **self.environment())
 
     def environment(self) -> dict:
@@ -164,6 +198,8 @@ class Service:
         loaded = self.cache.load() if self.cache else False
         start = time.perf_counter()
         per_bucket = self.engine.warm_up(progress)
+        if self.video is not None:
+            per_bucket.update(self.video.warm_up(progress))
         self.warmup_seconds = seconds = time.perf_counter() - start
         self.warmup_cache = state = "warm" if loaded else "cold"
         cache = self.options.cache

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from fastcache import tune
-from fastcache.tune import Budget, Measurement, Report
+from fastcache.tuning import report as tune_report
+from fastcache.tuning.report import Budget, Measurement, Report
 
 
 def row(name: str, speedup: float, psnr_db: float, ssim: float, clip: float | None = None) -> Measurement:
@@ -27,8 +27,8 @@ def names(rows) -> list[str]:
 
 
 def test_the_pareto_front_is_every_undominated_candidate_fastest_first():
-    assert names(tune.pareto_front(TABLE)) == ["I3B0", "I2B0", "I2B1", "I1B0"]
-    assert tune.dominates(TABLE[0], TABLE[3]) and not tune.dominates(TABLE[0], TABLE[1])
+    assert names(tune_report.pareto_front(TABLE)) == ["I3B0", "I2B0", "I2B1", "I1B0"]
+    assert tune_report.dominates(TABLE[0], TABLE[3]) and not tune_report.dominates(TABLE[0], TABLE[1])
 
 
 @pytest.mark.parametrize("budget, expected", [
@@ -40,17 +40,18 @@ def test_the_pareto_front_is_every_undominated_candidate_fastest_first():
     (Budget(), None),  # no budget: no pick, the front
 ])
 def test_the_pick_is_the_fastest_candidate_meeting_every_limit(budget, expected):
-    chosen = tune.pick(TABLE, budget)
+    chosen = tune_report.pick(TABLE, budget)
     assert (chosen and chosen.name) == expected
 
 
 def test_a_budget_no_candidate_meets_has_the_closest_candidate():
     budget = Budget(min_psnr=33, min_ssim=0.99)
     rows = [r for r in TABLE if r.name != "I1B0"]
-    assert tune.pick(rows, budget) is None
+    assert tune_report.pick(rows, budget) is None
     # I2B1: SSIM 0.04 short of 0.99 (4%), PSNR met; every other is further off on one of the two
-    assert tune.closest(rows, budget).name == "I2B1"
-    assert tune.closest(rows, Budget(min_clip=30)).name == "I3B0"  # no CLIP measured: all equally far, the fastest
+    assert tune_report.closest(rows, budget).name == "I2B1"
+    # no CLIP measured: all equally far, the fastest
+    assert tune_report.closest(rows, Budget(min_clip=30)).name == "I3B0"
     report = Report("note", "tiny-sd", {}, {}, {}, rows, budget)
     assert report.verdict().startswith("no candidate meets --min-psnr 33 dB, --min-ssim 0.99; the closest is I2B1")
 
@@ -66,7 +67,7 @@ def test_a_budget_checks_itself(kwargs, message):
 
 
 def test_the_grid_measures_interval_1_once():
-    grid = tune.Candidate.grid((1, 2, 3), (0, 1), ("uniform", "quad-center"))
+    grid = tune_report.Candidate.grid((1, 2, 3), (0, 1), ("uniform", "quad-center"))
     assert [c.name for c in grid] == ["I1B0", "I2B0", "I2B1", "I3B0", "I3B1", "I2B0 quad-center", "I2B1 quad-center",
                                       "I3B0 quad-center", "I3B1 quad-center"]
 
@@ -77,8 +78,8 @@ REFERENCE = dict(seconds=1.0, first_call_s=2.0, unet_tflop=1.0, clip_score=None)
 
 
 def report(budget: Budget, identity=IDENTITY) -> Report:
-    return Report(tune.random_weights_note("tiny-sd"), "tiny-sd (RANDOM)", identity, {"card": "x86_64"}, REFERENCE,
-                  TABLE, budget, ["CLIP score skipped: no --clip-model"])
+    return Report(tune_report.random_weights_note("tiny-sd"), "tiny-sd (RANDOM)", identity, {"card": "x86_64"},
+                  REFERENCE, TABLE, budget, ["CLIP score skipped: no --clip-model"])
 
 
 def test_every_output_of_a_random_weight_model_says_so_in_its_first_line(tmp_path):
@@ -103,12 +104,12 @@ def test_the_chart_is_written_with_identical_images_drawn_on_top(tmp_path):
 
 def test_serving_reads_the_pick_and_the_levels_at_its_branch(tmp_path):
     path = report(Budget(min_psnr=28)).write(tmp_path)
-    chosen = tune.tuned_pick(path, model=None, preset="tiny-sd", size=(32, 32), steps=4)
+    chosen = tune_report.tuned_pick(path, model=None, preset="tiny-sd", size=(32, 32), steps=4)
     assert (chosen.interval, chosen.branch, chosen.schedule, chosen.size) == (2, 0, "uniform", (32, 32))
     # every interval measured at the pick's branch and schedule, and interval 1 (no cache: any branch)
     assert list(chosen.levels) == [1, 2, 3, 5]
     assert chosen.levels[3] == dict(speedup=3.0, psnr_db=25, ssim=0.80, seconds=1 / 3)
-    assert list(tune.levels(path, branch=1, schedule="uniform")) == [1, 2, 3]
+    assert list(tune_report.levels(path, branch=1, schedule="uniform")) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -119,15 +120,15 @@ def test_serving_reads_the_pick_and_the_levels_at_its_branch(tmp_path):
 def test_a_tune_file_for_another_model_size_or_steps_is_refused(tmp_path, kwargs, message):
     path = report(Budget(min_psnr=28)).write(tmp_path)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        tune.tuned_pick(path, **dict(dict(model=None, preset="tiny-sd", size=(32, 32), steps=4), **kwargs))
+        tune_report.tuned_pick(path, **dict(dict(model=None, preset="tiny-sd", size=(32, 32), steps=4), **kwargs))
 
 
 def test_a_tune_file_without_a_pick_or_not_a_tune_file_is_refused(tmp_path):
     path = report(Budget()).write(tmp_path)
     with pytest.raises(ValueError, match="has no pick .* fastcache tune --resume"):
-        tune.tuned_pick(path, model=None, preset="tiny-sd", size=None, steps=4)
+        tune_report.tuned_pick(path, model=None, preset="tiny-sd", size=None, steps=4)
     (tmp_path / "other.json").write_text("[1, 2]")
     for bad, message in ((tmp_path / "other.json", "not a fastcache tune file"), (tmp_path / "none.json",
                                                                                   "cannot read it")):
         with pytest.raises(ValueError, match=message):
-            tune.levels(bad)
+            tune_report.levels(bad)

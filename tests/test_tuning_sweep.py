@@ -13,9 +13,10 @@ from conftest import TINY_TUNE
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcache import cli, sweep
+from fastcache import cli
 from fastcache.models import build_pipeline, random_prompt_embeds
-from fastcache.tune import Measurement
+from fastcache.tuning import sweep
+from fastcache.tuning.report import Measurement
 
 
 def rows(folder) -> dict[str, Measurement]:

@@ -18,16 +18,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .environment import environment
+from ..environment import environment
 from .fidelity import LPIPS, ClipScore, lpips_unavailable, psnr, ssim
-from .handle import FastCacheHandle, compile_pipeline
-from .tune import Budget, Candidate, Measurement, Report, model_name, random_weights_note
+from .report import Budget, Candidate, Measurement, Report, model_name, random_weights_note
+
+if TYPE_CHECKING:
+    from ..handle import FastCacheHandle
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +139,9 @@ def resume_problem(spec: SweepSpec, folder: Path) -> str | None:
     logged, now = header["identity"], spec.identity()
     differ = [f"{key} {_short(logged.get(key))} (now {_short(now[key])})" for key in now if logged.get(key) != now[key]]
     if differ:
-        return f"{folder / LOG_FILE} was measured with {'; '.join(differ)}: pass the same options, or drop --resume"
+        more = f"; and {len(differ) - 2} more" if len(differ) > 2 else ""
+        return (f"{folder / LOG_FILE} was measured with {'; '.join(differ[:2])}{more}: pass the same options, or drop "
+                f"--resume")
     return None
 
 
@@ -148,7 +153,7 @@ def logged_grid(folder: Path) -> dict | None:
 
 def _short(value) -> str:
     text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @contextmanager
@@ -212,7 +217,7 @@ class Sweep:
     """Runs one pipeline through the reference and the candidates. One image per call: (prompt, seed) pairs."""
 
     def __init__(self, spec: SweepSpec, pipe):
-        from .models import prompt_inputs
+        from ..models import prompt_inputs
 
         self.spec, self.pipe = spec, pipe
         self.pairs = [(prompt, seed) for seed in spec.seeds for prompt in spec.prompts]
@@ -250,6 +255,8 @@ class Sweep:
         return dict(seconds=seconds, first_call_s=first, unet_tflop=self._flops(), clip_score=clip), images
 
     def measure(self, candidate: Candidate, reference: dict, reference_images: np.ndarray) -> Measurement:
+        from ..handle import compile_pipeline
+
         spec = self.spec
         handle = compile_pipeline(self.pipe, candidate.interval, candidate.branch, schedule=candidate.schedule,
                                   compile=spec.compile, mode=spec.mode)

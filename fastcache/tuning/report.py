@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..extras import missing
+
 logger = logging.getLogger(__name__)
 
 TUNE_FILE = "tune.json"
@@ -232,10 +234,9 @@ class Report:
     def chart(self, path: Path) -> str | None:
         """Speed-up against PSNR with the Pareto front and each point labelled (I, B), beside the drift of the cached
         feature at each full step. Returns why no chart was written (matplotlib missing), or None."""
-        try:
-            import matplotlib
-        except ImportError:
-            return "no chart: matplotlib is not installed (pip install matplotlib, or fastcache[tune])"
+        if why := missing("tune", ("matplotlib",)):
+            return f"no chart: {why}"
+        import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -5,8 +5,10 @@ import json
 import shutil
 
 import pytest
+from conftest import cli_error
 
-from fastcache import cli, tune
+from fastcache import cli
+from fastcache.tuning import report as tune_report
 
 
 def _no_model(*args, **kwargs):
@@ -19,13 +21,6 @@ def no_model(monkeypatch):
     monkeypatch.setattr("fastcache.models.load_pipeline", _no_model)
 
 
-def one_line_exit_2(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err
 
 
 BAD = [
@@ -58,14 +53,14 @@ def test_a_bad_argument_is_one_line_and_exit_code_2_before_any_model(argv, messa
     empty.write_text("\n  \n")
     argv = [part.replace("{empty}", str(empty)) for part in argv]
     out = [] if "--out" in argv else ["--out", str(tmp_path)]
-    assert message in one_line_exit_2(["tune", *argv, *out], capsys)
+    assert message in cli_error(["tune", *argv, *out], capsys)
 
 
 def test_resume_refuses_a_run_made_with_other_settings(tiny_tune, tmp_path, capsys, no_model):
     folder, args = tiny_tune
     shutil.copytree(folder, tmp_path / "out")
     argv = [*args, "--out", str(tmp_path / "out"), "--resume"]
-    err = one_line_exit_2([*argv[:argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2:]], capsys)
+    err = cli_error([*argv[:argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2:]], capsys)
     assert "--resume:" in err and "was measured with steps 4 (now 5): pass the same options" in err
 
 
@@ -75,7 +70,7 @@ def test_a_budget_no_candidate_meets_names_the_closest_and_exits_1_without_measu
     shutil.copytree(folder, tmp_path / "out")
     argv = [*args, "--out", str(tmp_path / "out"), "--resume"]
     assert cli.main([*argv, "--min-clip", "100"]) == 1
-    rows = [tune.Measurement.from_dict(row) for row in
+    rows = [tune_report.Measurement.from_dict(row) for row in
             json.loads((tmp_path / "out" / "tune.json").read_text())["candidates"]]
     closest = max(rows, key=lambda row: row.clip_score)
     assert f"no candidate meets --min-clip 100; the closest is {closest.name}" in caplog.text
@@ -113,7 +108,7 @@ def test_warmup_tuned_serves_the_pick_at_the_tuned_size(picked, monkeypatch, cap
     assert (options.cache.interval, options.cache.branch, options.cache.schedule) == (pick["interval"], pick["branch"],
                                                                                   "uniform")
     assert options.engine.sizes == ((32, 32),)
-    assert options.level_labels == tune.levels(picked) and 1 in options.level_labels  # shown by /v1/models
+    assert options.level_labels == tune_report.levels(picked) and 1 in options.level_labels  # shown by /v1/models
     assert "RANDOM WEIGHTS (tiny-sd)" in caplog.text and "measured levels: I1: " in caplog.text
 
 
@@ -126,11 +121,11 @@ def test_warmup_tuned_serves_the_pick_at_the_tuned_size(picked, monkeypatch, cap
     (["--steps", "4", "--schedule", "uniform"], "drop --schedule"),
 ])
 def test_serve_refuses_a_tune_file_made_for_another_model_size_or_steps(picked, argv, message, capsys):
-    assert message in one_line_exit_2(["serve", "--tuned", str(picked), *argv], capsys)
+    assert message in cli_error(["serve", "--tuned", str(picked), *argv], capsys)
 
 
 def test_serve_refuses_an_unreadable_tune_file_or_one_without_a_pick(tiny_tune, capsys, no_model):
-    err = one_line_exit_2(["serve", "--tuned", "/no/such/tune.json"], capsys)
+    err = cli_error(["serve", "--tuned", "/no/such/tune.json"], capsys)
     assert "--tuned /no/such/tune.json: cannot read it" in err
     folder, _ = tiny_tune  # tuned without a budget: the front, no pick
-    assert "has no pick" in one_line_exit_2(["serve", "--tuned", str(folder / "tune.json"), "--steps", "4"], capsys)
+    assert "has no pick" in cli_error(["serve", "--tuned", str(folder / "tune.json"), "--steps", "4"], capsys)

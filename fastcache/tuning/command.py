@@ -1,5 +1,8 @@
 """``fastcache tune``: its options, checked before any model is built (one line, exit code 2), and the run.
 
+The parser of ``fastcache`` imports this module to add the command, so what it imports at its top is light (no
+diffusers pipelines); the model and the runtime are imported once the arguments are checked.
+
 Exit codes: 0 with a pick (or, without a budget, the Pareto front), 1 when no candidate meets the budget (the
 closest is named), 2 for a bad argument.
 """
@@ -10,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .cli import (
+from ..cli_options import (
     add_compile_options,
     add_model_options,
     check_compile_options,
@@ -19,11 +22,15 @@ from .cli import (
     check_writable,
     model_errors,
     parse_size,
+    quiet_imports,
+    require_extra,
 )
-from .models import default_dtype
-from .schedule import SCHEDULE_KINDS, make_schedule
+from ..errors_text import one_line
+from ..presets import default_dtype
+from ..schedule import SCHEDULE_KINDS, make_schedule
+from .fidelity import clip_model_problem
+from .report import Budget, Candidate
 from .sweep import BUILTIN_PROMPTS, SCHEDULERS, SweepSpec, logged_grid, resume_problem, run
-from .tune import Budget, Candidate
 
 logger = logging.getLogger("fastcache")
 
@@ -121,8 +128,6 @@ def check_tune_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1; got {args.repeat}")
     if args.clip_model:
-        from .fidelity import clip_model_problem
-
         if problem := clip_model_problem(args.clip_model):
             parser.error(f"--clip-model {problem}")
     if args.min_clip is not None and not args.clip_model:
@@ -145,7 +150,7 @@ def check_tune_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
     branches = _int_list(parser, grid["branches"], "--branches", 0)
     schedules = tuple(dict.fromkeys(grid["schedules"].split(",")))
     if unknown := [kind for kind in schedules if kind not in SCHEDULE_KINDS]:
-        parser.error(f"--schedules must be of {', '.join(SCHEDULE_KINDS)}; got {', '.join(unknown)}")
+        parser.error(f"--schedules must be of {', '.join(SCHEDULE_KINDS)}; got {one_line(', '.join(unknown), 80)}")
     if max(intervals) > args.steps:
         parser.error(f"--intervals must be between 1 and --steps ({args.steps}); got {max(intervals)}")
     if geometry is not None and max(branches) >= geometry.branches:
@@ -161,10 +166,12 @@ def check_tune_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     spec, candidates, grid, budget, folder = check_tune_args(parser, args)
+    require_extra(parser, "tune")
 
     def open_model():
-        from .handle import compile_pipeline
-        from .models import open_pipeline
+        with quiet_imports():
+            from ..handle import compile_pipeline
+            from ..models import open_pipeline
 
         with model_errors(parser, args):
             pipe, label = open_pipeline(spec.model, spec.preset, device=spec.device, dtype=default_dtype(spec.device))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import save_tiny_clip
 
-from fastcache import fidelity
+from fastcache.tuning import fidelity
 
 
 def test_psnr_is_10_log10_of_one_over_the_mse_per_image():
