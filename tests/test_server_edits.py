@@ -140,7 +140,7 @@ BAD_EDITS = [
     (dict(image=encoded(picture()), strength="0"), "strength must be a number in (0, 1]"),
     (dict(image=encoded(picture()), strength="much"), "strength must be a number in (0, 1]"),
     (dict(image=encoded(picture()), n="3"), "n must be an integer between 1 and 2"),
-    (dict(image=encoded(picture()), size="64x64"), "this server serves 2 sizes (32x32, 48x48)"),
+    (dict(image=encoded(picture()), size="64x64"), "one of 2 served sizes (32x32, 48x48)"),
     (dict(image=encoded(picture()), cache='{"interval": 5}'), "cache.interval 5 is not served; this server serves 3"),
     (dict(image=encoded(picture()), cache="5"), "cache must be JSON like"),
     (dict(image=encoded(picture()), cache='{"interval": 2, "branch": 1}'), "cache must be JSON like"),
