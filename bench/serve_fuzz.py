@@ -1,24 +1,40 @@
 """Seeded malformed requests for ``fastcache serve``: generations (JSON and raw HTTP) and edits (multipart uploads).
 
-Every case is invalid in at least one way a client can get wrong (a type, a range, an encoding, a header, an upload),
-so a correct server answers each with a 4xx in its one error format, in bounded time, and keeps serving. The cases
+Every case is invalid in at least one way a client can get wrong (a type, a range, an encoding, a header, an upload,
+JSON nested thousands deep, a key in the query string instead of the header), so a correct server answers each with
+a 4xx in its one error format, in bounded time, and keeps serving. The cases
 are drawn from a ``random.Random``: the same seed gives the same cases. ``bench/serve_faults.py fuzz`` runs them
 against a launched server; ``tests/test_edge.py`` runs a share of them.
+
+``idle_flood`` measures what idle connections do to everyone else (what a schema cannot express either):
+
+    python bench/serve_fuzz.py idle-flood --port 8000 --count 600            # 600 idle connections from 127.0.0.2
+    python bench/serve_fuzz.py idle-flood --port 8000 --count 600 --spread   # from 600 loopback addresses
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import os
+import platform
 import random
+import selectors
 import socket
 import struct
+import sys
+import threading
 import time
 import zlib
+from collections import Counter
+from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from fastcache.serving.errors import ErrorResponse
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -26,7 +42,7 @@ FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "num_infe
           "seed", "model", "user")
 WRONG_TYPES = {  # per field: values of a type it does not take (None only where the field is required)
     "str": [5, 1.5, True, [], ["x"], {"a": 1}], "opt_str": [5, 1.5, False, [], {}],
-    "int": ["2", 1.5, 2.0, True, [1], {"n": 1}], "opt_int": ["7", 0.5, False, [], {}],
+    "int": ["2", 1.5, 2.5, True, [1], {"n": 1}], "opt_int": ["7", 0.5, False, [], {}],  # 2.0 is an integer in JSON
     "float": ["7.5", True, [7.5], {}, None],
 }
 FIELD_KIND = {"prompt": "str", "response_format": "str", "negative_prompt": "str", "size": "opt_str",
@@ -44,7 +60,9 @@ BAD_FORM_VALUES = {"n": ["0", "-1", "3", "abc", "1e3", "9" * 30], "strength": ["
                    "cache": ["{bad", '{"interval": 7}', '{"interval": 1}', '{"interval": "x"}', "5", "[]",
                              '{"interval": 3, "x": 1}'],
                    "response_format": ["url", "png"], "resize": ["maybe", "2"], "prompt": [" ", "x" * 10_001],
-                   "negative_prompt": ["y" * 10_001]}
+                   "negative_prompt": ["y" * 10_001],
+                   "lora": ["[" * 2_000, '{"a":' * 2_000, "[" * 40 + "]" * 40, '[{"name": 5}]'],
+                   "strenght": ["0.5"], "stength": ["0.1"], "nn": ["2"]}  # misspelt fields: refused, not ignored
 
 
 def _valid(rng: random.Random) -> dict:
@@ -86,9 +104,14 @@ def generation_cases(rng: random.Random, count: int, key: str, max_body: int) ->
         return http(text[:rng.randrange(len(text))])
 
     def nested():
-        depth = rng.choice([50, 2_000, 100_000])
-        inner = "[" * depth + "]" * depth
-        return http((f'{{"prompt": {inner}}}' if rng.random() < 0.5 else inner).encode())
+        depth = rng.choice([33, 50, 900, 958, 959, 961, 964, 965, 2_000, 5_000, 100_000])
+        inner = rng.choice(["[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth])
+        where = rng.choice(["prompt", "lora", "cache", "whole"])
+        return http((inner if where == "whole" else f'{{"prompt": "x", "{where}": {inner}}}').encode())
+
+    def key_in_query():
+        name = rng.choice(["api_key", "key", "access_token"])
+        return "http", ("POST", f"{GENERATIONS}?{name}={key}", json_type, encoded(_valid(rng)))
 
     def wrong_content_type():
         kind = rng.choice(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b",
@@ -140,7 +163,7 @@ def generation_cases(rng: random.Random, count: int, key: str, max_body: int) ->
         return "raw", head
 
     kinds = [wrong_type, bad_number, not_finite, not_utf8, truncated, nested, wrong_content_type, unknown_field,
-             gzip_body, no_or_wrong_key, routing, bad_text, raw]
+             gzip_body, no_or_wrong_key, routing, bad_text, raw, key_in_query]
     return [kinds[i % len(kinds)]() for i in range(count)]
 
 
@@ -239,17 +262,32 @@ def edit_cases(rng: random.Random, count: int, key: str, max_body: int, size: in
     def wrong_method():
         return "http", (rng.choice(["GET", "PUT", "DELETE"]), EDITS, auth, b"")
 
+    def not_utf8_text():
+        fields, files = valid()
+        _, (method, path, headers, body) = multipart({**fields, "prompt": "PROMPT"}, files)
+        broken = rng.choice([b"\xff", b"a\xc3\x28", b"\xed\xa0\x80"])  # a lone byte, a bad pair, a surrogate
+        headers = {name: value for name, value in headers.items() if name.lower() != "content-length"}
+        return "http", (method, path, headers, body.replace(b"PROMPT", broken))
+
+    def no_step_left():  # int(steps * strength) == 0: BAD_NUMBERS' servers run 2 or more steps, at most 8
+        fields, files = valid()
+        steps = rng.choice([2, 4, 8])
+        strength = rng.choice([0.01, 0.1, 0.9 / steps])
+        return multipart({**fields, "num_inference_steps": str(steps), "strength": f"{strength:.4f}"}, files)
+
     kinds = [bad_field, bad_field, bad_image, bad_image, bad_mask, missing, image_as_text, wrong_body,
-             no_or_wrong_key, too_large, wrong_method]
+             no_or_wrong_key, too_large, wrong_method, not_utf8_text, no_step_left]
     return [kinds[i % len(kinds)]() for i in range(count)]
 
 
-def raw_exchange(port: int, data: bytes, wait: float, host: str = "127.0.0.1") -> tuple[int | None, bytes, float]:
-    """Send ``data`` on a new connection and read until the server closes it (at most ``wait`` seconds): the status
-    (None if nothing came), the body of the first answer, and the seconds it took; ``AssertionError`` if the
-    connection stays open."""
+def raw_exchange(port: int, data: bytes, wait: float, host: str = "127.0.0.1",
+                 source: str | None = None) -> tuple[int | None, bytes, float]:
+    """Send ``data`` on a new connection (from address ``source``, e.g. 127.0.0.2 on loopback) and read until the
+    server closes it (at most ``wait`` seconds): the status (None if nothing came), the body of the first answer, and
+    the seconds it took; ``AssertionError`` if the connection stays open."""
     start = time.monotonic()
-    with socket.create_connection((host, port), timeout=wait) as sock:
+    with socket.create_connection((host, port), timeout=wait,
+                                  source_address=(source, 0) if source else None) as sock:
         try:
             sock.sendall(data)
         except OSError:  # the server may answer and close before a long request is written
@@ -274,15 +312,12 @@ def raw_exchange(port: int, data: bytes, wait: float, host: str = "127.0.0.1") -
 
 
 def error_of(body: bytes) -> dict | None:
-    """The ``error`` object of ``body`` if it is the server's one error format (with a message and a code)."""
+    """The ``error`` object of ``body`` if it is the server's one error format (``errors.ErrorResponse``: a message of
+    at most 400 characters, a type, a code), else ``None``."""
     try:
-        error = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
+        return ErrorResponse.model_validate_json(body).error.model_dump()
+    except ValueError:
         return None
-    if (isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
-            and isinstance(error["message"], str) and error["message"] and isinstance(error["code"], str)):
-        return error
-    return None
 
 
 def run_cases(url: str, port: int, cases: list, wait: float) -> list[dict]:
@@ -307,3 +342,123 @@ def run_cases(url: str, port: int, cases: list, wait: float) -> list[dict]:
                                  code=error["code"] if error else None,
                                  request=str(request)[:200], answer=body[:200].decode(errors="replace")))
     return outcomes
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+GENERATION = {"prompt": "a red fox", "num_inference_steps": 4}  # a normal request, small, at the served size
+
+
+def generation_seconds(port: int, source: str, api_key: str | None, wait: float = 120.0) -> tuple[int | None, float]:
+    """One normal generation from ``source``: its status (None if it failed to connect or timed out) and seconds."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    start = time.monotonic()
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=wait) as client:
+            status = client.post(f"http://127.0.0.1:{port}{GENERATIONS}", json=GENERATION, headers=headers).status_code
+    except httpx.HTTPError:
+        status = None
+    return status, round(time.monotonic() - start, 3)
+
+
+def _generate_into(result: dict, port: int, source: str, api_key: str | None) -> None:
+    result["status"], result["seconds"] = generation_seconds(port, source, api_key)
+
+
+def idle_flood(port: int, count: int, sources: list[str], watch: float, host: str = "127.0.0.1",
+               probe_source: str = "127.0.0.1", probe_every: float = 0.25, api_key: str | None = None,
+               generate_at: float = 1.0) -> dict:
+    """Open ``count`` connections that send nothing, from ``sources`` in turn (loopback addresses: Linux routes all of
+    127.0.0.0/8 here), then for ``watch`` seconds probe ``GET /health`` from ``probe_source`` (another client) and
+    watch the idle ones: how many the server held and for how long, what it answered the others, and what the other
+    client got and for how long it was kept out. One normal generation from ``probe_source`` before the flood and
+    one ``generate_at`` seconds into the watch give the latency of a real request without and with the flood."""
+    before = generation_seconds(port, probe_source, api_key)
+    selector, opened, flood = selectors.DefaultSelector(), {}, time.monotonic()
+    for i in range(count):
+        try:
+            sock = socket.create_connection((host, port), timeout=5, source_address=(sources[i % len(sources)], 0))
+        except OSError as error:
+            opened[f"failed {i}"] = {"error": str(error)}
+            continue
+        sock.setblocking(False)
+        opened[sock] = {"answer": b"", "closed": None}
+        selector.register(sock, selectors.EVENT_READ)
+    opening_seconds = round(time.monotonic() - flood, 3)
+    probes, start, during = [], time.monotonic(), None
+    next_probe = start
+    while (now := time.monotonic()) - start < watch:
+        if during is None and now - start >= generate_at:  # in a thread: the idle ones are watched meanwhile
+            during = {"at": round(now - start, 2)}
+            worker = threading.Thread(target=_generate_into, args=(during, port, probe_source, api_key), daemon=True)
+            worker.start()
+        for key, _ in selector.select(timeout=max(0.0, min(0.05, next_probe - now))):
+            state = opened[key.fileobj]
+            try:
+                chunk = key.fileobj.recv(65536)
+            except (ConnectionResetError, BlockingIOError):
+                chunk = b""
+            state["answer"] += chunk
+            if not chunk:
+                state["closed"] = time.monotonic() - flood
+                selector.unregister(key.fileobj)
+        if time.monotonic() >= next_probe:
+            try:
+                status, _, seconds = raw_exchange(port, HEALTH, 10, host, probe_source)
+            except (AssertionError, OSError):
+                status, seconds = None, 10.0
+            probes.append((round(time.monotonic() - start, 2), status, round(seconds, 3)))
+            next_probe = time.monotonic() + probe_every
+    if during is not None:
+        worker.join(timeout=120)  # bounded: generation_seconds waits at most 120 s
+    for sock in opened:
+        if isinstance(sock, socket.socket):
+            sock.close()
+    states = [state for state in opened.values() if "answer" in state]
+    answered = Counter(state["answer"].split(b" ", 2)[1].decode() if state["answer"] else "none"
+                       for state in states)
+    held = [state for state in states if not state["answer"]]
+    held_closed = [state["closed"] for state in held if state["closed"] is not None]
+    kept_out = [t for t, status, _ in probes if status != 200]
+    return {"idle connections": count, "sources": len(set(sources)), "watched seconds": watch,
+            "seconds to open them": opening_seconds,
+            "connect failures": sum(1 for key in opened if isinstance(key, str)),
+            "answers to the idle ones": dict(answered),  # 'none': held open without an answer
+            "held": len(held), "held closed by the server": len(held_closed),
+            "held for seconds (max)": round(max(held_closed), 2) if held_closed else None,
+            "other client: probes": len(probes), "other client: 200": sum(1 for _, s, _ in probes if s == 200),
+            "other client: statuses": dict(Counter(str(status) for _, status, _ in probes)),
+            "other client: kept out for seconds": round(max(kept_out), 2) if kept_out else 0.0,
+            "other client: slowest answer seconds": max((s for _, _, s in probes), default=None),
+            "other client: health median seconds": (sorted(s for _, _, s in probes)[len(probes) // 2]
+                                                    if probes else None),
+            "generation before the flood (status, seconds)": list(before),
+            "generation during the flood": during}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="idle connections against a running fastcache serve (loopback)")
+    parser.add_argument("what", choices=["idle-flood"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, default=600)
+    parser.add_argument("--spread", action="store_true", help="one loopback address per connection (127.0.1.1, ...)")
+    parser.add_argument("--watch", type=float, default=40.0, help="seconds to watch (longer than the timeouts)")
+    parser.add_argument("--label", default="", help="a name for this run in the output files")
+    parser.add_argument("--api-key", default=None, help="the server's API key, if it has one (for the generations)")
+    parser.add_argument("--note", default="", help="what was measured (the server's command line, its version)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    sources = ([f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(args.count)] if args.spread else ["127.0.0.2"])
+    figures = {"note": args.note, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+               **idle_flood(args.port, args.count, sources, args.watch, api_key=args.api_key)}
+    name = f"serve_idle_flood{'_spread' if args.spread else ''}{'_' + args.label if args.label else ''}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (out / f"{name}.md").write_text("| figure | value |\n|---|---|\n" + "".join(
+        f"| {key} | {value} |\n" for key, value in figures.items()))
+    print(json.dumps(figures, indent=1))
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

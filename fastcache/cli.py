@@ -142,12 +142,18 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
             edge.add_argument("--metrics-public", action="store_true",
                               help="/metrics without a key, for a scraper on a private network")
             edge.add_argument("--read-timeout", type=float, default=30.0,
-                              help="seconds a request's headers and body may take to arrive; else 408 and the "
-                                   "connection closes")
+                              help="seconds a request's body may take to arrive after its headers; else 408 and "
+                                   "the connection closes")
+            edge.add_argument("--header-timeout", type=float, default=5.0,
+                              help="seconds a connection's request headers may take to arrive; else it is closed "
+                                   "(408 if part of them came)")
             edge.add_argument("--keep-alive-timeout", type=float, default=5.0,
                               help="seconds an idle connection stays open between requests")
             edge.add_argument("--max-connections", type=int, default=512,
                               help="open connections; one more is answered 503 and closed")
+            edge.add_argument("--max-connections-per-client", type=int, default=64,
+                              help="open connections from one client address; one more is answered 429 and closed "
+                                   "(behind a proxy every client has its address: set --max-connections)")
             edge.add_argument("--max-body-mb", type=float, default=16.0,
                               help="the largest request body, MiB; a larger one gets 413 (at once when its "
                                    "Content-Length says so)")
@@ -288,7 +294,9 @@ def edge_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
         edge = EdgeConfig(api_keys=(*(args.api_key or ()), *keys_from_env()), metrics_public=args.metrics_public,
                           allow_unauthenticated=args.allow_unauthenticated, read_timeout=args.read_timeout,
                           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
-                          max_body_mb=args.max_body_mb, drain_seconds=args.drain_seconds)
+                          max_body_mb=args.max_body_mb, drain_seconds=args.drain_seconds,
+                          header_timeout=args.header_timeout,
+                          max_connections_per_client=args.max_connections_per_client)
     problem = edge.bind_problem(args.host)
     if problem:
         parser.error(problem)

@@ -456,16 +456,14 @@ def png_array(b64: str) -> np.ndarray:
 
 
 def assert_error(status: int, body: bytes | str, expected: int | tuple[int, ...] = None) -> dict:
-    """An answer in the one error format (``{"error": {"message", "type", "param", "code"}}``, a non-empty message)
-    with ``status`` (or one of ``expected``); its ``error`` object."""
-    import json
+    """An answer in the one error format with ``status`` (or one of ``expected``); its ``error`` object. The format is
+    ``errors.ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``, a message of 1 to 400 characters
+    (a list of names in it gives a few and a count)."""
+    from fastcache.serving.errors import ErrorResponse
 
     if expected is not None:
         assert status in ((expected,) if isinstance(expected, int) else expected), (status, body)
-    error = json.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str) and error["message"] and isinstance(error["code"], str), error
-    return error
+    return ErrorResponse.model_validate_json(body).error.model_dump()
 
 
 # -- what users run on top of the UNet: LoRA, IP-Adapter, PAG, and the DeepCache helper under FreeU -----------------

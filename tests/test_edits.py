@@ -17,7 +17,7 @@ from fastcache import compile_pipeline
 from fastcache.models import build_pipeline, prompt_inputs
 from fastcache.serving.edits import fit, fit_mask, inpainting_model, read_image
 from fastcache.serving.engine import Engine, EngineConfig, Target
-from fastcache.serving.request import ImageRequest, InvalidRequest
+from fastcache.serving.request import ImageRequest, InvalidRequest, smallest_strength
 
 SIZE = 32
 STEPS = 4
@@ -97,6 +97,8 @@ def test_a_mismatched_image_is_resized_when_asked_and_refused_otherwise_never_cr
     (dict(image=picture(), strength=float("nan")), "strength", "strength must be a number"),
     (dict(image=b"png bytes"), "image", "image must be a PIL image"),
     (dict(interval=0), "cache", "cache.interval must be an integer >= 1"),
+    (dict(image=picture(), strength=0.2), "strength", r"strength 0.2 leaves no step of 4 .* at least 0.25\."),
+    (dict(image=picture(), mask=Image.new("L", (SIZE, SIZE)), strength=0.24), "strength", "at least 0.25"),
 ])
 def test_an_edit_request_checks_its_images_strength_and_level(fields, param, message):
     with pytest.raises(InvalidRequest, match=message) as error:
@@ -111,6 +113,14 @@ def test_an_edit_request_takes_diffusers_default_strength_and_normalises_its_ima
     assert (inpaint.kind, inpaint.strength, inpaint.mask.mode) == ("inpaint", 1.0, "L")
     assert img2img.batch_key != inpaint.batch_key != ImageRequest("a cat", SIZE, SIZE, STEPS, 7.5).batch_key
     assert img2img.batch_key != ImageRequest("a cat", SIZE, SIZE, STEPS, 7.5, image=picture(), strength=0.5).batch_key
+
+
+def test_the_smallest_strength_named_is_the_smallest_that_leaves_a_step():
+    for steps in range(1, 1001):
+        strength = smallest_strength(steps)
+        assert int(steps * strength) >= 1 and (strength == 1.0 or int(steps * (strength - 1e-4)) == 0), steps
+    with pytest.raises(InvalidRequest, match="at 1 steps strength must be at least 1"):  # the img2img default
+        ImageRequest("a cat", SIZE, SIZE, 1, 7.5, image=picture())
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +171,30 @@ def test_batched_edits_equal_direct_from_pipe_calls_with_their_seeds(served):
     # the inpainting model's images are its own: not the base model's inpainting
     assert rel_l2(direct(inpainter, requests[0])[0], direct(AutoPipelineForInpainting.from_pipe(pipe),
                                                              requests[0])[0]) > 0.01
+
+
+@pytest.mark.parametrize("mask", [None, "half"])
+def test_the_smallest_strength_runs_and_below_it_diffusers_has_no_step(served, mask):
+    """Our check is diffusers' own condition: at 25 steps, 0.04 runs one step and 0.039 fails inside the pipeline
+    (the probe's 500s), which the request now refuses first."""
+    pipe, inpainter, _ = served
+    mask_image = None if mask is None else Image.new("L", (SIZE, SIZE), 0)
+    if mask_image is not None:
+        mask_image.paste(255, (0, 0, SIZE // 2, SIZE))
+    edit = inpainter if mask_image is not None else AutoPipelineForImage2Image.from_pipe(pipe)
+    extra = dict(mask_image=mask_image, height=SIZE, width=SIZE) if mask_image is not None else {}
+    steps_run = []
+
+    def call(strength: float):
+        return edit(**prompt_inputs(edit, ["a cat"]), image=picture(), strength=strength, num_inference_steps=25,
+                    output_type="np", generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=lambda *args: (steps_run.append(args[1]), args[3])[1], **extra)
+
+    assert call(smallest_strength(25)).images.shape == (1, SIZE, SIZE, 3) and len(steps_run) == 1
+    with pytest.raises((ValueError, RuntimeError)):
+        call(0.039)
+    with pytest.raises(InvalidRequest, match="at 25 steps strength must be at least 0.04"):
+        ImageRequest("a cat", SIZE, SIZE, 25, 7.5, image=picture(), mask=mask_image, strength=0.039)
 
 
 def test_an_inpainting_model_needs_a_nine_channel_unet():

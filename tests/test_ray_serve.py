@@ -1,16 +1,23 @@
 """Ray Serve scale-out: two CPU replicas of the service answer through Ray's HTTP proxy, everything on loopback; the
-replicas enforce the edge's API keys and body limit."""
+replicas enforce the edge's API keys and body limit; SIGTERM to ``fastcache serve --replicas`` shuts Ray down and
+exits 0."""
 
 import asyncio
 import base64
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import ray.serve  # noqa: F401 (Ray is in the test extra: without it this file fails, it is not skipped)
-from conftest import HOST, assert_error, free_port
+from conftest import HOST, assert_error, free_port, wait_until
 from PIL import Image
 
 from fastcache import FastCacheConfig, compile_pipeline
@@ -18,6 +25,7 @@ from fastcache.models import build_pipeline
 from fastcache.serving import ray_serve
 from fastcache.serving.edge import EdgeConfig
 from fastcache.serving.engine import EngineConfig
+from fastcache.serving.probe import wait_ready
 from fastcache.serving.request import ImageRequest, pipeline_kwargs
 from fastcache.serving.service import ServiceOptions
 
@@ -71,3 +79,56 @@ def _declared_too_large(port: int) -> tuple[int, bytes]:
             received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body[body.find(b"{"):body.rfind(b"}") + 1]  # chunked or not
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """Every process of this machine: pid -> (parent pid, start time), from /proc (Linux, as CI is)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            table[int(entry.name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def _descendants(pid: int) -> set[tuple[int, str]]:
+    """``pid``'s descendants as (pid, start time) pairs: a pid reused later is another process."""
+    table, found, frontier = _processes(), set(), {pid}
+    while frontier:
+        children = {child for child, (parent, _) in table.items() if parent in frontier}
+        found |= {(child, table[child][1]) for child in children}
+        frontier = children
+    return found
+
+
+def _running(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    table = _processes()
+    return {(pid, start) for pid, start in processes if table.get(pid, (None, None))[1] == start}
+
+
+def test_sigterm_shuts_ray_serve_down_exits_0_and_leaves_no_process_behind():
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fastcache.cli", "serve", "--replicas", "1", "--host", HOST,
+                                 "--port", str(port), "--preset", "tiny-sd", "--no-compile", "--sizes", "32", "--steps",
+                                 "2", "--edits", "none"], stdout=log, stderr=subprocess.STDOUT)
+        family: set[tuple[int, str]] = set()
+        try:
+            wait_ready(f"http://{HOST}:{port}", 300, alive=lambda: proc.poll() is None)
+            family = _descendants(proc.pid)  # Ray's GCS, raylet, workers, the replica and the proxy
+            assert len(family) >= 3, family
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            assert code == 0 and "SIGTERM received" not in output, output[-3000:]
+            wait_until(lambda: not _running(family), 30, "every Ray process gone")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+            for pid, _ in _running(family):  # what this test started and left: not another test's
+                os.kill(pid, signal.SIGKILL)

@@ -1,6 +1,7 @@
 """The HTTP service, as a real uvicorn server on a loopback port (tiny model, eager runtime, every wait bounded)."""
 
 import asyncio
+import io
 import json
 import signal
 import socket
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import uvicorn
 from conftest import HOST, ServerProcess, assert_error, free_port, png_array, wait_until
+from PIL import Image
 
 from fastcache import FastCacheConfig, compile_pipeline
 from fastcache.models import build_pipeline
@@ -82,44 +84,77 @@ BAD_REQUESTS = [
     ([1, 2], "must be a JSON object"),
     ({}, "prompt"),
     ({"prompt": "   "}, "prompt must be a non-empty string"),
-    ({"prompt": "\ud800"}, "prompt must be valid Unicode"),
-    ({"prompt": "x" * 10_001}, "prompt must be at most 10000 characters"),
-    ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt must be valid Unicode"),
+    ({"prompt": "\ud800"}, "unable to parse raw data as a unicode string"),  # a lone surrogate
+    ({"prompt": "x" * 10_001}, "at most 10000 characters"),
+    ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt must be a string of at most 10000 characters "
+                                                  "(input should be a valid string, unable to parse raw data as a "
+                                                  "unicode string)"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": "x", "size": "64x64"}, "served sizes: 32x32"),
+    ({"prompt": "x", "size": "64x64"}, "one of 1 served size (32x32)"),
     ({"prompt": "x", "size": "big"}, "'WIDTHxHEIGHT'"),
     ({"prompt": "x", "size": "9" * 5000 + "x1"}, "'WIDTHxHEIGHT'"),
     ({"prompt": "x", "size": "\uff13\uff12x\uff13\uff12"}, "'WIDTHxHEIGHT'"),  # full-width digits
-    ({"prompt": "x", "n": 0}, "n must be between 1 and 4"),
-    ({"prompt": "x", "n": 99}, "n must be between 1 and 4"),
+    ({"prompt": "x", "n": 0}, "n must be an integer between 1 and 4"),
+    ({"prompt": "x", "n": 99}, "n must be an integer between 1 and 4"),
     ({"prompt": "x", "n": "2"}, "n must be an integer between 1 and 4 (the largest batch size served) (input should "
                                 "be a valid integer)"),
     ({"prompt": "x", "n": True}, "n must be an integer between 1 and 4"),
     ({"prompt": "x", "num_inference_step": 3}, "'num_inference_step' is not a field of this request"),
-    ({"prompt": "x", "n": 10**23, "seed": 1}, "n must be between 1 and 4"),
+    ({"prompt": "x", "n": 10**23, "seed": 1}, "n must be an integer between 1 and 4"),
     ({"prompt": "x", "num_inference_steps": 0}, "between 1 and 50"),
     ({"prompt": "x", "num_inference_steps": 51}, "between 1 and 50"),
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
-    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale must be a finite number between 0 and 50"),
-    ({"prompt": "x", "guidance_scale": 1.0}, "classifier-free guidance off"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale must be a number between 0 and 50"),
+    ({"prompt": "x", "guidance_scale": 1.0}, "and above 1 (classifier-free guidance is warmed on only)"),
     ({"prompt": "x", "seed": 1.5}, "seed"),
-    ({"prompt": "x", "seed": -1}, "seed must be between 0"),
-    ({"prompt": "x", "seed": 2**64}, "seed must be between 0"),
+    ({"prompt": "x", "seed": -1}, "seed must be an integer between 0"),
+    ({"prompt": "x", "seed": 2**64}, "seed must be an integer between 0"),
+    ({"prompt": "x", "n": 2, "seed": 2**63 - 1}, "seed must be between 0 and 9223372036854775806"),
     ({"prompt": "x", "response_format": "url"}, "response_format must be 'b64_json'"),
     ({"prompt": "x", "cache": {"interval": 2, "branch": 1}}, "cache must be {\"interval\": k}"),
     ({"prompt": "x", "lora": "style"}, "this server serves no LoRA adapters"),
+    # what a probe found: JSON nested ~960 deep in lora, or 2000 anywhere, recursed past Python's limit (500)
+    *(({"prompt": "x", "lora": "LORA"}, f"nests JSON {depth + 1} levels deep") for depth in (959, 961, 964, 2000)),
+    ('{"prompt": "x", "cache": ' + "[" * 5000 + "]" * 5000 + "}", "nests JSON 5001 levels deep"),
 ]
 
 
-@pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[str(b)[:40] for b, _ in BAD_REQUESTS])
+@pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[str(b)[:40] + m[:20] for b, m in BAD_REQUESTS])
 def test_bad_input_gets_a_400_naming_what_is_valid_and_the_service_keeps_serving(server, body, message):
     url = f"{server.url}/v1/images/generations"
     content = body if isinstance(body, str) else json.dumps(body)  # ASCII: lone surrogates travel as escapes
+    if "LORA" in content:  # {"a": {"a": ... 1}} as deep as the message says, less the body's own level
+        depth = int(message.split()[2]) - 1
+        content = content.replace('"LORA"', '{"a":' * depth + "1" + "}" * depth)
     response = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
     error = assert_error(response.status_code, response.content, 400)
     assert message in error["message"] and error["type"] == "invalid_request_error"
     good = httpx.post(url, json={"prompt": "still serving", "seed": 1}, timeout=120)
     assert good.status_code == 200 and len(good.json()["data"]) == 1
+
+
+def test_an_edits_lora_nested_thousands_deep_gets_a_400(server):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 120, 150)).save(buffer, format="PNG")
+    for lora, why in (("[" * 2000, "levels deep; this server reads at most 32"),
+                      ('[{"name": ' * 400, "levels deep; this server reads at most 32"),
+                      ('{"a":' * 2000, "string should have at most 4096 characters")):  # the form field's limit
+        response = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "x", "lora": lora},
+                              files={"image": ("a.png", buffer.getvalue(), "image/png")}, timeout=60)
+        error = assert_error(response.status_code, response.content, 400)
+        assert why in error["message"] and error["param"] == "lora"
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+
+
+def test_head_answers_as_get_and_a_trailing_slash_as_the_path_without_it(server):
+    for path in ("/health", "/ready", "/v1/models", "/metrics"):
+        get, head = httpx.get(server.url + path), httpx.head(server.url + path)
+        assert get.status_code == head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        slash = httpx.get(f"{server.url}{path}/")
+        assert slash.status_code == 200 and slash.headers["content-type"] == get.headers["content-type"], path
+    generated = httpx.post(f"{server.url}/v1/images/generations/", json={"prompt": "slash", "seed": 5}, timeout=120)
+    assert generated.status_code == 200 and len(generated.json()["data"]) == 1
 
 
 def test_models_health_and_metrics(server):

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import app_in_thread
+from conftest import app_in_thread, assert_error
 from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 from test_edits import bomb, direct, encoded, picture
@@ -101,13 +101,13 @@ def test_size_is_the_images_own_when_served_and_a_mismatch_is_resized_only_when_
     assert pixels(edit(url, encoded(served), seed="1"))[0].shape == (48, 48, 3)
     odd = picture(40, 24, seed=6)  # not a served size: the first served size, 32x32, if resizing is allowed
     refused = edit(url, encoded(odd), seed="1")
-    assert refused.status_code == 400 and "send resize=true" in refused.json()["error"]["message"]
+    assert "send resize=true" in assert_error(refused.status_code, refused.content, 400)["message"]
     resized = edit(url, encoded(odd), seed="1", resize="true", strength="0.7")
     want = ImageRequest("a cat", SIZE, SIZE, STEPS, 7.5, seed=1, image=odd.resize((SIZE, SIZE), Image.LANCZOS),
                         strength=0.7)
     assert_same(pixels(resized), as_png_pixels(direct(models["img2img"], want)))
     refused = edit(url, encoded(served), seed="1", size="32x32")
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image"
+    assert assert_error(refused.status_code, refused.content, 400)["param"] == "image"
 
 
 def test_interval_one_is_the_plain_pipeline_and_levels_batch_apart(url, models):
@@ -130,36 +130,62 @@ def test_interval_one_is_the_plain_pipeline_and_levels_batch_apart(url, models):
 
 
 BAD_EDITS = [
-    (dict(), "image must be a PNG, JPEG or WebP file of at most 64 pixels a side (edits only) (field required)"),
+    (dict(mask=encoded(Image.new("L", (SIZE, SIZE)))),
+     "image must be a PNG, JPEG or WebP file of at most 64 pixels a side (edits only) (field required)"),
     (dict(image=b"not an image"), "image is not a PNG, JPEG or WebP image"),
     (dict(image=encoded(picture(80, 80))), "image is 80x80 pixels; each side must be at most 64 pixels"),
     (dict(image=bomb(60_000, 60_000)), "each side must be at most 64 pixels"),
     (dict(image=encoded(picture()), mask=encoded(picture(48, 48))), "mask is 48x48 pixels but the image is 32x32"),
     (dict(image=encoded(picture()), mask=b"GIF89a"), "mask is not a PNG, JPEG or WebP image"),
     (dict(image=encoded(picture()), strength="0"), "strength must be a number in (0, 1]"),
-    (dict(image=encoded(picture()), strength="much"), "strength must be a number from 0 to 1"),
-    (dict(image=encoded(picture()), n="3"), "n must be between 1 and 2"),
-    (dict(image=encoded(picture()), size="64x64"), "served sizes: 32x32, 48x48"),
-    (dict(image=encoded(picture()), cache='{"interval": 5}'), "cache.interval 5 is not served; served levels: 1, 2, 3"),
+    (dict(image=encoded(picture()), strength="much"), "strength must be a number in (0, 1]"),
+    (dict(image=encoded(picture()), n="3"), "n must be an integer between 1 and 2"),
+    (dict(image=encoded(picture()), size="64x64"), "one of 2 served sizes (32x32, 48x48)"),
+    (dict(image=encoded(picture()), cache='{"interval": 5}'), "cache.interval 5 is not served; this server serves 3"),
     (dict(image=encoded(picture()), cache="5"), "cache must be JSON like"),
     (dict(image=encoded(picture()), cache='{"interval": 2, "branch": 1}'), "cache must be JSON like"),
     (dict(image=encoded(picture()), response_format="url"), "response_format must be 'b64_json'"),
     (dict(image=encoded(picture()), prompt=" "), "prompt must be a non-empty string"),
+    # what a probe found: a misspelt field was ignored, a strength leaving no step and deep JSON in lora gave 500
+    (dict(image=encoded(picture()), strenght="0.1"), "'strenght' is not a field of this request (did you mean "
+                                                     "'strength'?)"),
+    (dict(image=encoded(picture()), strength="0.2"), "strength 0.2 leaves no step of 4"),
+    (dict(image=encoded(picture()), mask=encoded(Image.new("L", (SIZE, SIZE))), strength="0.24"),
+     "at 4 steps strength must be at least 0.25"),
+    (dict(image=encoded(picture()), num_inference_steps="1"), "strength 0.8 leaves no step of 1"),
+    (dict(image=encoded(picture()), lora="[" * 2000), "lora nests JSON 2000 levels deep"),
+    (dict(image=encoded(picture()), lora='{"a":' * 2000), "(string should have at most 4096 characters)"),
+    (dict(image=encoded(picture()), lora='{"a":' * 800), "lora nests JSON 800 levels deep"),
+    (dict(image=encoded(picture()), cache="[" * 100 + "]" * 100), "cache nests JSON 100 levels deep"),
 ]
 
 
 @pytest.mark.parametrize("fields, message", BAD_EDITS, ids=[m[:30] for _, m in BAD_EDITS])
 def test_bad_edits_get_a_400_naming_what_is_valid_and_the_service_keeps_serving(url, fields, message):
     response = edit(url, **fields)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
+    error = assert_error(response.status_code, response.content, 400)
     assert message in error["message"] and error["type"] == "invalid_request_error", error
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "lora"])
+def test_a_form_text_that_is_not_utf8_gets_a_400_as_on_generations(url, field):
+    request = httpx.Request("POST", f"{url}/v1/images/edits", data={"prompt": "a cat", field: "TEXT"},
+                            files={"image": ("image.png", encoded(picture()), "image/png")})
+    body = request.read().replace(b"TEXT", b"caf\xe9")  # Latin-1, not UTF-8
+    response = httpx.post(f"{url}/v1/images/edits", content=body, timeout=60,
+                          headers={"content-type": request.headers["content-type"]})
+    error = assert_error(response.status_code, response.content, 400)
+    assert error["message"] == f"{field} must be valid UTF-8 text (the form field is not)." and error["param"] == field
+    for other in ({"json": {"prompt": "a cat"}}, {"data": {"prompt": "a cat"}}):  # JSON, or a form without files
+        response = httpx.post(f"{url}/v1/images/edits", timeout=60, **other)
+        error = assert_error(response.status_code, response.content, 415)
+        assert error["code"] == "unsupported_media_type" and "takes multipart/form-data" in error["message"]
 
 
 def test_uploads_over_the_limit_get_a_413_declared_or_streamed(url):
     big = encoded(picture()) + b"\0" * int(LIMIT_MB * 2**20)  # a valid PNG, padded past the limit
     declared = edit(url, big)
-    assert declared.status_code == 413 and "this server takes at most" in declared.json()["error"]["message"]
+    assert "this server takes at most" in assert_error(declared.status_code, declared.content, 413)["message"]
     request = httpx.Request("POST", url, data={"prompt": "x"}, files={"image": ("a.png", big)})
     body, content_type = request.read(), request.headers["content-type"]
 
@@ -169,7 +195,7 @@ def test_uploads_over_the_limit_get_a_413_declared_or_streamed(url):
 
     streamed = httpx.post(f"{url}/v1/images/edits", content=chunks(), headers={"content-type": content_type},
                           timeout=60)
-    assert streamed.status_code == 413 and streamed.json()["error"]["type"] == "invalid_request_error"
+    assert assert_error(streamed.status_code, streamed.content, 413)["type"] == "invalid_request_error"
     assert edit(url, encoded(picture()), seed="1").status_code == 200
 
 

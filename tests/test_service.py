@@ -30,6 +30,13 @@ def test_service_options_check_themselves(fields, error, message):
         ServiceOptions(**fields)
 
 
+def test_steps_the_scheduler_cannot_run_are_refused_before_serving():
+    # DDIM (the tiny preset's) fails at 1000 steps, its training timesteps (IndexError), and refuses more
+    options = ServiceOptions(cache=FastCacheConfig(compile=False), engine=EngineConfig(max_steps=1000))
+    with pytest.raises(ValueError, match="max_steps must be below this model's 1000 training timesteps"):
+        Service(options)
+
+
 def test_a_size_that_the_loaded_model_cannot_make_is_refused_before_serving():
     # the tiny preset makes multiples of 8 pixels (its VAE scales by 2, its UNet downsamples by 4)
     options = ServiceOptions(cache=FastCacheConfig(compile=False), engine=EngineConfig(sizes=((36, 36),),

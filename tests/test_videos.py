@@ -250,7 +250,8 @@ BAD_VIDEO_REQUESTS = [
     ("{not json", "the request body is not valid JSON"),
     ("", "the request body must be a JSON object"),
     ({"prompt": "x" * 10_001}, "prompt must be at most 10000 characters"),
-    ("[" * 50_000, "the request body is nested too deeply to parse"),
+    ("[" * 50_000, "the request body nests JSON 50000 levels deep; this server reads at most 32"),
+    ('{"prompt": "x", "lora": ' + "[" * 40 + "]" * 40 + "}", "the request body nests JSON 41 levels deep"),
     ('{"prompt": "x", "seed": 1' + "0" * 5000 + "}", "a number too long to parse"),
 ]
 
@@ -282,6 +283,40 @@ def test_bodies_that_are_not_json_or_multipart_too_large_or_broken_are_refused(t
         assert message in assert_error(response.status_code, response.content, status)["message"], response.text
     ok = client.post("/v1/videos", data={"prompt": "a form", "num_frames": "4", "seed": "2"})  # multipart, no file
     assert ok.status_code == 200 and finished(client, ok.json()["id"])["status"] == "completed"
+
+
+def multipart(fields: dict[str, bytes]) -> tuple[bytes, dict]:
+    """A multipart body of text ``fields`` given as raw bytes (which a client library would encode as UTF-8)."""
+    parts = b"".join(b'--b\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value + b"\r\n"
+                     for name, value in fields.items())
+    return parts + b"--b--\r\n", {"content-type": "multipart/form-data; boundary=b"}
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"prompt": b"caf\xe9"}, "prompt", "prompt must be valid UTF-8 text"),
+    ({"prompt": b"x", "lora": b"[" * 2000}, "lora", "lora nests JSON 2000 levels deep"),
+    ({"prompt": b"x", "cache": b'{"a":' * 2000}, "cache", "cache nests JSON 2000 levels deep"),
+    ({"prompt": b"x", "num_frame": b"4"}, "num_frame", "'num_frame' is not a field of this request"),
+])
+def test_a_form_is_read_as_strictly_as_json(text, fields, param, message):
+    content, headers = multipart(fields)
+    response = text["client"].post("/v1/videos", content=content, headers=headers)
+    error = assert_error(response.status_code, response.content, 400)
+    assert message in error["message"] and error["param"] == param
+
+
+def test_the_openapi_document_of_a_video_server_states_its_routes_errors(text):
+    document = text["client"].get("/openapi.json").json()
+    videos = {path: ops for path, ops in document["paths"].items() if path.startswith("/v1/videos")}
+    assert set(videos) == {"/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content"}
+    for path, operations in videos.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses and {"400", "401", "429", "503"} <= set(responses), (method, path)
+            schema = responses["400"]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path)
+    assert "404" in videos["/v1/videos/{video_id}"]["get"]["responses"]
+    assert "409" in videos["/v1/videos/{video_id}/content"]["get"]["responses"]
 
 
 def test_every_video_route_needs_the_api_key(text):

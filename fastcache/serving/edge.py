@@ -1,21 +1,27 @@
 """The HTTP edge: who may connect, how long a request may take to arrive, how large it may be, how long SIGTERM waits.
 
 What uvicorn and h11 offer is used as is (``timeout_keep_alive`` for idle connections, ``timeout_graceful_shutdown``
-for the drain, h11's 16 KiB bound on a request's head); the rest are two small layers:
+for the drain, h11's 16 KiB bound on a request's head); the rest are small layers:
 
-- ``EdgeProtocol``, uvicorn's h11 protocol with what only a protocol can do: a deadline for a request's head (uvicorn
-  has none: a client that never ends its headers held a connection forever), a real cap on open connections
-  (uvicorn's ``limit_concurrency`` still accepts them and answers 503 in plain text), malformed HTTP answered in the
-  one error format, and on SIGTERM a connection whose request has not arrived whole is closed at once (uvicorn
-  waits for it as if it were in flight);
-- ``RequestBounds``, ASGI: the body's share of the same deadline (408), the body limit (413, at once for a declared
-  ``Content-Length``), and ``Connection: close`` on any answer given before the body was read. Being ASGI, it holds
-  in Ray Serve's replicas too.
+- ``EdgeProtocol``, uvicorn's h11 protocol with what only a protocol can do: a short deadline for a request's head
+  (``header_timeout``; uvicorn has none: a client that never ends its headers held a connection forever, and 512 idle
+  connections held every other client out), a real cap on open connections (uvicorn's ``limit_concurrency`` still
+  accepts them and answers 503 in plain text) and one per client address, malformed HTTP answered in the one error
+  format, on SIGTERM a connection whose request has not arrived whole closed at once (uvicorn waits for it as if it
+  were in flight), and a request the drain cuts short answered 503 with ``Retry-After`` (uvicorn answers 500);
+- ``RequestBounds``, ASGI: the body's deadline (``read_timeout`` from the head's arrival; else 408), the body limit
+  (413, at once for a declared ``Content-Length``), and ``Connection: close`` on any answer given before the body was
+  read. Being ASGI, it holds in Ray Serve's replicas too;
+- ``TrailingSlash``, ASGI: ``/health/`` is ``/health`` (a redirect would send an empty body, and most clients do not
+  follow a redirect of a POST);
+- ``PathsOnly``, a logging filter: the access log writes a request's path, never its query string, which may carry
+  a key (``?api_key=...``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,8 +34,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .auth import OPEN_PATHS, ApiKeys, is_loopback, key_problem
 from .errors import CLOSE, raw_response, send_error
 
-READ_DEADLINE = "fastcache.read_deadline"  # scope["extensions"]: when the request must have arrived (time.monotonic)
+READ_DEADLINE = "fastcache.read_deadline"  # scope["extensions"]: when the body must have arrived (time.monotonic)
 REFUSED_LINGER_S = 1.0  # a refused connection stays open this long, so that its client can read why
+DRAINED_RETRY_S = 1  # Retry-After of a request the drain cut short: another replica can take it now
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,11 @@ class EdgeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # Bearer keys; none: no authentication
     metrics_public: bool = False  # /metrics without a key, for a scraper on a private network
     allow_unauthenticated: bool = False  # bind a non-loopback address without keys
-    read_timeout: float = 30.0  # seconds for a request's head and body to arrive
+    read_timeout: float = 30.0  # seconds for a request's body to arrive, from its head's arrival
+    header_timeout: float = 5.0  # seconds for a request's head to arrive, from the connection (or its first byte)
     keep_alive_timeout: float = 5.0  # seconds an idle connection stays open between requests
     max_connections: int = 512  # open connections (below the usual 1024 file descriptors)
+    max_connections_per_client: int = 64  # open connections from one client address (behind a proxy: its address)
     max_body_mb: float = 16.0  # MiB of request body
     drain_seconds: float = 300.0  # on SIGTERM, how long in-flight requests may take to finish
 
@@ -57,15 +66,17 @@ class EdgeConfig:
         for name in ("metrics_public", "allow_unauthenticated"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
-        for name, low, high in (("read_timeout", 0.1, 3600), ("keep_alive_timeout", 0.1, 3600),
-                                ("max_body_mb", 0.001, 4096), ("drain_seconds", 0, 86_400)):
+        for name, low, high in (("read_timeout", 0.1, 3600), ("header_timeout", 0.1, 3600),
+                                ("keep_alive_timeout", 0.1, 3600), ("max_body_mb", 0.001, 4096),
+                                ("drain_seconds", 0, 86_400)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                     math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name} must be a finite number from {low:g} to {high:g}; got {value!r}")
-        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or not (
-                1 <= self.max_connections <= 1_000_000):
-            raise ValueError(f"max_connections must be an integer from 1 to 1000000; got {self.max_connections!r}")
+        for name in ("max_connections", "max_connections_per_client"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+                raise ValueError(f"{name} must be an integer from 1 to 1000000; got {value!r}")
 
     @property
     def max_body_bytes(self) -> int:
@@ -90,8 +101,40 @@ class EdgeConfig:
 
     def uvicorn_config(self, app, **kwargs) -> uvicorn.Config:
         protocol = type("EdgeProtocol", (EdgeProtocol,), {"edge": self})
-        return uvicorn.Config(app, http=protocol, timeout_keep_alive=self.keep_alive_timeout,
-                              timeout_graceful_shutdown=self.drain_seconds, **kwargs)
+        config = uvicorn.Config(app, http=protocol, timeout_keep_alive=self.keep_alive_timeout,
+                                timeout_graceful_shutdown=self.drain_seconds, **kwargs)
+        PathsOnly.install()  # after uvicorn configured its loggers
+        return config
+
+
+class PathsOnly(logging.Filter):
+    """uvicorn's access log (``'%s - "%s %s HTTP/%s" %d'``: client, method, path with query, version, status) with the
+    path alone: a query string may carry a key or a token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+    @classmethod
+    def install(cls, logger: str = "uvicorn.access") -> None:
+        access = logging.getLogger(logger)
+        if not any(isinstance(existing, cls) for existing in access.filters):
+            access.addFilter(cls())
+
+
+class TrailingSlash:
+    """ASGI: a path with a trailing slash is served as the path without it (``/health/`` as ``/health``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/") or "/")
+        await self.app(scope, receive, send)
 
 
 class RequestBounds:
@@ -166,20 +209,22 @@ def _declared_body(headers) -> tuple[int | None, bool]:
 
 
 class EdgeProtocol(H11Protocol):
-    """uvicorn's h11 protocol, bounded: a connection over ``max_connections`` is refused with a 503; a request's
-    head must arrive by its read deadline, which then passes to ``RequestBounds`` for the body; malformed HTTP is
-    answered in the one error format; on SIGTERM a request that has not arrived whole is dropped at once. ``edge``
-    is set on a subclass per server (``EdgeConfig.uvicorn_config``)."""
+    """uvicorn's h11 protocol, bounded: a connection over ``max_connections`` is refused with a 503, one over
+    ``max_connections_per_client`` from its address with a 429; a request's head must arrive within
+    ``header_timeout``, its body then within ``read_timeout`` (``RequestBounds``); malformed HTTP is answered in the
+    one error format; on SIGTERM a request that has not arrived whole is dropped at once, and one that the drain cuts
+    short is answered 503. ``edge`` is set on a subclass per server (``EdgeConfig.uvicorn_config``)."""
 
     edge: EdgeConfig
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._clock: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
+        self._deadline = 0.0  # when the body of the request being read must have arrived
         self._refused = False
+        self._draining = False
         self._malformed: h11.RemoteProtocolError | None = None
-        self.app = self._with_deadline
+        self.app = self._bounded
         next_event = self.conn.next_event
 
         def next_event_noting_errors():  # uvicorn drops h11's reason; the answer says it
@@ -191,25 +236,49 @@ class EdgeProtocol(H11Protocol):
 
         self.conn.next_event = next_event_noting_errors
 
-    async def _with_deadline(self, scope, receive, send):
+    async def _bounded(self, scope, receive, send):
+        """The app, with its body's deadline; a request still running when the drain ends gets a 503."""
         scope["extensions"] = {**(scope.get("extensions") or {}), READ_DEADLINE: self._deadline}
-        await self.config.loaded_app(scope, receive, send)
+        started = False
+
+        async def noting_start(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.config.loaded_app(scope, receive, noting_start)
+        except asyncio.CancelledError:
+            if not self._draining or started:
+                raise
+            # NOTE: uvicorn cancels what still runs when the drain ends, and would answer 500: the request was fine,
+            # and another replica can take it
+            await send_error(send, 503, f"the server shut down before this request was done (its drain of "
+                                        f"{self.edge.drain_seconds:g} s ended); retry it.", "shutting_down",
+                             [("retry-after", str(DRAINED_RETRY_S)), *CLOSE])
 
     def connection_made(self, transport):
         if len(self.connections) >= self.edge.max_connections:
-            return self._refuse(transport)
+            return self._refuse(transport, 503, f"this server holds {self.edge.max_connections} connections, the "
+                                                f"most it takes; retry shortly.", "too_many_connections")
+        host = _host(transport.get_extra_info("peername"))
+        held = sum(1 for connection in self.connections if _host(getattr(connection, "client", None)) == host)
+        if held >= self.edge.max_connections_per_client:
+            return self._refuse(transport, 429, f"this client address holds {held} connections, the most one address "
+                                                f"may; reuse them, or retry shortly.", "too_many_client_connections")
         super().connection_made(transport)
         self._start_clock()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # read and dropped, so that closing does not reset the connection before the 503 is read
+            return  # read and dropped, so that closing does not reset the connection before the answer is read
         if self._clock is None and (self.cycle is None or self.cycle.response_complete):
             self._start_clock()  # the first bytes of a new request
         cycle = self.cycle
         super().data_received(data)
-        if self.cycle is not cycle:  # its head has arrived; RequestBounds times its body against the same deadline
+        if self.cycle is not cycle:  # its head has arrived: RequestBounds times its body from now
             self._stop_clock()
+            self._deadline = time.monotonic() + self.edge.read_timeout
 
     def on_response_complete(self) -> None:
         self._deadline = time.monotonic() + self.edge.read_timeout  # for a request pipelined behind this one
@@ -220,6 +289,7 @@ class EdgeProtocol(H11Protocol):
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
+        self._draining = True
         if not self._refused and self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
             self.transport.close()  # its request never arrived whole: nothing of it is in flight
             return
@@ -236,30 +306,33 @@ class EdgeProtocol(H11Protocol):
         self.transport.write(raw_response(status, message, "malformed_request"))
         self.transport.close()
 
-    def _refuse(self, transport) -> None:
+    def _refuse(self, transport, status: int, message: str, code: str) -> None:
         self._refused = True
         self.transport = transport
-        transport.write(raw_response(503, f"this server holds {self.edge.max_connections} connections, the most it "
-                                          f"takes; retry shortly.", "too_many_connections", [("retry-after", "1")]))
+        transport.write(raw_response(status, message, code, [("retry-after", "1")]))
         if transport.can_write_eof():
             transport.write_eof()
         self._clock = self.loop.call_later(REFUSED_LINGER_S, transport.close)
 
     def _start_clock(self) -> None:
-        self._deadline = time.monotonic() + self.edge.read_timeout
-        self._clock = self.loop.call_later(self.edge.read_timeout, self._read_timed_out)
+        self._clock = self.loop.call_later(self.edge.header_timeout, self._head_timed_out)
 
     def _stop_clock(self) -> None:
         if self._clock is not None:
             self._clock.cancel()
             self._clock = None
 
-    def _read_timed_out(self) -> None:
+    def _head_timed_out(self) -> None:
         self._clock = None
         if self.transport.is_closing():
             return
         if self.conn.trailing_data[0]:  # part of a request arrived: say why the connection closes
-            self.transport.write(raw_response(408, f"the request did not arrive whole within "
-                                                   f"{self.edge.read_timeout:g} s (the server's read timeout).",
+            self.transport.write(raw_response(408, f"the request head did not arrive whole within "
+                                                   f"{self.edge.header_timeout:g} s (the server's header timeout).",
                                               "request_timeout"))
         self.transport.close()
+
+
+def _host(address) -> str | None:
+    """The host of a socket's peer address (``None`` when unknown)."""
+    return address[0] if isinstance(address, (tuple, list)) and address else None

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors_text import listing
 from .edits import edit_pipeline, warmup_inputs
 from .loras import ServedLoras
-from .request import EDIT_KINDS, ImageRequest, InvalidRequest, pipeline_kwargs, size_problem
+from .request import DEFAULT_STRENGTH, EDIT_KINDS, ImageRequest, InvalidRequest, pipeline_kwargs, size_problem
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +216,8 @@ class Engine:
                                  f"{'on' if guidance else 'off'}, which this server did not warm up: guidance_scale "
                                  f"must be {'<= 1' if guidance else '> 1'}.", "guidance_scale")
         if request.interval is not None and request.interval not in self.levels:
-            levels = ", ".join(map(str, self.levels)) or "none (no cache on this server)"
-            raise InvalidRequest(f"cache.interval {request.interval} is not served; served levels: {levels}.",
+            levels = listing(self.levels, "level", ordered=True) if self.levels else "no level (no cache here)"
+            raise InvalidRequest(f"cache.interval {request.interval} is not served; this server serves {levels}.",
                                  "cache")
         if request.lora:
             if self.loras is None:
@@ -233,8 +234,8 @@ class Engine:
             if problem:
                 raise InvalidRequest(problem, "size")
         elif (width, height) not in config.sizes:
-            sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
-            raise InvalidRequest(f"size {width}x{height} is not served; served sizes: {sizes}.", "size")
+            sizes = listing((f"{w}x{h}" for w, h in config.sizes), "size", ordered=True)
+            raise InvalidRequest(f"size {width}x{height} is not served; this server serves {sizes}.", "size")
 
     def submit(self, request: ImageRequest) -> Future:
         """Queue ``request``; ``InvalidRequest`` if no bucket takes it, ``QueueFull`` if too many images wait."""
@@ -344,9 +345,12 @@ class Engine:
     def _warmup_request(self, bucket: Bucket) -> ImageRequest:
         """A request of ``bucket``'s shape and kind (edits: a gray image; inpainting: its right half masked)."""
         image, mask = warmup_inputs(bucket.width, bucket.height) if bucket.kind != "generate" else (None, None)
-        return ImageRequest(WARMUP_PROMPT, bucket.width, bucket.height, self.config.steps,
-                            7.5 if bucket.guidance else 1.0, n=bucket.batch, seed=0, image=image,
-                            mask=mask if bucket.kind == "inpaint" else None)
+        steps = self.config.steps
+        # the kind's default strength, unless it leaves no step (img2img's 0.8 at 1 step): the shapes are the same
+        strength = None if image is None or int(steps * DEFAULT_STRENGTH[bucket.kind]) >= 1 else 1.0
+        return ImageRequest(WARMUP_PROMPT, bucket.width, bucket.height, steps, 7.5 if bucket.guidance else 1.0,
+                            n=bucket.batch, seed=0, image=image, mask=mask if bucket.kind == "inpaint" else None,
+                            strength=strength)
 
     # -- the worker thread -----------------------------------------------------------------------------------
 

@@ -60,7 +60,6 @@ def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", po
     """Deploy ``replicas`` replicas behind ``edge`` and wait (at most ``timeout`` seconds, or until ``cancel`` is set)
     until the proxy answers ``/ready``; the service's URL. ``ValueError`` if ``host`` must not be served without a
     key, ``RuntimeError`` if the deployment fails."""
-    import ray
     from ray import serve
 
     edge = edge or EdgeConfig()
@@ -69,13 +68,7 @@ def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", po
         raise ValueError(problem)
 
     loopback = address is None
-    if loopback:
-        # NOTE: without this, Ray binds its GCS, raylet and agents to the host's routable address
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
+    connect(address)
     cuda = options.device.startswith("cuda")
     if cuda:  # Ray gives each replica its own GPU as cuda:0
         options = dataclasses.replace(options, device="cuda")
@@ -105,6 +98,22 @@ def start(options: ServiceOptions, replicas: int, *, host: str = "127.0.0.1", po
     return url
 
 
+def connect(address: str | None = None) -> None:
+    """Start a local Ray on 127.0.0.1 alone (``address`` None), or join the cluster at ``address``; nothing if this
+    process is connected already."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        # NOTE: without this, Ray binds its GCS, raylet and agents to the host's routable address
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
 def stop() -> None:
     import ray
     from ray import serve
@@ -117,12 +126,15 @@ def stop() -> None:
 
 def run_replicas(options: ServiceOptions, replicas: int, *, host: str, port: int, address: str | None,
                  edge: EdgeConfig | None = None) -> int:
-    """``fastcache serve --replicas N``: deploy, serve until SIGTERM or Ctrl-C (also while starting), then shut Ray
-    Serve down; 1 if the deployment failed (said in one line)."""
+    """``fastcache serve --replicas N``: deploy, serve until SIGTERM or Ctrl-C (also while the replicas start), then
+    shut Ray Serve and a local Ray down; 0, or 1 if the deployment failed (said in one line)."""
     done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     try:
+        connect(address)
+        # NOTE: after ray.init, which sets its own SIGTERM handlers: Python's (sys.exit) and its core worker's (a stack
+        # dump, then an abort: exit -6 with Ray Serve still up)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
         start(options, replicas, host=host, port=port, address=address, cancel=done, edge=edge)
         done.wait()
     except RuntimeError as error:

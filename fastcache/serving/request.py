@@ -73,6 +73,15 @@ def request_problem(prompt, negative_prompt: str = "", n: int = 1, guidance_scal
     return None
 
 
+def smallest_strength(steps: int) -> float:
+    """The smallest strength, to 4 decimals, that leaves an edit of ``steps`` steps at least one (diffusers runs
+    ``int(steps * strength)`` of them, and fails on none)."""
+    strength = math.ceil(10_000 / steps) / 10_000
+    while int(steps * strength) < 1:
+        strength += 1e-4
+    return min(strength, 1.0)
+
+
 LORA_FORM = 'an adapter\'s name, {"name": NAME, "scale": S} or a list of them'
 
 
@@ -156,6 +165,10 @@ class ImageRequest:
             self.seed = secrets.randbits(31)
         if self.image is not None and self.strength is None:
             self.strength = DEFAULT_STRENGTH[self.kind]
+        if self.image is not None and _is_int(self.steps) and self.steps >= 1 and int(self.steps * self.strength) < 1:
+            raise InvalidRequest(f"strength {self.strength:g} leaves no step of {self.steps} (an edit runs "
+                                 f"int(steps x strength) of them): at {self.steps} steps strength must be at least "
+                                 f"{smallest_strength(self.steps):g}.", "strength")
 
     def _check_images(self) -> None:
         if self.image is None:

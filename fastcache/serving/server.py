@@ -3,94 +3,43 @@
 ``POST /v1/images/generations`` (JSON) makes images from text; ``POST /v1/images/edits`` (multipart: an image, an
 optional mask) edits an uploaded image. Every error is ``errors``' one format (``{"error": {"message", "type",
 "param", "code"}}``): 400 for a bad request, naming what is valid on this server; 401 without a valid API key; 408
-and 413 from the edge; 429 with ``Retry-After`` when the queue is full; 503 with ``Retry-After`` until the warm-up is
-done. The edge's layers (``edge.EdgeConfig``: keys, read deadline, body limit) wrap every route, so a route added
-here is covered by them. ``/v1/videos`` (``videos``) serves a model that makes video instead.
+and 413 from the edge; 415 for a body of another media type; 429 with ``Retry-After`` when the queue is full; 503 with
+``Retry-After`` until the warm-up is done. ``api`` holds the request models with this server's limits, which
+``/openapi.json`` states. The edge's layers (``edge.EdgeConfig``: keys, read deadline, body limit) wrap every route,
+so a route added here is covered by them. A GET endpoint answers HEAD as well, and a path with a trailing slash is the
+path without it (``edge.TrailingSlash``). ``/v1/videos`` (``videos``) serves a model that makes video instead.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
 import io
-import json
 import logging
 import os
 import re
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Form, Request
 from fastapi.responses import Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from . import errors
-from .edge import EdgeConfig
+from . import api, errors
+from .api import EDITS, GENERATIONS, CacheLevel, CheckedBodyRoute, depth_problem, form_lora
+from .edge import EdgeConfig, TrailingSlash
 from .edits import fit, fit_mask, read_image
-from .engine import EngineConfig, QueueFull, ShuttingDown
+from .engine import QueueFull, ShuttingDown
 from .errors import error_response
-from .request import LORA_FORM, MAX_GUIDANCE, MAX_LORA_SCALE, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, InvalidRequest
+from .request import ImageRequest, InvalidRequest
 from .service import Service
 
 logger = logging.getLogger(__name__)
 
-GENERATIONS = "/v1/images/generations"
-EDITS = "/v1/images/edits"
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks whether its client is still there
-
-
-class CacheLevel(BaseModel):
-    """``"cache": {"interval": k}``: a full UNet step every ``k`` steps, ``k`` one of the served levels (1: uncached,
-    the exact image of the plain pipeline). Requests batch only with requests of the same level."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    interval: StrictInt
-
-
-class GenerationBody(BaseModel):
-    """``POST /v1/images/generations``: OpenAI's fields, plus diffusers' own. ``model`` and ``user`` are accepted and
-    ignored, as OpenAI clients send them; any other field is refused (a misspelt field would be silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: StrictStr
-    n: StrictInt = 1
-    size: StrictStr | None = None  # "WxH"; default: the first served size
-    response_format: StrictStr = "b64_json"
-    negative_prompt: StrictStr = ""
-    num_inference_steps: StrictInt | None = None  # default: the server's --steps
-    guidance_scale: StrictFloat = 7.5  # integers are numbers too
-    seed: StrictInt | None = None  # image i of the request uses seed + i; default: random
-    cache: CacheLevel | None = None  # default: the server's --interval
-    lora: Any = None  # "name", {"name": "x", "scale": 0.8} or a list of them (request.lora_adapters reads it)
-    model: StrictStr | None = None
-    user: StrictStr | None = None
-
-
-class EditForm(BaseModel):
-    """``POST /v1/images/edits``: the form fields beside the ``image`` and ``mask`` files (multipart, so every value
-    arrives as text). ``size`` defaults to the image's own size when that is served, else the first served size; an
-    image of another size is resized when ``resize`` is true, else refused. ``cache`` is JSON: ``{"interval": 2}``;
-    ``lora`` an adapter's name or JSON as in generations: ``[{"name": "x", "scale": 0.8}]``."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str
-    n: int = 1
-    size: str | None = None
-    response_format: str = "b64_json"
-    negative_prompt: str = ""
-    num_inference_steps: int | None = None
-    guidance_scale: float = 7.5
-    seed: int | None = None
-    strength: float | None = None  # default: 0.8 without a mask, 1.0 with one (diffusers' defaults)
-    resize: bool = False
-    cache: str | None = None
-    lora: str | None = None
+MAX_FAILURE_CHARS = 200  # of an exception's text in a 500's message
 
 
 def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool = True) -> FastAPI:
@@ -117,16 +66,31 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
         if videos is not None:
             await asyncio.to_thread(videos.stop, drain_seconds)
 
-    app = FastAPI(title="fastcache", lifespan=lifespan)
+    contract = api.api_for(config, tuple(engine.levels), service.options.lora.names)
+    GenerationBody, EditForm = contract.generation, contract.edit  # classes, made for this server
+    app = FastAPI(title="fastcache", version=_version(), lifespan=lifespan, redirect_slashes=False,
+                  description="OpenAI-style images API of a fastcache server: every error is the one ErrorResponse.")
+    app.router.route_class = CheckedBodyRoute
     errors.install(app)
-    app.state.field_rules = field_rules(config, service.options.lora.names)  # generations' and edits' fields
-    from .videos import install as install_videos  # here: the video modules import this one's readers
+    app.state.field_rules, app.state.fields = contract.rules, contract.fields  # named by invalid fields' messages
+    app.state.media_types, app.state.open_paths = api.MEDIA_TYPES, edge.open_paths
+    app.state.request_models = (GenerationBody, EditForm)
+    from .videos import install as install_videos  # here: the video modules import the api's readers
 
     videos = install_videos(app, service)  # the video routes and jobs; on a video server, its field rules
-    edge.install(app)
-    app.add_middleware(_Measure, metrics=metrics)  # outermost: the edge's answers (401, 408, 413) are counted too
 
-    @app.post(GENERATIONS)
+    def openapi() -> dict:  # FastAPI's, made once, with what it cannot know (api.openapi)
+        if app.openapi_schema is None:
+            app.openapi_schema = api.openapi(app, bool(edge.api_keys))
+        return app.openapi_schema
+
+    app.openapi = openapi
+    edge.install(app)
+    app.add_middleware(_Measure, metrics=metrics)  # the edge's answers (401, 408, 413) are counted too
+    app.add_middleware(TrailingSlash)  # outermost: every layer sees the path without its trailing slash
+
+    @app.post(GENERATIONS, operation_id="generations",
+              responses={200: {"model": api.ImagesResponse}, **api.IMAGE_ERRORS})
     async def generations(body: GenerationBody, http: Request):
         if not engine.ready.is_set():
             return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
@@ -136,12 +100,11 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             return error_response(400, str(error), error.param, code="invalid_value")
         return await _answer(request, http)
 
-    @app.post(EDITS)
-    async def edits(form: Annotated[EditForm, Form()], image: Annotated[UploadFile, File()], http: Request,
-                    mask: Annotated[UploadFile | None, File()] = None):
+    @app.post(EDITS, operation_id="edits", responses={200: {"model": api.ImagesResponse}, **api.IMAGE_ERRORS})
+    async def edits(form: Annotated[EditForm, Form(media_type="multipart/form-data")], http: Request):
         if not engine.ready.is_set():
             return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
-        uploads = {"image": await image.read(), "mask": await mask.read() if mask is not None else None}
+        uploads = {"image": await form.image.read(), "mask": await form.mask.read() if form.mask else None}
         try:
             request = await asyncio.to_thread(_edit_request, form, uploads, service)
         except InvalidRequest as error:
@@ -157,7 +120,7 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
         except QueueFull as error:
             return error_response(429, f"too many requests: {error}", code="queue_full", retry_after=1)
         except ShuttingDown as error:
-            return error_response(503, str(error), code="shutting_down")
+            return error_response(503, str(error), code="shutting_down", retry_after=1)  # another replica may take it
         waiter = asyncio.wrap_future(future)
         try:
             while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S))[0]:
@@ -170,13 +133,18 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
         try:
             images = waiter.result()
         except Exception as error:  # logged by the engine, which keeps serving
-            return error_response(500, f"the generation failed: {type(error).__name__}: {error}",
-                                  code="generation_failed")
+            return error_response(500, f"the generation failed: {type(error).__name__}: "
+                                       f"{str(error)[:MAX_FAILURE_CHARS]}", code="generation_failed")
         data = await asyncio.to_thread(lambda: [_png_b64(image) for image in images])
         return {"created": int(time.time()),
                 "data": [{"b64_json": png, "seed": request.seed + i} for i, png in enumerate(data)]}
 
-    @app.get("/v1/models")
+    def get_and_head(path: str, **kwargs):
+        """A GET endpoint that answers HEAD too (load balancers probe with either); one route, so that a 405 says
+        both in its Allow header."""
+        return app.api_route(path, methods=["GET", "HEAD"], **kwargs)
+
+    @get_and_head("/v1/models", responses={200: {"model": api.ModelList}, **api.EDGE_ERRORS})
     async def models():
         options = service.options
         return {"object": "list", "data": [{
@@ -198,11 +166,11 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             "images": engine.images, "video": service.video.describe() if service.video is not None else None,
         }]}
 
-    @app.get("/health")
+    @get_and_head("/health", responses={200: {"model": api.Health}, **api.EDGE_ERRORS})
     async def health():
         return {"status": "ok", "pid": os.getpid()}  # the pid tells replicas apart behind a proxy
 
-    @app.get("/ready")
+    @get_and_head("/ready", responses={200: {"model": api.Ready}, **api.READY_ERRORS})
     async def ready():
         if engine.ready.is_set() and engine.alive:
             return {"status": "ready", "warmup_seconds": service.warmup_seconds, "compile_cache": service.warmup_cache,
@@ -211,7 +179,9 @@ def make_app(service: Service, edge: EdgeConfig | None = None, *, warm_up: bool 
             return error_response(503, "the engine is not running.", code="engine_stopped")
         return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
 
-    @app.get("/metrics")
+    @get_and_head("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus' text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **api.EDGE_ERRORS})
     async def prometheus():
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
@@ -251,38 +221,16 @@ def _warm_up(service: Service) -> None:
         logger.exception("fastcache: warm-up failed; the server will not become ready")
 
 
-def field_rules(config: EngineConfig, adapters: tuple[str, ...] = ()) -> dict[str, str]:
-    """What each field of a generations or edits request may be on this server (added to the messages of invalid
-    fields); ``adapters``: the LoRA adapters it serves."""
-    sizes = ", ".join(f"{w}x{h}" for w, h in config.sizes)
-    guidance = "" if len(config.guidance) == 2 else (" and above 1 (classifier-free guidance is warmed on only)"
-                                                      if config.guidance[0] else
-                                                      " and at most 1 (classifier-free guidance is warmed off only)")
-    return {
-        "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
-        "n": f"an integer between 1 and {config.max_batch} (the largest batch size served)",
-        "size": (f"'WIDTHxHEIGHT', multiples of {config.pixel_multiple} pixels from {config.pixel_multiple} to "
-                 f"{config.max_size}" if config.on_demand else f"'WIDTHxHEIGHT', one of the served sizes: {sizes}"),
-        "response_format": "'b64_json'",
-        "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters",
-        "num_inference_steps": f"an integer between 1 and {config.max_steps} (default {config.steps})",
-        "guidance_scale": f"a number between 0 and {MAX_GUIDANCE:g}{guidance}",
-        "seed": f"an integer between 0 and {MAX_SEED} - (n - 1) (image i uses seed + i)",
-        "cache": f"{{\"interval\": k}} with k one of {', '.join(map(str, config.intervals)) or 'the served interval'} "
-                 f"(1: uncached)",
-        "lora": (f"{LORA_FORM} (S from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, default 1), NAME one of the "
-                 f"loaded adapters: {', '.join(adapters) or 'none (this server serves no LoRA)'} (edits: the name, or "
-                 f"that JSON)"),
-        "image": f"a PNG, JPEG or WebP file of at most {config.max_size} pixels a side (edits only)",
-        "mask": "an image file of the image's size, white where the image is repainted (edits only)",
-        "strength": "a number from 0 to 1 (edits only; default 0.8 without a mask, 1 with one)",
-        "resize": "true or false: resize an image of another size than size (edits only; default false: refused)",
-        "model": "a string (ignored)",
-        "user": "a string (ignored)",
-    }
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastcache")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
-def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
+def _image_request(body: BaseModel, service: Service) -> ImageRequest:
     """The engine's request for a generations body; ``InvalidRequest`` names the field at fault and what is valid."""
     config = service.engine.config
     _check_format(body.response_format)
@@ -293,18 +241,21 @@ def _image_request(body: GenerationBody, service: Service) -> ImageRequest:
                         interval=body.cache.interval if body.cache else None, lora=body.lora)
 
 
-def _edit_request(form: EditForm, uploads: dict[str, bytes | None], service: Service) -> ImageRequest:
+def _edit_request(form: BaseModel, uploads: dict[str, bytes | None], service: Service) -> ImageRequest:
     """The engine's request for an edits form and its files (decoded and fitted here, on a worker thread)."""
     config = service.engine.config
     _check_format(form.response_format)
     interval = None
     if form.cache is not None:
+        problem = depth_problem(form.cache, "cache")
+        if problem:
+            raise InvalidRequest(problem, "cache")
         try:
             interval = CacheLevel.model_validate_json(form.cache).interval
         except ValidationError:
             raise InvalidRequest(f"cache must be JSON like {{\"interval\": 2}}; got {form.cache[:40]!r}.",
                                  "cache") from None
-    lora = _form_lora(form.lora) if form.lora is not None else None
+    lora = form_lora(form.lora) if form.lora is not None else None
     image = read_image(uploads["image"], "image", config.max_size)
     mask = read_image(uploads["mask"], "mask", config.max_size) if uploads["mask"] is not None else None
     if form.size is not None:
@@ -324,17 +275,6 @@ def _edit_request(form: EditForm, uploads: dict[str, bytes | None], service: Ser
                         strength=form.strength, interval=interval, lora=lora)
 
 
-def _form_lora(text: str):
-    """An edits form's ``lora``: JSON (a list, an object or a quoted name), or else an adapter's name as it is."""
-    if not text.lstrip().startswith(("[", "{", '"')):
-        return text
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise InvalidRequest(f"lora must be {LORA_FORM}, as JSON or a bare name; got {text[:40]!r}.",
-                             "lora") from None
-
-
 def _check_format(response_format: str) -> None:
     if response_format != "b64_json":
         raise InvalidRequest(f"response_format must be 'b64_json' (this server keeps no image files); "
@@ -344,7 +284,7 @@ def _check_format(response_format: str) -> None:
 def _parse_size(size: str, config) -> tuple[int, int]:
     match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", size)
     if match is None:
-        raise InvalidRequest(f"size must be {field_rules(config)['size']}; got {size[:40]!r}.", "size")
+        raise InvalidRequest(f"size must be {api.field_rules(config)['size']}; got {size[:40]!r}.", "size")
     return int(match[1]), int(match[2])
 
 

@@ -162,8 +162,13 @@ class Service:
 
     def _engine_config(self, images: bool = True) -> EngineConfig:
         """The engine's options, with the loaded model's real pixel multiple (a hub model's is known only now); a
-        video model's engine serves no image edits."""
+        video model's engine serves no image edits; its steps must be fewer than the scheduler's training timesteps
+        (diffusers fails at as many: a 500 per request)."""
         multiple = self.pipe.vae_scale_factor * downsampling_factor(self.pipe.unet)
+        timesteps = self.pipe.scheduler.config.get("num_train_timesteps")
+        if timesteps and self.options.engine.max_steps >= timesteps:
+            raise ValueError(f"max_steps must be below this model's {timesteps} training timesteps (its scheduler "
+                             f"fails at {timesteps}); got {self.options.engine.max_steps}.")
         edits = {} if images else {"edits": ()}
         return replace(self.options.engine, pixel_multiple=multiple, **edits)  # checks the sizes against it
 

@@ -1,7 +1,7 @@
 """One video request, read from a JSON body or a multipart form (``POST /v1/videos``), checked field by field.
 
 The fields images and videos share (prompt, negative prompt, guidance, seed, cache level, LoRA) are checked by the
-images API's own rule (``request.request_problem``) and parsed by its own readers (``server.CacheLevel``, its form
+images API's own rule (``request.request_problem``) and parsed by its own readers (``api.CacheLevel``, its form
 ``lora``); an upload (``input_reference``) by the edits' (``edits.read_image``: refused on its header, before any
 pixel is decoded). What only video has is here: the length (``seconds`` and/or ``num_frames`` at ``fps``) and the
 served sizes; what the server serves beyond that is ``video_pipeline.VideoModel.check``'s.
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 
+from .api import CacheLevel, depth_problem, form_lora  # the images API's readers
 from .edits import fit, read_image
 from .request import (
     LORA_FORM,
@@ -29,7 +30,6 @@ from .request import (
     lora_adapters,
     request_problem,
 )
-from .server import CacheLevel, _form_lora  # the images API's readers (server imports the video routes lazily)
 from .video_options import MAX_FPS, MAX_FRAMES
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ def video_request(fields: VideoBody | VideoForm, upload: bytes | None, model: Vi
     if image is not None:
         image = fit(image, width, height, getattr(fields, "resize", False), "input_reference")
     if isinstance(fields, VideoForm):
-        interval, lora = _form_cache(fields.cache), _form_lora(fields.lora) if fields.lora is not None else None
+        interval, lora = _form_cache(fields.cache), form_lora(fields.lora) if fields.lora is not None else None
     else:
         interval, lora = fields.cache.interval if fields.cache else None, fields.lora
     steps = model.steps if fields.num_inference_steps is None else fields.num_inference_steps
@@ -199,6 +199,9 @@ def _form_cache(text: str | None) -> int | None:
     """A form's ``cache``: JSON, as in image edits."""
     if text is None:
         return None
+    problem = depth_problem(text, "cache")
+    if problem:
+        raise InvalidRequest(problem, "cache")
     try:
         return CacheLevel.model_validate_json(text).interval
     except ValueError:

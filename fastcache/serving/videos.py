@@ -4,8 +4,10 @@
 ``queued``; ``GET /v1/videos/{id}`` follows it (``in_progress`` with its ``progress``, then ``completed`` or
 ``failed`` with an ``error``); ``GET /v1/videos/{id}/content`` is its MP4; ``GET /v1/videos`` a page of jobs
 (``limit``, ``after``, ``order``); ``DELETE /v1/videos/{id}`` removes one (a running one stops). Errors are the
-server's one format; the edge (keys, body limit, read deadline) covers these routes as every other. On a server whose
-model makes images, every one of them answers 400 naming what it serves.
+server's one format; the edge (keys, body limit, read deadline) covers these routes as every other, and a body is
+checked as the images API's are before it is parsed (JSON at most ``api.MAX_JSON_DEPTH`` deep, form text in UTF-8;
+an unknown field is refused). ``/openapi.json`` lists these routes with their errors on a video server. On a server
+whose model makes images, every one of them answers 400 naming what it serves.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from . import api
 from .engine import ShuttingDown
 from .errors import error_response
 from .jobs import JobLimit
@@ -33,6 +36,19 @@ MAX_PAGE = 100
 JOB_ID = re.compile(r"video_[0-9a-f]{32}")
 RETRY_AFTER_S = 10  # a video job takes a while: a full server is asked again no sooner
 _CHUNK = 1 << 20
+# the routes' errors in /openapi.json, in the one format
+VIDEO_ERRORS = {
+    **api.EDGE_ERRORS,
+    404: api.error_doc("no video of that id on this server (a finished one is kept --video-ttl seconds)"),
+    409: api.error_doc("the video is not completed yet, or failed"),
+    429: api.error_doc("too many video jobs, or this client holds too many connections", "Retry-After"),
+    503: api.error_doc("warming up, shutting down, or too many connections", "Retry-After"),
+}
+
+
+def _errors(*cannot: int) -> dict:
+    """``VIDEO_ERRORS`` but the statuses a route ``cannot`` answer."""
+    return {status: doc for status, doc in VIDEO_ERRORS.items() if status not in cannot}
 
 
 def install(app: FastAPI, service) -> VideoJobs | None:
@@ -46,7 +62,8 @@ def install(app: FastAPI, service) -> VideoJobs | None:
     jobs = VideoJobs(model, service.options.model_name, service.metrics.registry)
     app.state.field_rules = field_rules(model)  # this server serves no images
 
-    @app.post(VIDEOS)
+    @app.post(VIDEOS, operation_id="create_video", responses={200: {"description": "the job, queued"},
+                                                              **_errors(404, 409)})
     async def create(http: Request):
         if not engine.ready.is_set():
             return error_response(503, "the server is warming up; retry shortly.", code="warming_up", retry_after=5)
@@ -65,7 +82,8 @@ def install(app: FastAPI, service) -> VideoJobs | None:
             return error_response(499, "the client closed the request.", code="client_closed")
         return job_object(job)
 
-    @app.get(VIDEOS)
+    @app.get(VIDEOS, operation_id="list_videos", responses={200: {"description": "a page of jobs"},
+                                                            **_errors(404, 409)})
     async def list_videos(http: Request):
         try:
             limit, after, order = _page_query(http)
@@ -79,12 +97,15 @@ def install(app: FastAPI, service) -> VideoJobs | None:
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": more}
 
-    @app.get(VIDEOS + "/{video_id}")
+    @app.get(VIDEOS + "/{video_id}", operation_id="retrieve_video",
+             responses={200: {"description": "the job"}, **_errors(409)})
     async def retrieve(video_id: str):
         job = await asyncio.to_thread(jobs.get, video_id) if JOB_ID.fullmatch(video_id) else None
         return job_object(job) if job else _unknown(video_id, model)
 
-    @app.get(VIDEOS + "/{video_id}/content")
+    @app.get(VIDEOS + "/{video_id}/content", operation_id="video_content", response_class=StreamingResponse,
+             responses={200: {"description": "the MP4", "content": {"video/mp4": {"schema": {
+                 "type": "string", "format": "binary"}}}}, **_errors()})
     async def content(video_id: str, http: Request):
         variant = http.query_params.get("variant", "video")
         if variant != "video":
@@ -104,7 +125,8 @@ def install(app: FastAPI, service) -> VideoJobs | None:
         return StreamingResponse(_chunks(handle), media_type="video/mp4", headers={
             "content-length": str(size), "content-disposition": f'attachment; filename="{video_id}.mp4"'})
 
-    @app.delete(VIDEOS + "/{video_id}")
+    @app.delete(VIDEOS + "/{video_id}", operation_id="delete_video",
+                responses={200: {"description": "the job is deleted"}, **_errors(409)})
     async def delete(video_id: str):
         job = await asyncio.to_thread(jobs.delete, video_id) if JOB_ID.fullmatch(video_id) else None
         if job is None:
@@ -121,6 +143,10 @@ async def _read_body(http: Request):
     content_type = http.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
     if media in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        body = await http.body()  # read once: the form below parses the same bytes
+        problem = api.form_text_problem(body, content_type) if media == "multipart/form-data" else None
+        if problem:
+            raise InvalidRequest(*problem)
         try:
             form = await http.form(max_files=1, max_fields=32)
         except HTTPException as error:  # starlette's parser: a malformed body, too many files or fields
@@ -141,7 +167,11 @@ async def _read_body(http: Request):
         finally:
             await form.close()
     if media in ("", "application/json") or media.endswith("+json"):
-        return _validated(VideoBody, _json(await http.body())), None
+        body = await http.body()
+        problem = api.depth_problem(body, "the request body")
+        if problem:  # before the parser recurses once per level
+            raise InvalidRequest(problem)
+        return _validated(VideoBody, _json(body)), None
     raise InvalidRequest(f"the request body must be JSON (Content-Type: application/json) or a form "
                          f"(multipart/form-data, with an input_reference file); got Content-Type {media[:60]!r}.")
 
