@@ -92,7 +92,9 @@ def picked(tiny_tune, tmp_path, no_model) -> tuple:
     return tmp_path / "out" / "tune.json"
 
 
-def test_warmup_tuned_serves_the_pick_at_the_tuned_size(picked, monkeypatch, caplog):
+@pytest.fixture
+def served(monkeypatch):
+    """The options ``fastcache warmup`` would serve with: a stand-in Service records them and warms nothing."""
     served = []
 
     class Service:
@@ -103,6 +105,10 @@ def test_warmup_tuned_serves_the_pick_at_the_tuned_size(picked, monkeypatch, cap
             return {}
 
     monkeypatch.setattr("fastcache.serving.service.Service", Service)
+    return served
+
+
+def test_warmup_tuned_serves_the_pick_at_the_tuned_size(picked, served, caplog):
     assert cli.main(["warmup", "--tuned", str(picked), "--steps", "4", "--no-compile"]) == 0
     pick = json.loads(picked.read_text())["pick"]
     (options,) = served
@@ -186,18 +192,7 @@ def video_picked(tiny_video_tune, tmp_path, no_model) -> Path:
     return tmp_path / "out" / "tune.json"
 
 
-def test_warmup_tuned_on_a_video_model_serves_the_pick_at_the_tuned_size_and_frames(video_picked, monkeypatch,
-                                                                                    caplog):
-    served = []
-
-    class Service:
-        def __init__(self, options):
-            served.append(options)
-
-        def warm_up(self, progress):
-            return {}
-
-    monkeypatch.setattr("fastcache.serving.service.Service", Service)
+def test_warmup_tuned_on_a_video_model_serves_the_pick_at_the_tuned_size_and_frames(video_picked, served, caplog):
     assert cli.main(["warmup", "--preset", "tiny-animatediff", "--tuned", str(video_picked), "--steps", "4",
                      "--no-compile"]) == 0
     pick = json.loads(video_picked.read_text())["pick"]
