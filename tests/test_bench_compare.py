@@ -122,6 +122,7 @@ def test_controlnet_smoke_counts_what_caching_saves(compare, tmp_path):
     assert "TFLOP/call" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow  # ~3 min of compiled features: CI's representative of the smokes is the video smoke
 def test_pipelines_smoke_measures_each_feature_and_what_a_change_costs(compare, tmp_path, monkeypatch):
     """The pipelines subset on CPU: a LoRA (hot-swap and per-call scale), FreeU, an IP-Adapter, PAG, each peer side
     by side, and the first call after a change with the graphs it made. Dynamo without inductor (backend "eager"):

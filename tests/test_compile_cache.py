@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from fastcache.serving.compile_cache import CompileCache
 
 WARMUP = [sys.executable, "-m", "fastcache.cli", "warmup", "--preset", "tiny-sd", "--sizes", "32", "--batch-sizes",
@@ -20,6 +22,7 @@ def warm_up(cache_dir) -> str:
     return done.stderr
 
 
+@pytest.mark.slow  # two processes compiling (~3.5 min on CI's CPU); bench/cold_start.py measures the same warm restart
 def test_a_second_process_warms_up_from_the_artifacts_the_first_wrote(tmp_path):
     first = warm_up(tmp_path / "first")
     assert "cold warm-up" in first and "(cold compile cache;" in first

@@ -23,7 +23,8 @@ from fastcache.partition import UNetPartition, feature_shape
 from fastcache.variants import speed_switches
 
 
-@pytest.mark.parametrize("preset, guidance", [("tiny-sd", 7.5), ("tiny-sdxl", 1.0)], ids=["sd-cfg", "sdxl-no-cfg"])
+@pytest.mark.parametrize("preset, guidance", [("tiny-sd", 7.5), pytest.param("tiny-sdxl", 1.0, marks=pytest.mark.slow)],
+                         ids=["sd-cfg", "sdxl-no-cfg"])  # SDXL compiled: ~1.5 min, left to -m slow
 def test_compiled_paths_match_the_helper_and_never_recompile(preset, guidance):
     runner = Runner(preset)
     expected = helper_run(runner, 3, 1, guidance_scale=guidance)
@@ -50,6 +51,7 @@ def test_compile_false_runs_the_partition_itself(sd_runner):
     assert handle.paths.path(True) == handle.partition.full and handle.paths.path(False) == handle.partition.shallow
 
 
+@pytest.mark.slow  # inductor on CPU (~1.5 min); the compiled decoder's CI representative is test_video_svd's
 def test_tuned_pipeline_with_inductor_options_and_compiled_decoder(sd_runner):
     """The guides' recipe: fused QKV, channels_last, inductor options, compiled VAE decoder; three graphs."""
     pipe = sd_runner.pipe

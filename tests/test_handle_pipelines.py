@@ -118,6 +118,7 @@ def test_an_sdxl_adapter_that_stops_early(factor, full):
     assert rel_l2(out, expected) < 1e-5
 
 
+@slow  # ~2.5 min compiled: CI's compiled representative of residuals added to the UNet is test_controlnet's
 def test_a_compiled_t2i_adapter_pipeline_equals_the_helper_and_never_recompiles():
     runner = AdapterRunner("tiny-sdxl")
     expected = adapter_oracle(runner, 3, 5)

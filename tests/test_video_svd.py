@@ -80,6 +80,7 @@ def test_decode_chunk_size_and_compiled_vae_decoder_get_the_frame_count(svd):
     assert rel_l2(got, plain) < 1e-4
 
 
+@pytest.mark.slow  # CI's compiled video representative is AnimateDiff's (the same two graphs, the motion partition)
 def test_compiled_equals_the_helper_and_compiles_nothing_on_a_second_call(svd):
     expected = helper_run(svd, 2, 1)
     handle = compile_pipeline(svd.pipe, 2, 1)
